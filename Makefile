@@ -1,0 +1,36 @@
+# Two entry points matter: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.example.yaml
+LISTEN ?= tcp:8080:interface=127.0.0.1
+TRIAL_ARGS ?= tests
+
+.PHONY: run test check lint typecheck trial e2e bench llama-server clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install whenever the project metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/twistd -n --pidfile= llamaswap --config $(CONFIG) --listen $(LISTEN)
+
+trial: $(VENV)/.installed
+	$(BIN)/python -m twisted.trial $(TRIAL_ARGS)
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check llamaswap tests twisted bench
+	$(BIN)/ruff format --check llamaswap tests twisted bench
+
+test: trial typecheck lint
+
+clean:
+	rm -rf $(VENV) _trial_temp* build dist *.egg-info

@@ -1,0 +1,3 @@
+"""llamaswap: a hot-swapping proxy for local LLM inference servers."""
+
+__version__ = "0.1.0"

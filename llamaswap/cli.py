@@ -1,0 +1,22 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{llamaswap} console script: C{twistd -n llamaswap ...} for people who do not
+know twistd. C{llamaswap --config c.yaml [--listen ...]}; any argument is passed
+on to the llamaswap subcommand.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twisted.scripts.twistd import run
+
+    args = sys.argv[1:] if argv is None else argv
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "llamaswap", *args]
+    run()  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,658 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration: strict YAML in, frozen attrs values out.
+
+Loading rejects what a user would want to hear about (duplicate keys, unknown
+keys with a suggestion, wrong types, unknown macros), and every error names the
+dotted path of the offending key, e.g. C{models.qwen.ttl: must be >= 0}.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from attrs import field, frozen
+
+from llamaswap.errors import ModelNotFound
+
+DEFAULT_HEALTH_CHECK_TIMEOUT = 120
+MIN_HEALTH_CHECK_TIMEOUT = 15
+DEFAULT_UNLOAD_TIMEOUT = 10
+DEFAULT_START_PORT = 5800
+DEFAULT_LOG_HISTORY_BYTES = 100 * 1024
+DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
+# Macros the loader provides itself; users may not redefine them.
+RESERVED_MACROS = frozenset({"PID", "PORT", "MODEL_ID", "PYTHON"})
+_MACRO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_MACRO_REF = re.compile(r"\$\{([^}]*)\}")
+_ENV_REF = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; C{str()} is one line naming the path."""
+
+
+def _mapping_proxy(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+@frozen(kw_only=True)
+class ModelConfig:
+    """One model: how to start its server and how to reach it."""
+
+    id: str
+    cmd: tuple[str, ...]
+    cmd_line: str  # the command after macro expansion, as shown by /running
+    proxy: str
+    cmd_stop: tuple[str, ...] | None = None  # may contain ${PID}
+    aliases: tuple[str, ...] = ()
+    check_endpoint: str | None = "/health"  # None: `checkEndpoint: none`
+    ttl: int = 0  # effective idle seconds before unload; 0 = never
+    unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    env: Mapping[str, str] = field(factory=dict, converter=_mapping_proxy)
+    unlisted: bool = False
+    use_model_name: str | None = None
+    name: str = ""
+    description: str = ""
+    metadata: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
+    concurrency_limit: int = 0  # 0 = unlimited
+    port: int | None = None
+
+
+@frozen(kw_only=True)
+class Target:
+    """What a requested model name resolves to."""
+
+    model_id: str
+    profile: str | None = None
+    # The name the upstream should see in the body's "model", or None to keep it.
+    upstream_model: str | None = None
+
+
+@frozen(kw_only=True)
+class Config:
+    """The whole validated configuration."""
+
+    models: Mapping[str, ModelConfig] = field(converter=_mapping_proxy)
+    profiles: Mapping[str, tuple[str, ...]] = field(factory=dict, converter=_mapping_proxy)
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
+    log_requests: bool = False
+    log_level: str = "info"
+    log_to_stdout: str = "proxy"
+    log_history_bytes: int = DEFAULT_LOG_HISTORY_BYTES
+    start_port: int = DEFAULT_START_PORT
+    global_ttl: int = 0
+    unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    include_aliases_in_list: bool = False
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    api_keys: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+    base_dir: str = "."
+    source: str = "<string>"
+    warnings: tuple[str, ...] = ()
+
+    def find_model(self, name: str) -> ModelConfig | None:
+        """Return the model whose id or alias is C{name}, if any."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for candidate in self.models.values():
+            if name in candidate.aliases:
+                return candidate
+        return None
+
+    def resolve(self, requested: str) -> Target:
+        """
+        Resolve a requested name: a model id, an alias, or C{profile:model}.
+
+        Exact ids and aliases win over the profile reading, so model ids that
+        contain C{:} (C{qwen2.5:7b}) stay requestable.
+
+        @raise ModelNotFound: with a message that names only what was asked.
+        """
+        model = self.find_model(requested)
+        if model is not None:
+            return Target(model_id=model.id, upstream_model=model.use_model_name)
+        profile, sep, rest = requested.partition(":")
+        if sep and profile:
+            members = self.profiles.get(profile)
+            if members is None:
+                raise ModelNotFound(f"profile not found: {profile}")
+            model = self.find_model(rest)
+            if model is None or model.id not in members:
+                raise ModelNotFound(f"model {rest} is not part of profile {profile}")
+            return Target(
+                model_id=model.id,
+                profile=profile,
+                upstream_model=model.use_model_name or rest,
+            )
+        raise ModelNotFound(f"model not found: {requested}")
+
+
+# --- YAML ------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _StrictLoader.construct_mapping,
+)
+
+
+# --- small typed readers ------------------------------------------------------
+
+_TOP_KEYS = (
+    "healthCheckTimeout",
+    "logRequests",
+    "logLevel",
+    "logToStdout",
+    "logHistoryBytes",
+    "startPort",
+    "globalTTL",
+    "unloadTimeout",
+    "macros",
+    "models",
+    "profiles",
+    "includeAliasesInList",
+    "maxBodySize",
+    "apiKeys",
+    "hooks",
+)
+_MODEL_KEYS = (
+    "cmd",
+    "cmdStop",
+    "proxy",
+    "aliases",
+    "checkEndpoint",
+    "ttl",
+    "unloadTimeout",
+    "env",
+    "unlisted",
+    "useModelName",
+    "name",
+    "description",
+    "metadata",
+    "macros",
+    "concurrencyLimit",
+)
+
+
+def _check_keys(where: str, raw: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{_join(where, str(key))}: keys must be strings")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), "a list" if isinstance(value, list) else "a mapping"
+    )
+
+
+def _mapping(where: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping, not {_type_name(value)}")
+    return value
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _int(where: str, value: object, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: must be an integer, not {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: must be >= {minimum}")
+    return value
+
+
+def _number(where: str, value: object, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: must be a number, not {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: must be >= {minimum:g}")
+    return float(value)
+
+
+def _str(where: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string, not {_type_name(value)}")
+    return value
+
+
+def _str_list(where: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: must be a list of strings, not {_type_name(value)}")
+    return [_str(f"{where}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _choice(where: str, value: object, choices: tuple[str, ...]) -> str:
+    text = _str(where, value).lower()
+    if text not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}")
+    return text
+
+
+# --- macros ----------------------------------------------------------------
+
+
+def _substitute_env(where: str, text: str, environ: Mapping[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{where}: environment variable {name!r} is not set")
+        return environ[name]
+
+    return _ENV_REF.sub(one, text)
+
+
+def _expand(where: str, text: str, macros: Mapping[str, object], keep: frozenset[str]) -> str:
+    """Replace C{${name}} by its macro; names in C{keep} are left for later."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in keep:
+            return match.group(0)
+        if name not in macros:
+            raise ConfigError(f"{where}: unknown macro ${{{name}}}")
+        value = macros[name]
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return _MACRO_REF.sub(one, text)
+
+
+def _read_macros(
+    where: str, raw: object, environ: Mapping[str, str], inherited: Mapping[str, object]
+) -> dict[str, object]:
+    """Read a macros mapping; a macro may use macros declared before it."""
+    result = dict(inherited)
+    for name, value in _mapping(where, raw).items():
+        path = _join(where, str(name))
+        if not isinstance(name, str) or not _MACRO_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: macro names use letters, digits, _ and - (max 63)")
+        if name in RESERVED_MACROS:
+            raise ConfigError(f"{path}: macro name {name!r} is reserved")
+        if isinstance(value, str):
+            if f"${{{name}}}" in value:
+                raise ConfigError(f"{path}: macro refers to itself")
+            value = _expand(path, _substitute_env(path, value, environ), result, frozenset())
+        elif value is None or isinstance(value, (list, dict)):
+            raise ConfigError(f"{path}: macro values must be scalars, not {_type_name(value)}")
+        result[name] = value
+    return result
+
+
+def _expand_value(where: str, value: object, expand: Callable[[str, str], str]) -> object:
+    """Expand macros inside any YAML value (strings, lists, mappings)."""
+    if isinstance(value, str):
+        return expand(where, value)
+    if isinstance(value, list):
+        return [_expand_value(f"{where}[{i}]", v, expand) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand_value(_join(where, str(k)), v, expand) for k, v in value.items()}
+    return value
+
+
+def _metadata_value(where: str, value: object, macros: Mapping[str, object], expand: Any) -> object:
+    # A value that is exactly "${macro}" keeps the macro's own type (int, bool...).
+    if isinstance(value, str):
+        match = _MACRO_REF.fullmatch(value)
+        if match and match.group(1) in macros:
+            return macros[match.group(1)]
+        return expand(where, value)
+    if isinstance(value, list):
+        return tuple(
+            _metadata_value(f"{where}[{i}]", v, macros, expand) for i, v in enumerate(value)
+        )
+    if isinstance(value, dict):
+        return MappingProxyType(
+            {k: _metadata_value(_join(where, str(k)), v, macros, expand) for k, v in value.items()}
+        )
+    return value
+
+
+# --- commands --------------------------------------------------------------
+
+
+def command_text(text: str) -> str:
+    """Drop C{#} comment lines and join backslash-continued lines."""
+    lines = [line for line in text.splitlines() if not line.strip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return " ".join(joined.split("\n")).strip()
+
+
+def split_command(where: str, text: str) -> tuple[str, ...]:
+    """Split a command like a POSIX shell would, without running one."""
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot split command: {e}") from e
+    if not argv:
+        raise ConfigError(f"{where}: must not be empty")
+    return argv
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """
+    Read and validate the YAML file at C{path}.
+
+    @raise ConfigError: one line naming the dotted path and the problem.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8: {e.reason}") from e
+    return parse_config(
+        text,
+        base_dir=str(file.resolve().parent),
+        source=str(path),
+        environ=os.environ if environ is None else environ,
+    )
+
+
+def parse_config(
+    text: str,
+    *,
+    base_dir: str = ".",
+    source: str = "<string>",
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Parse and validate configuration text (see L{load_config})."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a 'models' key")
+    _check_keys("", raw, _TOP_KEYS)
+    warnings: list[str] = []
+
+    hct = _int("healthCheckTimeout", raw.get("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT))
+    if hct < MIN_HEALTH_CHECK_TIMEOUT:
+        warnings.append(
+            f"healthCheckTimeout: {hct} is below the minimum; using {MIN_HEALTH_CHECK_TIMEOUT}"
+        )
+        hct = MIN_HEALTH_CHECK_TIMEOUT
+    global_ttl = _int("globalTTL", raw.get("globalTTL", 0), minimum=0)
+    unload_timeout = _number("unloadTimeout", raw.get("unloadTimeout", 0), minimum=0)
+    unload_timeout = unload_timeout or DEFAULT_UNLOAD_TIMEOUT
+    start_port = _int("startPort", raw.get("startPort", DEFAULT_START_PORT), minimum=1)
+    if start_port > 65535:
+        raise ConfigError("startPort: must be <= 65535")
+    macros = _read_macros("macros", raw.get("macros"), env, {"PYTHON": sys.executable})
+
+    if "models" not in raw:
+        raise ConfigError("models: required (a mapping of model id to its settings)")
+    raw_models = _mapping("models", raw["models"])
+    if not raw_models:
+        raise ConfigError("models: define at least one model")
+
+    # ${PORT} goes to the models whose cmd uses it, in sorted id order.
+    ports: dict[str, int] = {}
+    next_port = start_port
+    for model_id in sorted(str(k) for k in raw_models):
+        spec = raw_models[model_id] if model_id in raw_models else None
+        if isinstance(spec, dict) and "${PORT}" in command_text(str(spec.get("cmd", ""))):
+            ports[model_id] = next_port
+            next_port += 1
+
+    models: dict[str, ModelConfig] = {}
+    for model_id, spec in raw_models.items():
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise ConfigError(f"models.{model_id}: model ids must be non-empty strings")
+        models[model_id] = _read_model(
+            model_id,
+            spec,
+            macros=macros,
+            environ=env,
+            port=ports.get(model_id),
+            global_ttl=global_ttl,
+            unload_timeout=unload_timeout,
+        )
+    _check_aliases(models)
+
+    profiles: dict[str, tuple[str, ...]] = {}
+    for name, members in _mapping("profiles", raw.get("profiles")).items():
+        where = f"profiles.{name}"
+        if isinstance(members, dict):
+            raise ConfigError(f"{where}: must be a list of model ids")
+        ids = _str_list(where, members)
+        for i, member in enumerate(ids):
+            if member not in models:
+                raise ConfigError(f"{where}[{i}]: unknown model {member!r}")
+        profiles[str(name)] = tuple(ids)
+
+    hooks = _mapping("hooks", raw.get("hooks"))
+    _check_keys("hooks", hooks, ("on_startup",))
+    on_startup = _mapping("hooks.on_startup", hooks.get("on_startup"))
+    _check_keys("hooks.on_startup", on_startup, ("preload",))
+    preload: list[str] = []
+    for i, name in enumerate(_str_list("hooks.on_startup.preload", on_startup.get("preload"))):
+        found = next((m for m in models.values() if name == m.id or name in m.aliases), None)
+        if found is None:
+            raise ConfigError(f"hooks.on_startup.preload[{i}]: unknown model {name!r}")
+        preload.append(found.id)
+
+    api_keys = []
+    for i, key in enumerate(_str_list("apiKeys", raw.get("apiKeys"))):
+        key = _substitute_env(f"apiKeys[{i}]", key, env)
+        if not key or any(c.isspace() for c in key):
+            raise ConfigError(f"apiKeys[{i}]: must be non-empty and contain no spaces")
+        api_keys.append(key)
+
+    return Config(
+        models=models,
+        profiles=profiles,
+        health_check_timeout=hct,
+        log_requests=_bool("logRequests", raw.get("logRequests", False)),
+        log_level=_choice("logLevel", raw.get("logLevel", "info"), LOG_LEVELS),
+        log_to_stdout=_choice("logToStdout", raw.get("logToStdout", "proxy"), LOG_TO_STDOUT),
+        log_history_bytes=_int(
+            "logHistoryBytes", raw.get("logHistoryBytes", DEFAULT_LOG_HISTORY_BYTES), minimum=1024
+        ),
+        start_port=start_port,
+        global_ttl=global_ttl,
+        unload_timeout=unload_timeout,
+        include_aliases_in_list=_bool(
+            "includeAliasesInList", raw.get("includeAliasesInList", False)
+        ),
+        max_body_size=_int(
+            "maxBodySize", raw.get("maxBodySize", DEFAULT_MAX_BODY_SIZE), minimum=1024
+        ),
+        api_keys=tuple(api_keys),
+        preload=tuple(preload),
+        base_dir=base_dir,
+        source=source,
+        warnings=tuple(warnings),
+    )
+
+
+def _read_model(
+    model_id: str,
+    spec: object,
+    *,
+    macros: Mapping[str, object],
+    environ: Mapping[str, str],
+    port: int | None,
+    global_ttl: int,
+    unload_timeout: float,
+) -> ModelConfig:
+    where = f"models.{model_id}"
+    raw = _mapping(where, spec)
+    _check_keys(where, raw, _MODEL_KEYS)
+    if "cmd" not in raw:
+        raise ConfigError(f"{where}.cmd: required")
+
+    local = _read_macros(f"{where}.macros", raw.get("macros"), environ, macros)
+    local["MODEL_ID"] = model_id
+    if port is not None:
+        local["PORT"] = port
+    no_port = frozenset() if port is not None else frozenset({"PORT"})
+
+    def expand(path: str, text: str, keep: frozenset[str] = frozenset()) -> str:
+        text = _substitute_env(path, text, environ)
+        return _expand(path, text, local, keep | no_port)
+
+    def plain(path: str, text: str) -> str:
+        result = expand(path, text)
+        if "${PORT}" in result:
+            raise ConfigError(f"{path}: uses ${{PORT}} but cmd does not")
+        return result
+
+    cmd_line = plain(f"{where}.cmd", command_text(_str(f"{where}.cmd", raw["cmd"])))
+    cmd = split_command(f"{where}.cmd", cmd_line)
+
+    cmd_stop = None
+    if raw.get("cmdStop") not in (None, ""):
+        stop_text = command_text(_str(f"{where}.cmdStop", raw["cmdStop"]))
+        stop_line = expand(f"{where}.cmdStop", stop_text, frozenset({"PID"}))
+        if "${PORT}" in stop_line:
+            raise ConfigError(f"{where}.cmdStop: uses ${{PORT}} but cmd does not")
+        cmd_stop = split_command(f"{where}.cmdStop", stop_line)
+
+    if "proxy" in raw:
+        proxy = plain(f"{where}.proxy", _str(f"{where}.proxy", raw["proxy"]))
+    elif port is not None:
+        proxy = f"http://127.0.0.1:{port}"
+    else:
+        raise ConfigError(f"{where}.proxy: required when cmd does not use ${{PORT}}")
+    if not re.match(r"https?://[^/]+", proxy):
+        raise ConfigError(f"{where}.proxy: must be an http:// or https:// URL")
+    proxy = proxy.rstrip("/")
+
+    check = raw.get("checkEndpoint", "/health")
+    check = plain(f"{where}.checkEndpoint", _str(f"{where}.checkEndpoint", check)).strip()
+    check_endpoint: str | None
+    if check.lower() == "none":
+        check_endpoint = None
+    elif check == "":
+        check_endpoint = "/health"
+    elif not check.startswith("/"):
+        raise ConfigError(f"{where}.checkEndpoint: must start with / or be 'none'")
+    else:
+        check_endpoint = check
+
+    ttl_raw = raw.get("ttl", -1)
+    ttl = _int(f"{where}.ttl", ttl_raw)
+    if ttl < -1:
+        raise ConfigError(f"{where}.ttl: must be >= 0 (or -1 to use globalTTL)")
+    if ttl == -1:
+        ttl = global_ttl
+
+    model_unload = _number(f"{where}.unloadTimeout", raw.get("unloadTimeout", 0), minimum=0)
+
+    env: dict[str, str] = {}
+    for i, item in enumerate(_str_list(f"{where}.env", raw.get("env"))):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{where}.env[{i}]: must look like NAME=value")
+        env[key] = plain(f"{where}.env[{i}]", value)
+
+    aliases = _str_list(f"{where}.aliases", raw.get("aliases"))
+    for i, alias in enumerate(aliases):
+        if not alias.strip():
+            raise ConfigError(f"{where}.aliases[{i}]: must not be empty")
+    if len(set(aliases)) != len(aliases):
+        raise ConfigError(f"{where}.aliases: lists the same alias twice")
+
+    use_model_name = raw.get("useModelName")
+    if use_model_name is not None:
+        use_model_name = plain(
+            f"{where}.useModelName", _str(f"{where}.useModelName", use_model_name)
+        )
+
+    name = plain(f"{where}.name", _str(f"{where}.name", raw.get("name", ""))).strip()
+    description = plain(
+        f"{where}.description", _str(f"{where}.description", raw.get("description", ""))
+    ).strip()
+    if len(name) > 128:
+        raise ConfigError(f"{where}.name: at most 128 characters")
+    metadata_raw = _mapping(f"{where}.metadata", raw.get("metadata"))
+    metadata = _metadata_value(f"{where}.metadata", metadata_raw, local, plain)
+    assert isinstance(metadata, Mapping)
+
+    return ModelConfig(
+        id=model_id,
+        cmd=cmd,
+        cmd_line=cmd_line,
+        cmd_stop=cmd_stop,
+        proxy=proxy,
+        aliases=tuple(aliases),
+        check_endpoint=check_endpoint,
+        ttl=ttl,
+        unload_timeout=model_unload or unload_timeout,
+        env=env,
+        unlisted=_bool(f"{where}.unlisted", raw.get("unlisted", False)),
+        use_model_name=use_model_name or None,
+        name=name,
+        description=description,
+        metadata=metadata,
+        concurrency_limit=_int(
+            f"{where}.concurrencyLimit", raw.get("concurrencyLimit", 0), minimum=0
+        ),
+        port=port,
+    )
+
+
+def _check_aliases(models: Mapping[str, ModelConfig]) -> None:
+    owner: dict[str, str] = {}
+    for model in models.values():
+        for i, alias in enumerate(model.aliases):
+            where = f"models.{model.id}.aliases[{i}]"
+            if alias in models:
+                raise ConfigError(f"{where}: {alias!r} is already a model id")
+            if alias in owner:
+                raise ConfigError(f"{where}: {alias!r} is already an alias of {owner[alias]}")
+            owner[alias] = model.id

@@ -1,0 +1,28 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The one way we build HTTP clients to upstream servers.
+
+Each user (relay, health checks) gets its own explicitly built pool, closed in
+its owner's C{stopService}; treq's global pool would leave the reactor dirty in
+tests and could bind to a different reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+
+
+def make_http(
+    reactor: Any, *, persistent: bool = True, connect_timeout: float = 5.0
+) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """Return a treq client and the pool to close when done."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    pool.maxPersistentPerHost = 16  # idle sockets kept per upstream; not a concurrency cap
+    # llama-server (cpp-httplib) closes idle keep-alive sockets after 5 s: stay below.
+    pool.cachedConnectionTimeout = 2
+    pool.retryAutomatically = True  # idempotent methods only
+    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
+    return HTTPClient(agent), pool
