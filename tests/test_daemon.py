@@ -1,0 +1,384 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+Operations tests: llamaswap run the way it is deployed.
+
+These launch real C{twistd} processes (daemonized, and in the foreground with
+a socket handed over the way systemd's socket activation does it) with a model
+served by L{llamaswap.fakeserver}, and check what an operator sees: the
+pidfile, the logfile, the exit status, and that no model server outlives the
+proxy. See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+import llamaswap
+
+# The checkout (or site-packages) folder that holds both `llamaswap` and
+# `twisted/plugins/llamaswap_plugin.py`: twistd finds the plugin through sys.path.
+SOURCE_ROOT = str(Path(llamaswap.__file__).resolve().parent.parent)
+# `python -m twisted` is the newer `twist` runner (no daemon mode, no pidfile);
+# twistd has no __main__, so run its entry point the way the console script does.
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = SOURCE_ROOT + (os.pathsep + path if path else "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago (for the model, whose port is configured)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _write_config(folder: Path, *, start_port: int) -> Path:
+    """
+    A config whose only model runs C{./run.sh}, a wrapper next to the config:
+    it only works if relative paths resolve against the config's folder (the
+    daemon itself runs in C{/}).
+    """
+    run_sh = folder / "run.sh"
+    run_sh.write_text(
+        "#!/bin/sh\n"
+        "# Written by tests/test_daemon.py: a wrapper found relative to the config.\n"
+        f'exec {shlex.quote(sys.executable)} -m llamaswap.fakeserver "$@"\n'
+    )
+    run_sh.chmod(0o755)
+    config = folder / "c.yaml"
+    config.write_text(
+        f"startPort: {start_port}\n"
+        "healthCheckTimeout: 30\n"
+        "unloadTimeout: 5\n"
+        "models:\n"
+        "  X:\n"
+        "    cmd: ./run.sh --port ${PORT} --name X\n"
+    )
+    return config
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, starttime) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: split after it.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Every live descendant of C{root}: pid -> starttime (to detect pid reuse)."""
+    parents: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat[0] != "Z":
+                parents[int(entry)] = (stat[1], stat[2])
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start) in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _alive(pid: int, starttime: int | None = None) -> bool:
+    """True if C{pid} runs (zombies count as dead: they await a reaper, not us)."""
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] == "Z":
+        return False
+    return starttime is None or stat[2] == starttime
+
+
+async def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll C{predicate} every 50 ms (these tests watch other processes)."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+
+
+class _Collect(ProcessProtocol):
+    """Collect a child's output; C{ended} fires with its exit code."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int | None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        if reason.check(ProcessDone, ProcessTerminated):
+            self.ended.callback(reason.value.exitCode)
+        else:
+            self.ended.errback(reason)
+
+
+def _run(argv: list[str], env: dict[str, str], **kw: Any) -> _Collect:
+    proto = _Collect()
+    reactor.spawnProcess(proto, argv[0], argv, env=env, **kw)  # type: ignore[attr-defined]
+    return proto
+
+
+class _Daemon:
+    """Paths and pid of one daemonized twistd."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pidfile = folder / "l.pid"
+        self.logfile = folder / "l.log"
+
+    def argv(self, config: Path, listen: str) -> list[str]:
+        return [
+            *TWISTD,
+            "--pidfile",
+            str(self.pidfile),
+            "--logfile",
+            str(self.logfile),
+            "llamaswap",
+            "--config",
+            str(config),
+            "--listen",
+            listen,
+        ]
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().strip())
+
+
+class DaemonModeTests(TestCase):
+    """C{twistd --pidfile … --logfile … llamaswap …} (the classic daemon)."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).resolve()
+        self.folder.mkdir(parents=True)
+        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        self.http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
+        self.addCleanup(pool.closeCachedConnections)
+
+    def _kill_on_cleanup(self, daemon: _Daemon) -> None:
+        # A failing test must not leave a daemon (or its models) running.
+        def cleanup() -> None:
+            try:
+                pid = daemon.pid()
+            except (OSError, ValueError):
+                return
+            for child in _descendants(pid):
+                _signal(child, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+
+    async def test_serves_and_stops_cleanly(self) -> None:
+        """
+        Daemonized, llamaswap writes its pid, answers through a model started
+        from a wrapper given relative to the config (children run in the
+        config's folder, not in twistd's C{/}), logs to the logfile, and on
+        SIGTERM stops its model servers, removes the pidfile and exits.
+        """
+        config = _write_config(self.folder, start_port=_free_port())
+        daemon = _Daemon(self.folder)
+        self._kill_on_cleanup(daemon)
+
+        launcher = _run(
+            daemon.argv(config, "tcp:0:interface=127.0.0.1"),
+            _child_env(),
+            path=str(self.folder),
+        )
+        code = await launcher.ended
+        # The launching process waits for startApplication, then exits 0.
+        self.assertEqual(code, 0, launcher.output.decode(errors="replace"))
+        pid = daemon.pid()
+        self.assertTrue(_alive(pid))
+        self.assertEqual(os.readlink(f"/proc/{pid}/cwd"), "/")
+
+        await _wait_for("the listening line", lambda: "listening on" in daemon.log())
+        match = re.search(r"listening on .*port=(\d+)", daemon.log())
+        assert match is not None, daemon.log()
+        base = f"http://127.0.0.1:{match.group(1)}"
+
+        response = await self.http.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "X", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        body = await response.content()
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("choices", json.loads(body))
+
+        children = _descendants(pid)
+        self.assertTrue(children, "the model server should run as a child of the daemon")
+        for child in children:
+            cwd = os.readlink(f"/proc/{child}/cwd")
+            self.assertEqual(cwd, str(self.folder), f"pid {child} runs in {cwd}")
+
+        os.kill(pid, signal.SIGTERM)
+        await _wait_for("the daemon to exit", lambda: not _alive(pid))
+        survivors = [child for child, start in children.items() if _alive(child, start)]
+        self.assertEqual(survivors, [], "model servers survived the daemon")
+        self.assertFalse(daemon.pidfile.exists(), "the pidfile was left behind")
+
+        log = daemon.log()
+        self.assertIn("llamaswap listening on", log)
+        self.assertIn("X", log.split("listening on", 1)[1], "no proxy log about model X")
+        self.assertIn("Main loop terminated.", log)
+
+    async def test_config_error_before_daemonizing(self) -> None:
+        """
+        A broken config is reported on the launching terminal with its dotted
+        path, the exit status is 1, and no pidfile or daemon is left.
+        """
+        config = self.folder / "c.yaml"
+        config.write_text("models:\n  X:\n    cmd: run --port ${PORT}\n    ttl: -5\n")
+        daemon = _Daemon(self.folder)
+        self._kill_on_cleanup(daemon)
+
+        launcher = _run(daemon.argv(config, "tcp:0"), _child_env(), path=str(self.folder))
+        code = await launcher.ended
+        self.assertEqual(code, 1)
+        self.assertIn(b"models.X.ttl", launcher.output)
+        self.assertFalse(daemon.pidfile.exists())
+
+    async def test_port_in_use(self) -> None:
+        """
+        If the listening port is taken, the launching process says so and
+        exits 1 (what a C{Type=forking} unit or an init script checks), and the
+        daemon removes its pidfile.
+        """
+        config = _write_config(self.folder, start_port=_free_port())
+        daemon = _Daemon(self.folder)
+        self._kill_on_cleanup(daemon)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        launcher = _run(
+            daemon.argv(config, f"tcp:{port}:interface=127.0.0.1"),
+            _child_env(),
+            path=str(self.folder),
+        )
+        code = await launcher.ended
+        self.assertEqual(code, 1)
+        self.assertIn(b"An error has occurred", launcher.output)
+        self.assertIn(b"Address already in use", launcher.output)
+        # The daemon removes the pidfile just after reporting; give it a moment.
+        await _wait_for("the pidfile to go", lambda: not daemon.pidfile.exists(), 10)
+
+
+class SocketActivationTests(TestCase):
+    """C{--listen systemd:domain=INET:index=0}, as C{llamaswap.socket} starts us."""
+
+    timeout = 60
+
+    async def test_adopts_inherited_socket(self) -> None:
+        """
+        Given a listening socket as fd 3 with C{LISTEN_FDS}/C{LISTEN_PID}/
+        C{LISTEN_FDNAMES} (what systemd passes), twistd -n serves on it, and
+        exits 0 on SIGTERM.
+        """
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        config = _write_config(folder, start_port=_free_port())
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+
+        # systemd sets LISTEN_PID to the pid it execs; a tiny launcher sets it
+        # to its own pid and execs twistd, which keeps the pid (and fd 3).
+        launch = (
+            "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        argv = [sys.executable, "-c", launch, *TWISTD[1:], "--nodaemon", "--pidfile="]
+        argv += ["llamaswap", "--config", str(config)]
+        argv += ["--listen", "systemd:domain=INET:index=0"]
+        env = _child_env(LISTEN_FDS="1", LISTEN_FDNAMES="llamaswap.socket")
+        proto = _run(
+            argv,
+            env,
+            path=str(folder),
+            childFDs={0: "w", 1: "r", 2: "r", 3: listener.fileno()},
+        )
+        self.addCleanup(_kill_if_running, proto)
+        listener.close()  # only the child holds the socket now
+
+        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        self.addCleanup(pool.closeCachedConnections)
+        http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
+        response = await http.get(f"http://127.0.0.1:{port}/v1/models")
+        body = await response.content()
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("X", [m["id"] for m in json.loads(body)["data"]])
+
+        os.kill(proto_pid(proto), signal.SIGTERM)
+        code = await proto.ended
+        self.assertEqual(code, 0, proto.output.decode(errors="replace"))
+
+
+def proto_pid(proto: ProcessProtocol) -> int:
+    pid = proto.transport.pid  # type: ignore[union-attr]
+    assert isinstance(pid, int)
+    return pid
+
+
+def _kill_if_running(proto: ProcessProtocol) -> None:
+    # transport.pid becomes None once the child is reaped: no risk of pid reuse.
+    pid = proto.transport.pid if proto.transport is not None else None  # type: ignore[attr-defined]
+    if pid is not None:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
