@@ -34,3 +34,7 @@ test: trial typecheck lint
 
 clean:
 	rm -rf $(VENV) _trial_temp* build dist *.egg-info
+
+# Proxy vs direct benchmark (docs/performance.md); needs Debian's nginx and wrk. Not part of `make test`.
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

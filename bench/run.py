@@ -1,0 +1,1060 @@
+#!/usr/bin/env python3
+"""
+llamaswap benchmark: the proxy against a direct connection to the same upstream.
+
+Run with ``make bench`` (or ``.venv/bin/python bench/run.py --help``). One run
+starts nginx (fast upstream: a fixed JSON answer, a static SSE file, a 20 MB
+file), the proxy as a real ``twistd`` process, and llamaswap's fake server
+(paced tokens, slow start-up), then measures every scenario for the proxy and
+for the direct connection *interleaved*, round by round, so that both see the
+same machine state. It prints a table with ratios to direct and writes the raw
+figures to ``bench/results/<timestamp>.json``. See docs/performance.md.
+
+Scenarios: S1 small chat requests (wrk), S2 SSE streams (2,000 events from
+nginx, and 100 paced tokens from the fake), S3 a 20 MB response, S4 swap
+overhead, S5 proxy RSS, S6 100 ``/logs/stream`` listeners during S1.
+
+This is a script, not library code: it prints, and uses only the stdlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+HOST = "127.0.0.1"
+CHAT_PATH = "/v1/chat/completions"
+
+SSE_EVENTS = 2000
+BIG_MB = 20
+PACED_TOKENS = 100
+PACED_DELAY = 0.005
+SWAP_DELAY = 0.3
+LISTENERS = 100
+
+# What a small llama-server answer looks like (about 400 bytes).
+CHAT_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
+    },
+    separators=(",", ":"),
+)
+
+TARGETS = {
+    "S1 c=8 req/s": ">= 4000",
+    "S2 added gap p99": "<= 1 ms",
+    "S3 throughput": ">= 30 % of direct",
+    "S4 swap overhead": "<= 100 ms",
+    "S5 idle RSS": "<= 40 MB",
+    "S6 listeners cost": "<= 10 %",
+}
+
+
+# --- small helpers ------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in kB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def chat_body(model: str, *, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, bytes, float]:
+    """One blocking request on a fresh connection: (status, body, seconds)."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data, time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+def wait_http(port: int, path: str, deadline: float, want: int = 200) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            status, _, _ = http_call(port, "GET", path, timeout=2)
+            if status == want:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+# --- processes ----------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(self.stop_signal)
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            log(f"{self.name} did not stop in {grace}s; killing")
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass
+class Ports:
+    proxy: int = field(default_factory=free_port)
+    nginx: int = field(default_factory=free_port)
+    nginx_proxy: int = field(default_factory=free_port)
+    paced: int = field(default_factory=free_port)
+    swap_a: int = field(default_factory=free_port)
+    swap_b: int = field(default_factory=free_port)
+
+
+def write_upstream_files(tmp: Path) -> None:
+    with open(tmp / "sse.txt", "w") as f:
+        for i in range(SSE_EVENTS):
+            chunk = {
+                "id": "chatcmpl-bench",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": "bench",
+                "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+            }
+            f.write("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
+        f.write("data: [DONE]\n\n")
+    block = os.urandom(1 << 20)
+    with open(tmp / "big.bin", "wb") as f:
+        for _ in range(BIG_MB):
+            f.write(block)
+
+
+def nginx_conf(tmp: Path, ports: Ports, reference: bool) -> str:
+    """
+    One worker (the machine has 2 cores for everything). The chat location
+    answers every POST with the same JSON; ``X-Bench: sse|big`` selects the
+    static SSE or 20 MB file instead, so that all payloads reach the proxy as
+    the same model on the same path (no swaps between scenarios).
+    """
+    user = "user root;" if os.geteuid() == 0 else ""
+    answer = CHAT_ANSWER.replace("'", "\\'")
+    ref = ""
+    if reference:
+        # nginx as a reverse proxy in front of itself: a reference point for
+        # what a C proxy costs on this machine.
+        ref = f"""
+  upstream bench_up {{ server {HOST}:{ports.nginx}; keepalive 64; }}
+  server {{
+    listen {HOST}:{ports.nginx_proxy};
+    location / {{
+      proxy_pass http://bench_up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}"""
+    return f"""{user}
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/ng-body;
+  proxy_temp_path {tmp}/ng-proxy;
+  fastcgi_temp_path {tmp}/ng-fcgi;
+  uwsgi_temp_path {tmp}/ng-uwsgi;
+  scgi_temp_path {tmp}/ng-scgi;
+  keepalive_requests 10000000;
+  sendfile on;
+  server {{
+    listen {HOST}:{ports.nginx} backlog=4096;
+    root {tmp};
+    location = /health {{ return 200 'ok'; }}
+    location = {CHAT_PATH} {{
+      if ($http_x_bench = sse) {{ rewrite ^ /sse.txt last; }}
+      if ($http_x_bench = big) {{ rewrite ^ /big.bin last; }}
+      default_type application/json;
+      return 200 '{answer}';
+    }}
+    # Static files answer POST too: the 405 becomes an internal GET.
+    location = /sse.txt {{ default_type text/event-stream; error_page 405 =200 $uri; }}
+    location = /big.bin {{ default_type application/octet-stream; error_page 405 =200 $uri; }}
+  }}{ref}
+}}
+"""
+
+
+def proxy_config(ports: Ports) -> str:
+    fake = "${PYTHON} -m llamaswap.fakeserver --quiet"
+    paced = f"--tokens {PACED_TOKENS} --token-delay {PACED_DELAY}"
+    return f"""# generated by bench/run.py
+healthCheckTimeout: 15
+models:
+  bench-nginx:
+    # nginx is the upstream; the command is only something for the proxy to supervise.
+    cmd: ${{PYTHON}} -c "import time; time.sleep(1e9)"
+    proxy: http://{HOST}:{ports.nginx}
+    checkEndpoint: /health
+  bench-paced:
+    cmd: {fake} --port {ports.paced} --name paced {paced}
+    proxy: http://{HOST}:{ports.paced}
+  bench-swap-a:
+    cmd: {fake} --port {ports.swap_a} --name swap-a --startup-delay {SWAP_DELAY}
+    proxy: http://{HOST}:{ports.swap_a}
+  bench-swap-b:
+    cmd: {fake} --port {ports.swap_b} --name swap-b --startup-delay {SWAP_DELAY}
+    proxy: http://{HOST}:{ports.swap_b}
+"""
+
+
+# --- wrk (S1, S6) ---------------------------------------------------------------
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {{"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,' ..
+    '"p50_us":%d,"p99_us":%d,"max_us":%d}}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
+    e.status, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk(port: int, lua: Path, conns: int, seconds: int) -> dict[str, float]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{seconds}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(lua),
+        f"http://{HOST}:{port}{CHAT_PATH}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            raw = json.loads(line[len("BENCHJSON ") :])
+            secs = raw["duration_us"] / 1e6
+            return {
+                "rps": raw["requests"] / secs,
+                "p50_ms": raw["p50_us"] / 1000,
+                "p99_ms": raw["p99_us"] / 1000,
+                "max_ms": raw["max_us"] / 1000,
+                "requests": raw["requests"],
+                "errors": raw["errors"] + raw["non2xx"],
+            }
+    raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+
+
+class RssSampler:
+    """Peak VmRSS of a process, sampled every 50 ms while active."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):
+                self.peak_kb = max(self.peak_kb, rss_kb(self.pid)["VmRSS"])
+
+
+# --- streaming client (S2, S3) --------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    status: int
+    ttfb: float  # request start to first complete event (or first body byte)
+    total: float
+    events: int
+    nbytes: int
+    gaps: list[float]
+
+
+async def stream_request(
+    port: int, body: bytes, headers: dict[str, str], *, count_events: bool = True
+) -> StreamResult:
+    """
+    POST on a fresh connection and time each SSE event's arrival. Decodes
+    Content-Length, chunked and read-to-close bodies (the proxy may re-chunk).
+    """
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 20)
+    try:
+        head = [
+            f"POST {CHAT_PATH} HTTP/1.1",
+            f"Host: {HOST}:{port}",
+            "Content-Type: application/json",
+            "Accept: text/event-stream",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        raw_head = await reader.readuntil(b"\r\n\r\n")
+        lines = raw_head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        hdrs = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        times: list[float] = []
+        pending = b""
+        nbytes = 0
+        first_byte = 0.0
+
+        def feed(data: bytes) -> None:
+            nonlocal pending, nbytes, first_byte
+            now = time.perf_counter()
+            if not nbytes:
+                first_byte = now
+            nbytes += len(data)
+            if not count_events:
+                return
+            pending += data
+            n = pending.count(b"\n\n")
+            if n:
+                times.extend([now] * n)
+                pending = pending[pending.rfind(b"\n\n") + 2 :]
+
+        if "chunked" in hdrs.get("transfer-encoding", ""):
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    break
+                feed(await reader.readexactly(size))
+                await reader.readexactly(2)
+        elif "content-length" in hdrs:
+            left = int(hdrs["content-length"])
+            while left > 0:
+                data = await reader.read(min(left, 1 << 18))
+                if not data:
+                    break
+                left -= len(data)
+                feed(data)
+        else:
+            while data := await reader.read(1 << 18):
+                feed(data)
+        end = time.perf_counter()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    ttfb = (times[0] if times else first_byte or end) - start
+    return StreamResult(status, ttfb, end - start, len(times), nbytes, gaps)
+
+
+def run_streams(
+    port: int, body: bytes, headers: dict[str, str], conc: int, batches: int
+) -> list[StreamResult]:
+    async def main() -> list[StreamResult]:
+        out: list[StreamResult] = []
+        for _ in range(batches):
+            out += await asyncio.gather(*(stream_request(port, body, headers) for _ in range(conc)))
+        return out
+
+    return asyncio.run(main())
+
+
+def download(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
+    """Read a whole response to EOF with recv_into: (bytes, seconds)."""
+    req = (
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    ).encode() + body
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    total = 0
+    start = time.perf_counter()
+    with socket.create_connection((HOST, port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.sendall(req)
+        while n := s.recv_into(view):
+            total += n
+    return total, time.perf_counter() - start
+
+
+# --- /logs/stream listeners (S6), run in a child process -------------------------
+
+
+def listeners_main(port: int, count: int) -> None:
+    """Hold ``count`` /logs/stream connections and drain them until SIGTERM."""
+    sel = selectors.DefaultSelector()
+    socks = []
+    req = f"GET /logs/stream?no-history HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    for _ in range(count):
+        s = socket.create_connection((HOST, port))
+        s.sendall(req)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    heads: dict[int, bytes] = {s.fileno(): b"" for s in socks}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    received = 0
+    statuses: dict[str, int] = {}
+    print("ready", flush=True)
+    while not stop.is_set():
+        for key, _ in sel.select(0.2):
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(sock)
+                continue
+            received += len(data)
+            fd = sock.fileno()
+            if fd in heads:
+                heads[fd] += data
+                if b"\r\n" in heads[fd]:
+                    code = heads.pop(fd).split(b" ", 2)[1].decode()
+                    statuses[code] = statuses.get(code, 0) + 1
+    print(json.dumps({"bytes": received, "open": len(sel.get_map()), "statuses": statuses}))
+
+
+# --- the benchmark -----------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.ports = Ports()
+        self.procs: list[Proc] = []
+        self.results: dict[str, Any] = {}
+        self.proxy: Proc | None = None
+        self.rounds: int = args.rounds
+        self.dur: int = args.duration
+        lua_body = chat_body("bench-nginx").decode().replace("'", "\\'")
+        self.lua = tmp / "chat.lua"
+        self.lua.write_text(WRK_LUA.format(body=lua_body))
+
+    # systems: name -> port, in the interleaving order
+    def systems(self, *, reference: bool = True) -> list[tuple[str, int]]:
+        out = [("direct", self.ports.nginx), ("proxy", self.ports.proxy)]
+        if reference and self.args.reference:
+            out.append(("nginx-proxy", self.ports.nginx_proxy))
+        return out
+
+    def spawn(self, name: str, cmd: list[str], **kw: Any) -> Proc:
+        logf = open(self.tmp / f"{name}.log", "wb")  # closed when we exit
+        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, **kw)
+        proc = Proc(name, popen)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        write_upstream_files(self.tmp)
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(nginx_conf(self.tmp, self.ports, self.args.reference))
+        self.spawn(
+            "nginx", ["nginx", "-c", str(conf), "-p", str(self.tmp)]
+        ).stop_signal = signal.SIGQUIT
+        if not wait_http(self.ports.nginx, "/health", time.monotonic() + 10):
+            raise RuntimeError(f"nginx did not start: {(self.tmp / 'nginx-error.log').read_text()}")
+        cfg = self.tmp / "llamaswap.yaml"
+        cfg.write_text(proxy_config(self.ports))
+        cmd = [PY, "-m", "twisted", "-n", "--pidfile="]
+        cmd += ["llamaswap", "--config", str(cfg), "--listen", f"tcp:{self.ports.proxy}:"]
+        cmd[-1] += f"interface={HOST}"
+        self.proxy = self.spawn("proxy", cmd)
+        if not wait_http(self.ports.proxy, "/v1/models", time.monotonic() + 30):
+            raise RuntimeError("proxy did not start:\n" + self.proxy_log_tail())
+        log(f"proxy pid {self.proxy.pid} on port {self.ports.proxy}, nginx on {self.ports.nginx}")
+
+    def proxy_log_tail(self, n: int = 30) -> str:
+        path = self.tmp / "proxy.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as e:  # keep stopping the others
+                log(f"stopping {proc.name}: {e}")
+
+    def warm(self, model: str, headers: dict[str, str] | None = None) -> float:
+        """One request through the proxy (may start or swap the model)."""
+        status, data, secs = http_call(
+            self.ports.proxy, "POST", CHAT_PATH, chat_body(model), headers, timeout=60
+        )
+        if status != 200:
+            raise RuntimeError(f"warm-up of {model} got {status}: {data[:300]!r}")
+        return secs
+
+    def proxy_rss(self) -> dict[str, int]:
+        assert self.proxy is not None
+        return rss_kb(self.proxy.pid)
+
+    # S1 ------------------------------------------------------------------------
+
+    def s1(self) -> None:
+        log("S1: small chat requests (wrk)")
+        self.warm("bench-nginx")
+        for _, port in self.systems():
+            wrk(port, self.lua, 8, 1)  # warm-up: connections, caches, pool
+        out: dict[str, Any] = {}
+        peak = 0
+        for conns in self.args.concurrency:
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in self.systems()}
+            for _ in range(self.rounds):
+                for name, port in self.systems():
+                    if name == "proxy":
+                        assert self.proxy is not None
+                        with RssSampler(self.proxy.pid) as sampler:
+                            runs[name].append(wrk(port, self.lua, conns, self.dur))
+                        peak = max(peak, sampler.peak_kb)
+                    else:
+                        runs[name].append(wrk(port, self.lua, conns, self.dur))
+            out[f"c={conns}"] = {name: summarise_wrk(r) for name, r in runs.items()}
+            log(f"  c={conns}: " + fmt_s1(out[f"c={conns}"]))
+        self.results["S1"] = out
+        self.results.setdefault("S5", {})["load_peak_kb"] = peak
+
+    # S6 ------------------------------------------------------------------------
+
+    def s6(self) -> None:
+        log(f"S6: S1 c=8 with and without {LISTENERS} /logs/stream listeners")
+        port = self.ports.proxy
+        without: list[dict[str, float]] = []
+        with_: list[dict[str, float]] = []
+        info: list[dict[str, Any]] = []
+        for _ in range(self.rounds):
+            without.append(wrk(port, self.lua, 8, self.dur))
+            lst = subprocess.Popen(
+                [PY, __file__, "--listeners-child", str(port), str(LISTENERS)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert lst.stdout is not None
+                if lst.stdout.readline().strip() != "ready":
+                    raise RuntimeError("listener child failed")
+                time.sleep(0.3)  # let the proxy finish the 100 stream set-ups
+                with_.append(wrk(port, self.lua, 8, self.dur))
+            finally:
+                lst.send_signal(signal.SIGTERM)
+                stdout, _ = lst.communicate(timeout=10)
+            info.append(json.loads(stdout.strip().splitlines()[-1]))
+        a, b = summarise_wrk(without), summarise_wrk(with_)
+        self.results["S6"] = {
+            "without": a,
+            "with_listeners": b,
+            "ratio": b["rps"] / a["rps"],
+            "listeners": info,
+            "bytes_per_request_per_listener": median(
+                [
+                    i["bytes"] / LISTENERS / max(1, w["requests"])
+                    for i, w in zip(info, with_, strict=True)
+                ]
+            ),
+        }
+        log(f"  ratio {b['rps'] / a['rps']:.3f}; listeners {info[-1]}")
+
+    # S2 ------------------------------------------------------------------------
+
+    def s2(self) -> None:
+        log("S2: SSE, 2,000 events from nginx")
+        sse = {"X-Bench": "sse"}
+        self.warm("bench-nginx")
+        out: dict[str, Any] = {}
+        for conc, batches in ((1, 3), (32, 1)):
+            runs: dict[str, list[StreamResult]] = {n: [] for n, _ in self.systems()}
+            for _ in range(self.rounds):
+                for name, port in self.systems():
+                    runs[name] += run_streams(
+                        port, chat_body("bench-nginx", stream=True), sse, conc, batches
+                    )
+            out[f"nginx-sse c={conc}"] = {
+                n: summarise_streams(r, SSE_EVENTS + 1) for n, r in runs.items()
+            }
+            log(f"  nginx c={conc}: " + fmt_s2(out[f"nginx-sse c={conc}"]))
+        self.results["S2"] = out
+
+    def s2_paced(self) -> None:
+        log(f"S2: {PACED_TOKENS} paced tokens {PACED_DELAY * 1000:g} ms apart (fake server)")
+        self.warm("bench-paced")
+        body = chat_body("bench-paced", stream=True)
+        systems = [("direct", self.ports.paced), ("proxy", self.ports.proxy)]
+        out = self.results.setdefault("S2", {})
+        for conc, batches in ((1, 3), (32, 1)):
+            runs: dict[str, list[StreamResult]] = {n: [] for n, _ in systems}
+            for _ in range(self.rounds):
+                for name, port in systems:
+                    runs[name] += run_streams(port, body, {}, conc, batches)
+            out[f"paced c={conc}"] = {n: summarise_streams(r, None) for n, r in runs.items()}
+            log(f"  paced c={conc}: " + fmt_s2(out[f"paced c={conc}"]))
+
+    # S3 ------------------------------------------------------------------------
+
+    def s3(self) -> None:
+        log(f"S3: {BIG_MB} MB response")
+        self.warm("bench-nginx")
+        body = chat_body("bench-nginx")
+        runs: dict[str, list[float]] = {n: [] for n, _ in self.systems()}
+        sizes: dict[str, int] = {}
+        for _ in range(self.rounds + 1):
+            for name, port in self.systems():
+                nbytes, secs = download(port, body, {"X-Bench": "big"})
+                sizes[name] = nbytes
+                runs[name].append(nbytes / secs / 1e6)
+        out = {
+            n: {"mb_s": median(v[1:]), "runs": v[1:], "bytes": sizes[n]} for n, v in runs.items()
+        }
+        for n in out:
+            out[n]["ratio"] = out[n]["mb_s"] / out["direct"]["mb_s"]
+        self.results["S3"] = out
+        log("  " + ", ".join(f"{n} {v['mb_s']:.0f} MB/s" for n, v in out.items()))
+
+    # S4 ------------------------------------------------------------------------
+
+    def s4(self) -> None:
+        log(f"S4: swap between two fake models healthy {SWAP_DELAY} s after start")
+        # The upstream's own start-up time: spawn to first 200 on /health, by hand.
+        direct: list[float] = []
+        for _ in range(3):
+            port = free_port()
+            cmd = [PY, "-m", "llamaswap.fakeserver", "--quiet", "--port", str(port)]
+            cmd += ["--name", "direct", "--startup-delay", str(SWAP_DELAY)]
+            start = time.perf_counter()
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+            try:
+                while True:
+                    try:
+                        status, _, _ = http_call(port, "GET", "/health", timeout=2)
+                        if status == 200:
+                            break
+                    except OSError:
+                        pass
+                    if p.poll() is not None or time.perf_counter() - start > 20:
+                        raise RuntimeError("fake server did not become healthy")
+                    time.sleep(0.005)
+                direct.append(time.perf_counter() - start)
+            finally:
+                p.terminate()
+                p.wait(10)
+        self.warm("bench-swap-a")
+        loaded = [self.warm("bench-swap-a") for _ in range(3)]  # no swap: the plain request cost
+        swaps: list[float] = []
+        for i in range(self.args.swaps):
+            swaps.append(self.warm("bench-swap-b" if i % 2 == 0 else "bench-swap-a"))
+        startup = median(direct)
+        self.results["S4"] = {
+            "direct_startup_s": direct,
+            "loaded_request_s": loaded,
+            "swap_request_s": swaps,
+            "overhead_ms": (median(swaps) - startup - median(loaded)) * 1000,
+            "overhead_max_ms": (max(swaps) - startup - median(loaded)) * 1000,
+        }
+        log(
+            f"  upstream start {startup * 1000:.0f} ms, swapped request {median(swaps) * 1000:.0f}"
+            f" ms, overhead {self.results['S4']['overhead_ms']:.0f} ms"
+        )
+
+    def run(self) -> None:
+        self.start()
+        time.sleep(1)
+        self.results["S5"] = {"idle_start_kb": self.proxy_rss()["VmRSS"]}
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("S1", self.s1),
+            ("S6", self.s6),
+            ("S2", self.s2),
+            ("S3", self.s3),
+            ("S2p", self.s2_paced),
+            ("S4", self.s4),
+        ]
+        only = set(self.args.only or [])
+        for name, step in steps:
+            if only and name.rstrip("p") not in only:
+                continue
+            try:
+                step()
+            except Exception as e:
+                log(f"{name} failed: {e!r}")
+                self.results.setdefault("errors", {})[name] = repr(e)
+            if self.proxy is None or not self.proxy.alive():
+                raise RuntimeError("the proxy died:\n" + self.proxy_log_tail())
+        time.sleep(1)
+        rss = self.proxy_rss()
+        self.results["S5"].update(idle_end_kb=rss["VmRSS"], hwm_kb=rss["VmHWM"])
+
+
+# --- summaries and the table ----------------------------------------------------
+
+
+def summarise_wrk(runs: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "rps": median([r["rps"] for r in runs]),
+        "p50_ms": median([r["p50_ms"] for r in runs]),
+        "p99_ms": median([r["p99_ms"] for r in runs]),
+        "max_ms": max(r["max_ms"] for r in runs),
+        "errors": sum(int(r["errors"]) for r in runs),
+        "rounds_rps": [round(r["rps"]) for r in runs],
+    }
+
+
+def summarise_streams(runs: list[StreamResult], expect: int | None) -> dict[str, Any]:
+    gaps = [g for r in runs for g in r.gaps]
+    bad = [r for r in runs if r.status != 200 or (expect is not None and r.events != expect)]
+    return {
+        "streams": len(runs),
+        "bad_streams": len(bad),
+        "events_median": median([r.events for r in runs]),
+        "ttfb_p50_ms": median([r.ttfb for r in runs]) * 1000,
+        "ttfb_max_ms": max(r.ttfb for r in runs) * 1000,
+        "gap_p50_ms": pct(gaps, 50) * 1000,
+        "gap_p99_ms": pct(gaps, 99) * 1000,
+        "gap_max_ms": max(gaps, default=float("nan")) * 1000,
+        "total_p50_ms": median([r.total for r in runs]) * 1000,
+        "total_max_ms": max(r.total for r in runs) * 1000,
+    }
+
+
+def fmt_s1(row: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{n} {v['rps']:.0f} req/s p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms"
+        + (f" ({v['errors']} errors)" if v["errors"] else "")
+        for n, v in row.items()
+    )
+
+
+def fmt_s2(row: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{n} ttfb {v['ttfb_p50_ms']:.2f} gap p99 {v['gap_p99_ms']:.2f} "
+        f"total {v['total_p50_ms']:.1f} ms"
+        + (f" ({v['bad_streams']} bad)" if v["bad_streams"] else "")
+        for n, v in row.items()
+    )
+
+
+def table(results: dict[str, Any]) -> str:
+    """The human summary: one line per measure, proxy against direct."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(what: str, direct: str, proxy: str, ratio: str, note: str = "") -> None:
+        rows.append((what, direct, proxy, ratio, note))
+
+    for conc, row in results.get("S1", {}).items():
+        d, p = row["direct"], row["proxy"]
+        ref = row.get("nginx-proxy")
+        note = f"nginx-proxy {ref['rps'] / d['rps']:.2f}x" if ref else ""
+        if p["errors"]:
+            note += f" {p['errors']} ERRORS"
+        add(f"S1 {conc} req/s", f"{d['rps']:.0f}", f"{p['rps']:.0f}", x(p["rps"], d["rps"]), note)
+        add(
+            f"S1 {conc} p50 ms",
+            f"{d['p50_ms']:.2f}",
+            f"{p['p50_ms']:.2f}",
+            x(p["p50_ms"], d["p50_ms"]),
+        )
+        add(
+            f"S1 {conc} p99 ms",
+            f"{d['p99_ms']:.2f}",
+            f"{p['p99_ms']:.2f}",
+            x(p["p99_ms"], d["p99_ms"]),
+        )
+    for case, row in results.get("S2", {}).items():
+        d, p = row["direct"], row["proxy"]
+        bad = f"{p['bad_streams']} bad streams" if p["bad_streams"] else ""
+        add(f"S2 {case} ttfb p50 ms", f"{d['ttfb_p50_ms']:.2f}", f"{p['ttfb_p50_ms']:.2f}",
+            plus(p["ttfb_p50_ms"], d["ttfb_p50_ms"]), bad)  # fmt: skip
+        for k in ("gap_p50_ms", "gap_p99_ms", "gap_max_ms"):
+            add(f"S2 {case} {k[:-3].replace('_', ' ')} ms", f"{d[k]:.2f}", f"{p[k]:.2f}",
+                plus(p[k], d[k]))  # fmt: skip
+        add(f"S2 {case} total p50 ms", f"{d['total_p50_ms']:.1f}", f"{p['total_p50_ms']:.1f}",
+            x(p["total_p50_ms"], d["total_p50_ms"]))  # fmt: skip
+    if "S3" in results:
+        d, p = results["S3"]["direct"], results["S3"]["proxy"]
+        ref = results["S3"].get("nginx-proxy")
+        note = f"nginx-proxy {ref['ratio']:.2f}x" if ref else ""
+        add(f"S3 {BIG_MB} MB MB/s", f"{d['mb_s']:.0f}", f"{p['mb_s']:.0f}", x(p["mb_s"], d["mb_s"]),
+            note)  # fmt: skip
+    if "S4" in results:
+        s4 = results["S4"]
+        add("S4 swapped request ms", f"{median(s4['direct_startup_s']) * 1000:.0f} (start-up)",
+            f"{median(s4['swap_request_s']) * 1000:.0f}", f"+{s4['overhead_ms']:.0f} ms",
+            f"max +{s4['overhead_max_ms']:.0f} ms")  # fmt: skip
+    if "S5" in results:
+        s5 = results["S5"]
+        for k in ("idle_start_kb", "load_peak_kb", "idle_end_kb"):
+            if k in s5:
+                add(f"S5 RSS {k[:-3].replace('_', ' ')} MB", "", f"{s5[k] / 1024:.1f}", "")
+    if "S6" in results:
+        s6 = results["S6"]
+        add(f"S6 c=8 req/s, {LISTENERS} log listeners", f"{s6['without']['rps']:.0f} (none)",
+            f"{s6['with_listeners']['rps']:.0f}", f"{s6['ratio']:.2f}x",
+            f"{s6['bytes_per_request_per_listener']:.0f} B/req/listener")  # fmt: skip
+    header = ("measure", "direct", "proxy", "proxy vs direct", "note")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def x(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def plus(a: float, b: float) -> str:
+    return f"{a - b:+.2f} ms"
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Each goal from the issue: the measured value and whether it is met."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: float, ok: bool, unit: str) -> None:
+        out[key] = {"target": TARGETS[key], "value": round(value, 3), "unit": unit, "met": ok}
+
+    with contextlib.suppress(KeyError):
+        rps = results["S1"]["c=8"]["proxy"]["rps"]
+        put("S1 c=8 req/s", rps, rps >= 4000, "req/s")
+    with contextlib.suppress(KeyError, ValueError):
+        added = max(
+            row["proxy"]["gap_p99_ms"] - row["direct"]["gap_p99_ms"]
+            for k, row in results["S2"].items()
+            if k.startswith("paced")
+        )
+        put("S2 added gap p99", added, added <= 1.0, "ms")
+    with contextlib.suppress(KeyError):
+        ratio = results["S3"]["proxy"]["ratio"] * 100
+        put("S3 throughput", ratio, ratio >= 30, "% of direct")
+    with contextlib.suppress(KeyError):
+        ms = results["S4"]["overhead_ms"]
+        put("S4 swap overhead", ms, ms <= 100, "ms")
+    with contextlib.suppress(KeyError):
+        mb = results["S5"]["idle_start_kb"] / 1024
+        put("S5 idle RSS", mb, mb <= 40, "MB")
+    with contextlib.suppress(KeyError):
+        cost = (1 - results["S6"]["ratio"]) * 100
+        put("S6 listeners cost", cost, cost <= 10, "%")
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    mem = ""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("MemTotal")), "")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def git_rev() -> str:
+    out = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measure")
+    p.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--swaps", type=int, default=8, help="swapped requests in S4")
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip nginx-as-reverse-proxy, the reference point for S1-S3",
+    )
+    p.add_argument("--only", nargs="+", choices=["S1", "S2", "S3", "S4", "S6"])
+    p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke test")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument("--listeners-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.swaps = 1, 1, 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.listeners_child:
+        listeners_main(*args.listeners_child)
+        return 0
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(
+                f"bench: {tool} not found (Debian: apt-get install -y nginx wrk)", file=sys.stderr
+            )
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="llamaswap-bench-"))
+    started = time.time()
+    bench = Bench(args, tmp)
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "git": git_rev(),
+        "command": " ".join([Path(PY).name, "bench/run.py", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "settings": {
+            "rounds": args.rounds,
+            "wrk_seconds": args.duration,
+            "concurrency": args.concurrency,
+            "sse_events": SSE_EVENTS,
+            "big_mb": BIG_MB,
+            "paced": [PACED_TOKENS, PACED_DELAY],
+            "swap_startup_delay": SWAP_DELAY,
+            "listeners": LISTENERS,
+        },
+    }
+    code = 0
+    try:
+        bench.run()
+    except (Exception, KeyboardInterrupt) as e:
+        log(f"aborted: {e}")
+        code = 1
+    finally:
+        bench.stop()
+        if args.keep or code:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results = {**meta, "elapsed_s": round(time.time() - started, 1), **bench.results}
+    results["targets"] = targets(bench.results)
+    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S.json", time.localtime(started))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table(bench.results))
+    print()
+    for key, t in results["targets"].items():
+        mark = "met" if t["met"] else "MISSED"
+        print(f"target {key}: {t['value']:g} {t['unit']} (goal {t['target']}): {mark}")
+    print(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"elapsed: {results['elapsed_s']} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
