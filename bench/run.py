@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import selectors
 import shutil
 import signal
@@ -668,6 +669,8 @@ class Bench:
             ),
         }
         log(f"  ratio {b['rps'] / a['rps']:.3f}; listeners {info[-1]}")
+        if any(i["statuses"] != {"200": LISTENERS} for i in info):
+            raise RuntimeError(f"/logs/stream listeners were not all answered 200: {info}")
 
     # S2 ------------------------------------------------------------------------
 
@@ -769,6 +772,31 @@ class Bench:
             f" ms, overhead {self.results['S4']['overhead_ms']:.0f} ms"
         )
 
+    # profiling (opt-in) ---------------------------------------------------------
+
+    def profile(self) -> None:
+        """py-spy on the proxy during wrk c=8: where the proxy's CPU goes."""
+        assert self.proxy is not None
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists():
+            raise RuntimeError("py-spy not found (pip install py-spy)")
+        secs = max(6, self.args.profile)
+        log(f"profile: py-spy for {secs} s during wrk c=8")
+        self.warm("bench-nginx")
+        raw = self.tmp / "py-spy.txt"
+        cmd = [spy, "record", "--pid", str(self.proxy.pid), "--rate", "200", "--format", "raw"]
+        cmd += ["--idle", "--nonblocking", "--duration", str(secs), "--output", str(raw)]
+        spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1)  # attach
+        load = wrk(self.ports.proxy, self.lua, 8, secs - 2)
+        _, err = spy_proc.communicate(timeout=60)
+        if not raw.exists():
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        report = collapse(raw.read_text())
+        report["rps_while_profiling"] = load["rps"]
+        self.results["profile"] = report
+        log(f"  {report['samples']} samples, idle {report['idle_pct']:.1f} %")
+
     def run(self) -> None:
         self.start()
         time.sleep(1)
@@ -781,9 +809,11 @@ class Bench:
             ("S2p", self.s2_paced),
             ("S4", self.s4),
         ]
+        if self.args.profile:
+            steps.insert(1, ("profile", self.profile))
         only = set(self.args.only or [])
         for name, step in steps:
-            if only and name.rstrip("p") not in only:
+            if only and name.rstrip("p") not in only and name != "profile":
                 continue
             try:
                 step()
@@ -795,6 +825,48 @@ class Bench:
         time.sleep(1)
         rss = self.proxy_rss()
         self.results["S5"].update(idle_end_kb=rss["VmRSS"], hwm_kb=rss["VmHWM"])
+
+
+# py-spy's raw output: one collapsed stack per line, "frame;frame;... count".
+_LINE_NO = re.compile(r":\d+\)$")
+IDLE_FRAMES = ("poll (selectors", "doPoll (twisted/internet/epollreactor", "select (selectors")
+
+
+def collapse(raw: str, top: int = 25) -> dict[str, Any]:
+    """Top functions by own ("self") and by inclusive samples, in percent."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = idle = 0
+    for line in raw.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        # Per function, not per line: "f (path:12)" -> "f (path)".
+        frames = [
+            _LINE_NO.sub(")", f)
+            for f in stack.split(";")
+            if not f.startswith(("process ", "thread "))
+        ]
+        if not frames:
+            continue
+        total += count
+        if any(marker in frames[-1] for marker in IDLE_FRAMES):
+            idle += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + count
+
+    def best(table: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [(frame, round(100 * n / max(1, total), 2)) for frame, n in ranked]
+
+    return {
+        "samples": total,
+        "idle_pct": 100 * idle / max(1, total),
+        "self": best(own),
+        "inclusive": best(incl),
+    }
 
 
 # --- summaries and the table ----------------------------------------------------
@@ -989,6 +1061,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip nginx-as-reverse-proxy, the reference point for S1-S3",
     )
     p.add_argument("--only", nargs="+", choices=["S1", "S2", "S3", "S4", "S6"])
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="also record py-spy on the proxy for SECONDS during wrk c=8",
+    )
     p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke test")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
@@ -1051,6 +1130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, t in results["targets"].items():
         mark = "met" if t["met"] else "MISSED"
         print(f"target {key}: {t['value']:g} {t['unit']} (goal {t['target']}): {mark}")
+    prof = bench.results.get("profile")
+    if prof:
+        print(f"\nprofile ({prof['samples']} samples, {prof['idle_pct']:.1f} % idle):")
+        for label in ("self", "inclusive"):
+            print(f"  top by {label} time:")
+            for frame, share in prof[label][:15]:
+                print(f"    {share:5.1f} %  {frame}")
     print(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"elapsed: {results['elapsed_s']} s")
     return code
