@@ -2,7 +2,21 @@
 """
 The swap scheduler: decides which model servers run, and hands out leases.
 
-(Skeleton: signatures are final, the implementation follows.)
+The rules (docs/swapping.md has the long version):
+
+ - A request names a model (id, alias or C{profile:model}). It may run
+   together with the models of its I{allowed set}: the members of its profile,
+   or only itself. Everything else that runs must be stopped first.
+ - A model with requests in flight is never stopped to make room: the swap
+   waits until they end. Requests for other models wait meanwhile.
+ - Requests wait in one FIFO queue, with one exception: a request for a model
+   that is ready and needs nothing stopped is served at once, even if earlier
+   requests wait for a swap (fewer swaps; a busy model can starve others).
+ - Waiters for the same model share one start; a failed start fails every
+   waiter for that model, and the next request retries.
+
+The queue is re-walked whenever anything changes (a model's state, a lease
+released, a waiter added or cancelled); one walk never waits.
 """
 
 from __future__ import annotations
@@ -14,12 +28,15 @@ from typing import Any
 from attrs import frozen
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llamaswap.config import Config, ModelConfig, Target
-from llamaswap.errors import ShuttingDown
+from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
+from llamaswap.process import ModelProcess, State
 
 
 @frozen(kw_only=True)
@@ -51,8 +68,33 @@ class Lease:
             release()
 
 
+class _Waiter:
+    """One queued L{Supervisor.acquire} call."""
+
+    def __init__(
+        self,
+        target: Target,
+        model: ModelConfig,
+        allowed: frozenset[str],
+        withdraw: Callable[[_Waiter], None],
+    ) -> None:
+        self.target = target
+        self.model = model
+        self.allowed = allowed
+        self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
+
+    def conflicts_with(self, other: _Waiter) -> bool:
+        """Whether serving one would stop the other's model."""
+        return self.model.id not in other.allowed or other.model.id not in self.allowed
+
+
 class Supervisor(Service):
-    """Starts, stops and swaps model servers; see docs/swapping.md."""
+    """
+    Starts, stops and swaps model servers; see the module docstring and
+    docs/swapping.md for the rules.
+    """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -68,30 +110,235 @@ class Supervisor(Service):
         self._reactor = reactor
         self._events = events if events is not None else EventBus()
         self._clock: IReactorTime = clock if clock is not None else reactor
-        self._kill = kill if kill is not None else os.killpg
-        self._http = http
+        self._pool: Any = None
+        if http is None:
+            from llamaswap.http import make_http
+            from llamaswap.process import PROBE_TIMEOUT
+
+            http, self._pool = make_http(reactor, persistent=False, connect_timeout=PROBE_TIMEOUT)
+        self._procs: dict[str, ModelProcess] = {
+            model_id: ModelProcess(
+                model,
+                reactor=reactor,
+                clock=self._clock,
+                kill=kill if kill is not None else os.killpg,
+                http=http,
+                base_dir=config.base_dir,
+                health_timeout=config.health_check_timeout,
+                on_change=self._changed,
+            )
+            for model_id, model in config.models.items()
+        }
+        self._queue: list[_Waiter] = []
+        self._shutting_down = False
+        self._walking = False
+        self._walk_again = False
+        self._preloading: Deferred[None] | None = None
+
+    # --- service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.config.preload:
+            self._preloading = Deferred.fromCoroutine(self._preload())
+
+    async def _preload(self) -> None:
+        for model_id in self.config.preload:
+            try:
+                lease = await self.acquire(model_id)
+            except ShuttingDown:
+                return
+            except Exception as e:
+                self.log.error("preloading {model} failed: {error}", model=model_id, error=str(e))
+            else:
+                self.log.info("preloaded {model}", model=model_id)
+                lease.release()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop every model (SIGTERM, then SIGKILL after its C{unloadTimeout}).
+
+        @return: a Deferred that fires once every child has been reaped and
+            closed its pipes. From now on L{acquire} fails with L{ShuttingDown},
+            and so do the requests still queued.
+        """
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._shutting_down = True
+        queued, self._queue = self._queue, []
+        for waiter in queued:
+            waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
+        stops = [proc.stop() for proc in self._procs.values()]
+
+        async def wait() -> None:
+            await DeferredList(stops, consumeErrors=True)
+            if self._pool is not None:
+                await self._pool.closeCachedConnections()
+
+        return Deferred.fromCoroutine(wait())
+
+    # --- API -----------------------------------------------------------------
 
     def acquire(self, requested: str) -> Deferred[Lease]:
-        """Fire with a L{Lease} on a ready model for C{requested}."""
-        return fail(ShuttingDown("not implemented yet"))
+        """
+        Get a lease on a ready model for C{requested} (an id, an alias or
+        C{profile:model}), starting or swapping models as needed.
+
+        @return: a Deferred that fires with a L{Lease} (call its C{release()}
+            when the request ends). It errbacks with L{ModelNotFound},
+            L{StartFailed} (with the child's last output lines),
+            L{HealthTimeout}, L{TooManyRequests} or L{ShuttingDown}.
+            Cancelling it withdraws the request; a start it caused carries on,
+            but a request cancelled while still queued starts nothing.
+        """
+        if self._shutting_down:
+            return fail(ShuttingDown("llamaswap is shutting down"))
+        try:
+            target = self.config.resolve(requested)
+        except ModelNotFound as e:
+            return fail(e)
+        model = self.config.models[target.model_id]
+        limit = model.concurrency_limit
+        if limit > 0:
+            queued = sum(1 for w in self._queue if w.model.id == model.id)
+            if self._procs[model.id].in_flight + queued >= limit:
+                return fail(
+                    TooManyRequests(
+                        f"too many requests for model {model.id} (concurrencyLimit {limit})"
+                    )
+                )
+        if target.profile is not None:
+            allowed = frozenset(self.config.profiles[target.profile])
+        else:
+            allowed = frozenset({model.id})
+        waiter = _Waiter(target, model, allowed, self._withdraw)
+        self._queue.append(waiter)
+        self._walk()
+        return waiter.deferred
 
     def unload(self, model_id: str | None = None) -> Deferred[None]:
-        """Stop one model (or all, for C{None}); fires when the processes have exited."""
-        return succeed(None)
+        """
+        Stop one model (id or alias), or all of them for C{None}, without
+        waiting for requests in flight.
+
+        @return: a Deferred that fires once the process(es) exited; it
+            errbacks with L{ModelNotFound} for an unknown name.
+        """
+        if model_id is None:
+            procs = list(self._procs.values())
+        else:
+            model = self.config.find_model(model_id)
+            if model is None:
+                return fail(ModelNotFound(f"model not found: {model_id}"))
+            procs = [self._procs[model.id]]
+        stops = [proc.stop() for proc in procs]
+        if not stops:
+            return succeed(None)
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
     def statuses(self) -> list[ModelStatus]:
         """One status per configured model, in config order."""
         return [self.status(model_id) for model_id in self.config.models]
 
     def status(self, model_id: str) -> ModelStatus:
-        """The status of one model (by id)."""
-        model = self.config.models[model_id]
+        """
+        The status of one model.
+
+        @raise ModelNotFound: for an unknown id (aliases are accepted too).
+        """
+        model = self.config.find_model(model_id)
+        if model is None:
+            raise ModelNotFound(f"model not found: {model_id}")
+        proc = self._procs[model.id]
         return ModelStatus(
-            model_id=model_id,
-            state="stopped",
-            pid=None,
-            in_flight=0,
+            model_id=model.id,
+            state=proc.state.value,
+            pid=proc.pid,
+            in_flight=proc.in_flight,
             ttl=model.ttl,
-            ttl_remaining=None,
-            last_error=None,
+            ttl_remaining=proc.ttl_remaining(),
+            last_error=proc.last_error,
         )
+
+    # --- scheduling ----------------------------------------------------------
+
+    def _changed(self, proc: ModelProcess) -> None:
+        self._events.publish(
+            "modelStatus", {"model": proc.model.id, "state": proc.state.value, "pid": proc.pid}
+        )
+        self._walk()
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """The caller cancelled: forget the waiter (its Deferred gets CancelledError)."""
+        if waiter in self._queue:
+            self._queue.remove(waiter)
+            self._walk()
+
+    def _walk(self) -> None:
+        """Re-examine the queue in order; re-entrant calls just ask for another pass."""
+        if self._walking:
+            self._walk_again = True
+            return
+        self._walking = True
+        try:
+            while True:
+                self._walk_again = False
+                self._walk_once()
+                if not self._walk_again:
+                    return
+        finally:
+            self._walking = False
+
+    def _walk_once(self) -> None:
+        blocked: list[_Waiter] = []  # earlier waiters still waiting for a swap
+        for waiter in list(self._queue):
+            if waiter not in self._queue:
+                continue  # served or failed by something this walk triggered
+            proc = self._procs[waiter.model.id]
+            evict = [p for m, p in self._procs.items() if p.occupied and m not in waiter.allowed]
+            if proc.state is State.READY and not evict:
+                self._grant(waiter, proc)
+                continue
+            conflict = any(waiter.conflicts_with(earlier) for earlier in blocked)
+            blocked.append(waiter)
+            if not conflict:
+                self._advance(waiter, proc, evict)
+
+    def _advance(self, waiter: _Waiter, proc: ModelProcess, evict: list[ModelProcess]) -> None:
+        """Take the next step towards serving C{waiter}; never waits."""
+        if evict:
+            # Never stop a model that is serving; a starting one is let finish
+            # (someone who left may have started it) and stopped once ready.
+            if any(p.in_flight > 0 or p.state is State.STARTING for p in evict):
+                return
+            for p in evict:
+                if p.state is State.READY:
+                    self.log.info(
+                        "swapping: stopping {stopping} to start {model}",
+                        stopping=p.model.id,
+                        model=waiter.model.id,
+                    )
+                    p.stop(p.model.unload_timeout)
+            return  # go on once they all stopped (a state change walks again)
+        if proc.state in (State.STOPPED, State.FAILED):
+            self.log.info("starting {model}", model=proc.model.id)
+            proc.start().addErrback(self._start_failed, proc)
+        # STARTING: ready soon; STOPPING (TTL or unload): start again once stopped.
+
+    def _start_failed(self, failure: Failure, proc: ModelProcess) -> None:
+        """Fail every request waiting for this model with the start's error."""
+        failed = [w for w in self._queue if w.model.id == proc.model.id]
+        for waiter in failed:
+            self._queue.remove(waiter)
+        for waiter in failed:
+            waiter.deferred.errback(failure)
+        self._walk()
+
+    def _grant(self, waiter: _Waiter, proc: ModelProcess) -> None:
+        self._queue.remove(waiter)
+        proc.request_started()
+
+        def release() -> None:
+            proc.request_finished()
+            self._walk()
+
+        waiter.deferred.callback(Lease(waiter.model, waiter.target, release))

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_orphans -*-
+"""
+Exec wrapper that runs a model server in its own session, tied to our life.
+
+Usage (internal): C{python -I -S _session.py GRACE EXE ARGV0 [ARGS...]}.
+
+Twisted has no C{preexec_fn} hook for plain pipes, so this tiny program does,
+before exec'ing the real server in place (the pid is kept, so the transport's
+pid is the server's pid, and it is also the process group id):
+
+ 1. C{setsid()}: a new session and process group, so that one C{killpg}
+    reaches shell wrappers and everything they spawned.
+ 2. C{prctl(PR_SET_PDEATHSIG, SIGTERM)}: the kernel sends SIGTERM to the
+    server when llamaswap dies, even by C{kill -9} or the OOM killer. The flag
+    survives C{execve} but only covers this one process.
+ 3. Re-check the parent: if llamaswap died before step 2, exit instead of
+    starting an orphan.
+ 4. Fork a small I{guard} (double fork, so it is never the server's child)
+    that blocks reading the stdin pipe llamaswap keeps open. Only llamaswap
+    holds the write end, so end-of-file means llamaswap is gone; the guard then
+    sends SIGTERM to the whole group, waits GRACE seconds and sends SIGKILL to
+    the group, itself included. This covers grandchildren, which the
+    parent-death signal does not (C{sh -c "server ..."}: the shell dies, the
+    server would live on). The guard ignores SIGTERM so our own graceful stop
+    (SIGTERM to the group) leaves it watching, and it exits as soon as the
+    server has exited (pidfd).
+
+Only the standard library is used, and the file runs with C{-I -S} so it starts
+fast and ignores C{PYTHON*} variables meant for the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+_EXEC_FAILED = 127
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _guard(server: int, grace: float) -> None:
+    """Kill the server's process group once llamaswap's end of stdin closes."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)  # never hold the output pipes: they delay "process ended"
+    os.dup2(devnull, 2)
+    os.closerange(3, 65536)
+    try:
+        pidfd: int | None = os.pidfd_open(server)
+    except (AttributeError, OSError):
+        pidfd = None
+    while True:
+        watched = [0] if pidfd is None else [0, pidfd]
+        ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 1.0)
+        if pidfd is not None and pidfd in ready:
+            return  # the server is gone: nothing left to guard
+        if pidfd is None:
+            try:
+                os.kill(server, 0)
+            except ProcessLookupError:
+                return
+        if 0 in ready and not os.read(0, 4096):
+            break  # EOF: llamaswap died without stopping us
+    os.killpg(0, signal.SIGTERM)
+    if pidfd is not None:
+        select.select([pidfd], [], [], grace)
+    else:
+        select.select([], [], [], grace)
+    os.killpg(0, signal.SIGKILL)  # the whole group, this guard included
+
+
+def _start_guard(server: int, grace: float) -> None:
+    child = os.fork()
+    if child == 0:
+        try:
+            if os.fork() == 0:
+                try:
+                    _guard(server, grace)
+                finally:
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)  # reap the intermediate at once; the guard is reparented
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 4:
+        sys.stderr.write("usage: _session.py GRACE EXE ARGV0 [ARGS...]\n")
+        os._exit(2)
+    grace = float(argv[1])
+    exe, args = argv[2], argv[3:]
+    parent = os.getppid()
+    os.setsid()
+    _set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)  # llamaswap died before the death signal was armed
+    try:
+        _start_guard(os.getpid(), grace)
+    except OSError as e:  # no guard: the death signal still covers the server
+        sys.stderr.write(f"llamaswap: cannot start the orphan guard: {e.strerror}\n")
+    try:
+        os.execv(exe, args)
+    except OSError as e:
+        sys.stderr.write(f"llamaswap: cannot execute {exe}: {e.strerror}\n")
+        sys.stderr.flush()
+        os._exit(_EXEC_FAILED)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
