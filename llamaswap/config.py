@@ -145,25 +145,85 @@ class Config:
 # --- YAML ------------------------------------------------------------------
 
 
+class _Folded(str):
+    """
+    A folded (C{>}) block scalar that also keeps its original lines.
+
+    Folding joins lines with spaces before we see them, which would turn a
+    C{# comment} line or a trailing C{\\} inside C{cmd: >} into arguments;
+    L{command_text} reads C{lines} instead.
+    """
+
+    lines: str
+
+    def __new__(cls, value: str, lines: str) -> _Folded:
+        self = super().__new__(cls, value)
+        self.lines = lines
+        return self
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML keeps the last silently)."""
+    """SafeLoader whose folded block scalars remember their lines (see L{_Folded})."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    def scan_block_scalar(self, style: str) -> yaml.ScalarToken:
+        # Only for text held fully in memory: we scan the block twice.
+        if style != ">" or self.stream is not None or self.raw_buffer is not None:
+            return super().scan_block_scalar(style)
+        saved = (self.pointer, self.index, self.line, self.column)
+        literal = super().scan_block_scalar("|")
+        self.pointer, self.index, self.line, self.column = saved
+        token = super().scan_block_scalar(style)
+        token.value = _Folded(token.value, literal.value)
+        return token
 
 
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _StrictLoader.construct_mapping,
-)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_duplicates(node: yaml.Node, where: str, visited: set[int]) -> None:
+    """Reject duplicate mapping keys (PyYAML keeps the last one silently)."""
+    if id(node) in visited:  # anchors/aliases: check each node once
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base` keys may be overridden
+                continue
+            path = where
+            if isinstance(key_node, yaml.ScalarNode):
+                path = _join(where, str(key_node.value))
+                line = key_node.start_mark.line + 1
+                if key_node.value in lines:
+                    raise ConfigError(
+                        f"{path}: duplicate key (lines {lines[key_node.value]} and {line})"
+                    )
+                lines[key_node.value] = line
+            _check_duplicates(value_node, path, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{where}[{i}]", visited)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document safely; errors become one-line L{ConfigError}s."""
+    loader = _StrictLoader(text)
+    loader.name = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, "", set())
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        reason = ": ".join(part for part in (e.context, e.problem) if part)
+        raise ConfigError(f"{where}: {' '.join(reason.split())}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from e
+    finally:
+        loader.dispose()
 
 
 # --- small typed readers ------------------------------------------------------
@@ -222,9 +282,15 @@ def _join(where: str, key: str) -> str:
 def _type_name(value: object) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        type(value), "a list" if isinstance(value, list) else "a mapping"
-    )
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"  # e.g. a YAML date
 
 
 def _mapping(where: str, value: object) -> dict[str, Any]:
@@ -280,6 +346,10 @@ def _choice(where: str, value: object, choices: tuple[str, ...]) -> str:
 
 # --- macros ----------------------------------------------------------------
 
+# Built-in macros filled in per model (PID only when cmdStop runs); a macro value
+# may mention them, and they are substituted where that macro is used.
+_LATE_MACROS = frozenset({"PID", "PORT", "MODEL_ID"})
+
 
 def _substitute_env(where: str, text: str, environ: Mapping[str, str]) -> str:
     def one(match: re.Match[str]) -> str:
@@ -291,6 +361,10 @@ def _substitute_env(where: str, text: str, environ: Mapping[str, str]) -> str:
     return _ENV_REF.sub(one, text)
 
 
+def _macro_text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _expand(where: str, text: str, macros: Mapping[str, object], keep: frozenset[str]) -> str:
     """Replace C{${name}} by its macro; names in C{keep} are left for later."""
 
@@ -299,9 +373,15 @@ def _expand(where: str, text: str, macros: Mapping[str, object], keep: frozenset
         if name in keep:
             return match.group(0)
         if name not in macros:
+            if name == "PID":
+                raise ConfigError(f"{where}: ${{PID}} is only available in cmdStop")
             raise ConfigError(f"{where}: unknown macro ${{{name}}}")
-        value = macros[name]
-        return str(value).lower() if isinstance(value, bool) else str(value)
+        value = _macro_text(macros[name])
+        if name not in _LATE_MACROS and "${" in value:
+            # Declared macros are expanded when read, except for the late ones.
+            late = {k: v for k, v in macros.items() if k in _LATE_MACROS}
+            value = _expand(where, value, late, keep | (_LATE_MACROS - late.keys()))
+        return value
 
     return _MACRO_REF.sub(one, text)
 
@@ -320,29 +400,21 @@ def _read_macros(
         if isinstance(value, str):
             if f"${{{name}}}" in value:
                 raise ConfigError(f"{path}: macro refers to itself")
-            value = _expand(path, _substitute_env(path, value, environ), result, frozenset())
+            value = _expand(path, _substitute_env(path, value, environ), result, _LATE_MACROS)
         elif value is None or isinstance(value, (list, dict)):
             raise ConfigError(f"{path}: macro values must be scalars, not {_type_name(value)}")
         result[name] = value
     return result
 
 
-def _expand_value(where: str, value: object, expand: Callable[[str, str], str]) -> object:
-    """Expand macros inside any YAML value (strings, lists, mappings)."""
+def _metadata_value(
+    where: str, value: object, macros: Mapping[str, object], expand: Callable[[str, str], str]
+) -> object:
+    """Expand macros in metadata; lists become tuples and mappings read-only."""
     if isinstance(value, str):
-        return expand(where, value)
-    if isinstance(value, list):
-        return [_expand_value(f"{where}[{i}]", v, expand) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {k: _expand_value(_join(where, str(k)), v, expand) for k, v in value.items()}
-    return value
-
-
-def _metadata_value(where: str, value: object, macros: Mapping[str, object], expand: Any) -> object:
-    # A value that is exactly "${macro}" keeps the macro's own type (int, bool...).
-    if isinstance(value, str):
+        # A value that is exactly "${macro}" keeps the macro's own type (int, bool...).
         match = _MACRO_REF.fullmatch(value)
-        if match and match.group(1) in macros:
+        if match and not isinstance(macros.get(match.group(1), ""), str):
             return macros[match.group(1)]
         return expand(where, value)
     if isinstance(value, list):
@@ -360,10 +432,20 @@ def _metadata_value(where: str, value: object, macros: Mapping[str, object], exp
 
 
 def command_text(text: str) -> str:
-    """Drop C{#} comment lines and join backslash-continued lines."""
-    lines = [line for line in text.splitlines() if not line.strip().startswith("#")]
-    joined = "\n".join(lines).replace("\\\n", " ")
-    return " ".join(joined.split("\n")).strip()
+    """
+    Turn a multi-line C{cmd} into one line: drop C{#} comment lines, treat a
+    trailing backslash as a continuation, and join the lines with spaces.
+    """
+    lines = []
+    for line in getattr(text, "lines", text).splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            line = line[:-1].rstrip()
+        if line:
+            lines.append(line)
+    return " ".join(lines)
 
 
 def split_command(where: str, text: str) -> tuple[str, ...]:
@@ -410,10 +492,7 @@ def parse_config(
 ) -> Config:
     """Parse and validate configuration text (see L{load_config})."""
     env = os.environ if environ is None else environ
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from e
+    raw = _load_yaml(text, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with a 'models' key")
     _check_keys("", raw, _TOP_KEYS)
@@ -431,48 +510,58 @@ def parse_config(
     start_port = _int("startPort", raw.get("startPort", DEFAULT_START_PORT), minimum=1)
     if start_port > 65535:
         raise ConfigError("startPort: must be <= 65535")
-    macros = _read_macros("macros", raw.get("macros"), env, {"PYTHON": sys.executable})
+    builtin: dict[str, object] = {"PYTHON": shlex.quote(sys.executable)}
+    macros = _read_macros("macros", raw.get("macros"), env, builtin)
 
     if "models" not in raw:
         raise ConfigError("models: required (a mapping of model id to its settings)")
     raw_models = _mapping("models", raw["models"])
     if not raw_models:
         raise ConfigError("models: define at least one model")
-
-    # ${PORT} goes to the models whose cmd uses it, in sorted id order.
-    ports: dict[str, int] = {}
-    next_port = start_port
-    for model_id in sorted(str(k) for k in raw_models):
-        spec = raw_models[model_id] if model_id in raw_models else None
-        if isinstance(spec, dict) and "${PORT}" in command_text(str(spec.get("cmd", ""))):
-            ports[model_id] = next_port
-            next_port += 1
-
-    models: dict[str, ModelConfig] = {}
-    for model_id, spec in raw_models.items():
+    for model_id in raw_models:
         if not isinstance(model_id, str) or not model_id.strip():
             raise ConfigError(f"models.{model_id}: model ids must be non-empty strings")
-        models[model_id] = _read_model(
+
+    # ${PORT} goes to the models whose (expanded) cmd uses it, in sorted id
+    # order from startPort, so the numbers do not depend on the file's order.
+    ports = iter(range(start_port, 65536))
+
+    def allocate_port(where: str) -> int:
+        port = next(ports, None)
+        if port is None:
+            raise ConfigError(f"{where}: no port left for ${{PORT}} (startPort {start_port})")
+        return port
+
+    read: dict[str, ModelConfig] = {}
+    for model_id in sorted(raw_models):
+        read[model_id] = _read_model(
             model_id,
-            spec,
+            raw_models[model_id],
             macros=macros,
             environ=env,
-            port=ports.get(model_id),
+            allocate_port=allocate_port,
             global_ttl=global_ttl,
             unload_timeout=unload_timeout,
         )
+    models = {model_id: read[model_id] for model_id in raw_models}
     _check_aliases(models)
 
     profiles: dict[str, tuple[str, ...]] = {}
     for name, members in _mapping("profiles", raw.get("profiles")).items():
         where = f"profiles.{name}"
+        if not isinstance(name, str) or not name.strip() or ":" in name:
+            raise ConfigError(f"{where}: profile names must be non-empty and contain no ':'")
         if isinstance(members, dict):
             raise ConfigError(f"{where}: must be a list of model ids")
         ids = _str_list(where, members)
         for i, member in enumerate(ids):
             if member not in models:
-                raise ConfigError(f"{where}[{i}]: unknown model {member!r}")
-        profiles[str(name)] = tuple(ids)
+                found = next((m.id for m in models.values() if member in m.aliases), None)
+                hint = f" ({member!r} is an alias of {found!r}; list model ids)" if found else ""
+                raise ConfigError(f"{where}[{i}]: unknown model {member!r}{hint}")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{where}: lists the same model twice")
+        profiles[name] = tuple(ids)
 
     hooks = _mapping("hooks", raw.get("hooks"))
     _check_keys("hooks", hooks, ("on_startup",))
@@ -480,10 +569,10 @@ def parse_config(
     _check_keys("hooks.on_startup", on_startup, ("preload",))
     preload: list[str] = []
     for i, name in enumerate(_str_list("hooks.on_startup.preload", on_startup.get("preload"))):
-        found = next((m for m in models.values() if name == m.id or name in m.aliases), None)
-        if found is None:
+        found_model = next((m for m in models.values() if name in (m.id, *m.aliases)), None)
+        if found_model is None:
             raise ConfigError(f"hooks.on_startup.preload[{i}]: unknown model {name!r}")
-        preload.append(found.id)
+        preload.append(found_model.id)
 
     api_keys = []
     for i, key in enumerate(_str_list("apiKeys", raw.get("apiKeys"))):
@@ -525,7 +614,7 @@ def _read_model(
     *,
     macros: Mapping[str, object],
     environ: Mapping[str, str],
-    port: int | None,
+    allocate_port: Callable[[str], int],
     global_ttl: int,
     unload_timeout: float,
 ) -> ModelConfig:
@@ -537,33 +626,36 @@ def _read_model(
 
     local = _read_macros(f"{where}.macros", raw.get("macros"), environ, macros)
     local["MODEL_ID"] = model_id
-    if port is not None:
-        local["PORT"] = port
-    no_port = frozenset() if port is not None else frozenset({"PORT"})
 
     def expand(path: str, text: str, keep: frozenset[str] = frozenset()) -> str:
-        text = _substitute_env(path, text, environ)
-        return _expand(path, text, local, keep | no_port)
+        return _expand(path, _substitute_env(path, text, environ), local, keep)
+
+    # Comment lines go before expansion: a macro in a comment is never an error.
+    cmd_text = command_text(_str(f"{where}.cmd", raw["cmd"]))
+    port: int | None = None
+    if "${PORT}" in expand(f"{where}.cmd", cmd_text, frozenset({"PORT"})):
+        port = local["PORT"] = allocate_port(f"{where}.cmd")
 
     def plain(path: str, text: str) -> str:
-        result = expand(path, text)
-        if "${PORT}" in result:
+        if port is None and "${PORT}" in expand(path, text, frozenset({"PORT"})):
             raise ConfigError(f"{path}: uses ${{PORT}} but cmd does not")
-        return result
+        return expand(path, text)
 
-    cmd_line = plain(f"{where}.cmd", command_text(_str(f"{where}.cmd", raw["cmd"])))
+    cmd_line = plain(f"{where}.cmd", cmd_text)
     cmd = split_command(f"{where}.cmd", cmd_line)
 
     cmd_stop = None
     if raw.get("cmdStop") not in (None, ""):
         stop_text = command_text(_str(f"{where}.cmdStop", raw["cmdStop"]))
-        stop_line = expand(f"{where}.cmdStop", stop_text, frozenset({"PID"}))
-        if "${PORT}" in stop_line:
+        if port is None and "${PORT}" in expand(
+            f"{where}.cmdStop", stop_text, frozenset({"PORT", "PID"})
+        ):
             raise ConfigError(f"{where}.cmdStop: uses ${{PORT}} but cmd does not")
+        stop_line = expand(f"{where}.cmdStop", stop_text, frozenset({"PID"}))
         cmd_stop = split_command(f"{where}.cmdStop", stop_line)
 
     if "proxy" in raw:
-        proxy = plain(f"{where}.proxy", _str(f"{where}.proxy", raw["proxy"]))
+        proxy = plain(f"{where}.proxy", _str(f"{where}.proxy", raw["proxy"])).strip()
     elif port is not None:
         proxy = f"http://127.0.0.1:{port}"
     else:
@@ -584,8 +676,7 @@ def _read_model(
     else:
         check_endpoint = check
 
-    ttl_raw = raw.get("ttl", -1)
-    ttl = _int(f"{where}.ttl", ttl_raw)
+    ttl = _int(f"{where}.ttl", raw.get("ttl", -1))
     if ttl < -1:
         raise ConfigError(f"{where}.ttl: must be >= 0 (or -1 to use globalTTL)")
     if ttl == -1:
