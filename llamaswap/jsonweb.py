@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.test_resources -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+twisted.web building blocks that only ever answer JSON.
+
+twisted.web's own 404, 405 and 500 answers are HTML pages; an OpenAI client
+cannot parse them. Every node of our tree derives from L{JSONResource}: unknown
+children are a JSON 404, unknown methods a JSON 405 (with C{Allow}), and an
+exception escaping a C{render_*} method a JSON 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from llamaswap.errors import ProxyError
+
+_log = Logger()
+JSON_TYPE = b"application/json"
+# The methods a JSONResource may implement, in the order Allow lists them.
+_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+
+
+def json_bytes(obj: object) -> bytes:
+    """Serialize for a response body (UTF-8, compact but readable)."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def read_body(request: Request) -> bytes:
+    """The whole request body. Read it in C{render}: it is closed if the client leaves."""
+    content = request.content
+    if content is None:
+        return b""
+    data: bytes = content.read()
+    return data
+
+
+def respond(request: Request, status: int, body: bytes, content_type: bytes = JSON_TYPE) -> bytes:
+    """Set status and Content-Type; return C{body} for a C{render_*} method to return."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type)
+    return body
+
+
+def respond_json(request: Request, obj: object, status: int = 200) -> bytes:
+    """Answer C{obj} as JSON."""
+    return respond(request, status, json_bytes(obj))
+
+
+def respond_error(request: Request, error: ProxyError) -> bytes:
+    """Answer a L{ProxyError} in OpenAI's envelope (adds C{Retry-After} to a 429)."""
+    if error.status == 429:
+        request.setHeader(b"Retry-After", b"1")
+    return respond(request, error.status, error.body())
+
+
+def send_error(request: Request, error: ProxyError) -> None:
+    """Finish an asynchronous request with a JSON error (if it can still be answered)."""
+    if getattr(request, "finished", False) or getattr(request, "_disconnected", False):
+        return
+    if getattr(request, "startedWriting", False):
+        # Status and headers are gone already: a truncated body must not look complete.
+        request.loseConnection()
+        return
+    body = respond_error(request, error)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+class JSONResource(Resource):
+    """
+    A resource whose every answer, errors included, is JSON.
+
+    Subclasses define C{render_GET}, C{render_POST}... as usual, or C{render_any}
+    for every method. HEAD is served by C{render_GET} when there is neither a
+    C{render_HEAD} nor a C{render_any} (twisted.web drops the body).
+    """
+
+    log = Logger()
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return NotFound(f"not found: {request.path.decode('utf-8', 'replace')}")
+
+    def allowed_methods(self) -> list[bytes]:
+        methods = [m for m in _METHODS if callable(getattr(self, f"render_{m.decode()}", None))]
+        if b"GET" in methods and b"HEAD" not in methods:
+            methods.insert(methods.index(b"GET") + 1, b"HEAD")
+        return methods
+
+    def render(self, request: Request) -> bytes | int:
+        method = request.method.decode("ascii", "replace").upper()
+        handler = getattr(self, f"render_{method}", None) or getattr(self, "render_any", None)
+        if handler is None and method == "HEAD":
+            handler = getattr(self, "render_GET", None)
+        if not callable(handler):
+            request.setHeader(b"Allow", b", ".join(self.allowed_methods()))
+            return respond_error(request, ProxyError(f"method {method} not allowed", 405))
+        try:
+            result: bytes | int = handler(request)
+        except ProxyError as e:
+            return respond_error(request, e)
+        except Exception:
+            self.log.failure("error rendering {method} {uri}", method=method, uri=request.uri)
+            if getattr(request, "startedWriting", False):
+                request.loseConnection()
+                return NOT_DONE_YET
+            return respond_error(request, ProxyError("internal error", 500))
+        return result
+
+    # twisted.web's default render_HEAD calls render_GET even when absent.
+    render_HEAD: Any = None
+
+
+class NotFound(JSONResource):
+    """A JSON 404 for any method, and for any path below it."""
+
+    isLeaf = True
+
+    def __init__(self, message: str = "not found") -> None:
+        super().__init__()
+        self._message = message
+
+    def render(self, request: Request) -> bytes:
+        return respond_error(request, ProxyError(self._message, 404))
+
+
+class ErrorResource(JSONResource):
+    """Answers one fixed L{ProxyError} for any method and any path below it."""
+
+    isLeaf = True
+
+    def __init__(self, error: ProxyError, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__()
+        self._error = error
+        self._headers = headers or {}
+
+    def render(self, request: Request) -> bytes:
+        for name, value in self._headers.items():
+            request.setHeader(name, value)
+        return respond_error(request, self._error)
+
+
+class Redirect(JSONResource):
+    """Redirect any method to C{location} with C{status} (a leaf: nothing below it)."""
+
+    isLeaf = True
+
+    def __init__(self, location: bytes, status: int = 302) -> None:
+        super().__init__()
+        self._location = location
+        self._status = status
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"Location", self._location)
+        return respond_json(request, {"location": self._location.decode()}, self._status)
+
+
+def answer_later(
+    request: Request, result: Deferred[tuple[int, bytes, bytes]], *, cancel_if_gone: bool
+) -> int:
+    """
+    Answer C{request} when C{result} fires with C{(status, content type, body)}.
+
+    A L{ProxyError} failure becomes its JSON error, anything else a JSON 500. If
+    C{cancel_if_gone}, the client leaving cancels C{result}. Returns C{NOT_DONE_YET}.
+    """
+    gone: list[bool] = []
+
+    def client_left(_: Failure) -> None:
+        gone.append(True)
+        if cancel_if_gone:
+            result.cancel()
+
+    def succeeded(answer: tuple[int, bytes, bytes]) -> None:
+        if gone:
+            return
+        status, content_type, body = answer
+        respond(request, status, body, content_type)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def failed(failure: Failure) -> None:
+        if gone:
+            return
+        if failure.check(ProxyError):
+            error = failure.value
+            assert isinstance(error, ProxyError)
+        else:
+            _log.failure("answering {uri} failed", failure, uri=request.uri)
+            error = ProxyError("internal error", 500)
+        send_error(request, error)
+
+    request.notifyFinish().addErrback(client_left)
+    result.addCallbacks(succeeded, failed)
+    return NOT_DONE_YET

@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_resources -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The routes about models rather than to them: the model list, what is running,
+health, and the load/unload API. None of them starts a model except C{load}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from llamaswap.config import Config, ModelConfig
+from llamaswap.errors import ModelNotFound
+from llamaswap.jsonweb import (
+    JSON_TYPE,
+    JSONResource,
+    answer_later,
+    json_bytes,
+    respond,
+    respond_json,
+)
+from llamaswap.supervisor import Lease, Supervisor
+
+TEXT_TYPE = b"text/plain; charset=utf-8"
+# States in which a model's process exists (llama-swap's "loaded").
+LOADED_STATES = frozenset({"starting", "ready", "stopping"})
+OWNER = "llama-swap"
+
+
+def _plain(value: Any) -> Any:
+    """Config values (mapping proxies, tuples) as JSON-ready dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _model_id_from(request: Request) -> str:
+    """The rest of the path (ids may contain C{/}), percent-decoded."""
+    return "/".join(p.decode("utf-8", "replace") for p in request.postpath or [])
+
+
+class ModelList(JSONResource):
+    """
+    C{GET /v1/models} (and C{/models}): OpenAI's list format, sorted by id,
+    unlisted models hidden, aliases added with C{includeAliasesInList}.
+    C{GET /v1/models/<id>} answers one record.
+    """
+
+    isLeaf = True
+
+    def __init__(self, config: Config, supervisor: Supervisor, clock: IReactorTime) -> None:
+        super().__init__()
+        self._config = config
+        self._supervisor = supervisor
+        self._clock = clock
+
+    def records(self) -> list[dict[str, Any]]:
+        created = int(self._clock.seconds())
+        records = []
+        for model in self._config.models.values():
+            if model.unlisted:
+                continue
+            loaded = self._supervisor.status(model.id).state in LOADED_STATES
+            records.append(self._record(model, model.id, created, loaded))
+            if self._config.include_aliases_in_list:
+                records.extend(
+                    self._record(model, alias, created, loaded, alias=True)
+                    for alias in model.aliases
+                )
+        return sorted(records, key=lambda r: str(r["id"]).encode("utf-8"))
+
+    def _record(
+        self, model: ModelConfig, record_id: str, created: int, loaded: bool, alias: bool = False
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "id": record_id,
+            "object": "model",
+            "created": created,
+            "owned_by": OWNER,
+        }
+        if model.name:
+            record["name"] = model.name
+        if model.description:
+            record["description"] = model.description
+        meta: dict[str, Any] = {**_plain(model.metadata), "type": "alias" if alias else "model"}
+        if alias:
+            meta["modelID"] = model.id
+        if model.aliases:
+            meta["aliases"] = list(model.aliases)
+        record["meta"] = {"llamaswap": meta}
+        record["status"] = {"value": "loaded" if loaded else "unloaded"}
+        return record
+
+    def render_GET(self, request: Request) -> bytes:
+        origin = request.getHeader(b"origin")
+        if origin:
+            # Browsers call this cross-origin to fill model pickers.
+            request.setHeader(b"Access-Control-Allow-Origin", origin)
+            request.setHeader(b"Vary", b"Origin")
+        records = self.records()
+        wanted = _model_id_from(request)
+        if not wanted:
+            return respond_json(request, {"object": "list", "data": records})
+        for record in records:
+            if record["id"] == wanted:
+                return respond_json(request, record)
+        raise ModelNotFound(f"model not found: {wanted}")
+
+
+class Running(JSONResource):
+    """C{GET /running}: every model whose process exists, sorted by id."""
+
+    isLeaf = True
+
+    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._config = config
+        self._supervisor = supervisor
+
+    def render_GET(self, request: Request) -> bytes:
+        running = []
+        for status in sorted(self._supervisor.statuses(), key=lambda s: s.model_id):
+            if status.state not in LOADED_STATES:
+                continue
+            model = self._config.models[status.model_id]
+            running.append(
+                {
+                    "model": model.id,
+                    "state": status.state,
+                    "cmd": model.cmd_line,
+                    "proxy": model.proxy,
+                    "ttl": model.ttl,
+                    "name": model.name,
+                    "description": model.description,
+                    "pid": status.pid,
+                    "inFlight": status.in_flight,
+                    "ttlRemaining": status.ttl_remaining,
+                }
+            )
+        return respond_json(request, {"running": running})
+
+
+class Health(JSONResource):
+    """C{GET /health}: C{OK} (no auth; starts nothing)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return respond(request, 200, b"OK", TEXT_TYPE)
+
+
+class LegacyUnload(JSONResource):
+    """C{GET /unload}: stop every model (without waiting for in-flight requests)."""
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render_GET(self, request: Request) -> int:
+        done = maybeDeferred(self._supervisor.unload, None)
+        return answer_later(
+            request, done.addCallback(lambda _: (200, TEXT_TYPE, b"OK")), cancel_if_gone=False
+        )
+
+
+class UnloadAPI(JSONResource):
+    """
+    C{POST /api/models/unload}: stop every model, C{{"msg": "ok"}};
+    C{POST /api/models/unload/<id or alias>}: stop that one, C{OK}; unknown: 404.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render_POST(self, request: Request) -> int:
+        model_id = _model_id_from(request)
+        done: Deferred[Any]
+        if not model_id:
+            done = maybeDeferred(self._supervisor.unload, None)
+            done.addCallback(lambda _: (200, JSON_TYPE, json_bytes({"msg": "ok"})))
+        else:
+            done = maybeDeferred(self._supervisor.unload, model_id)
+            done.addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
+        return answer_later(request, done, cancel_if_gone=False)
+
+
+class LoadAPI(JSONResource):
+    """
+    C{GET|POST /api/models/load/<id or alias>}: start the model (swapping as a
+    request would) and answer once it is ready; the client leaving cancels.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render_GET(self, request: Request) -> int:
+        model_id = _model_id_from(request)
+        if not model_id:
+            raise ModelNotFound("no model named in the path: /api/models/load/<model>")
+        acquired = maybeDeferred(self._supervisor.acquire, model_id)
+
+        def ready(lease: Lease) -> tuple[int, bytes, bytes]:
+            lease.release()
+            return 200, JSON_TYPE, json_bytes({"msg": "ok", "model": lease.model.id})
+
+        return answer_later(request, acquired.addCallback(ready), cancel_if_gone=True)
+
+    render_POST = render_GET

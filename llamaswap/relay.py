@@ -1,0 +1,296 @@
+# -*- test-case-name: tests.test_relay -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The relay: one client request, replayed to a model's server, streamed back.
+
+The body was read once (by the route) and is replayed after any swap with an
+exact Content-Length. The answer streams back chunk by chunk with backpressure:
+L{BodyRelay} is registered as the client request's push producer, so a slow
+client pauses the upstream socket and nothing is buffered whole.
+
+Cancellation: when the client leaves before the upstream answered, the pending
+C{acquire} (queued swap) or the treq request is cancelled; after the headers,
+the upstream socket is closed. Either way the lease is released, so TTLs and
+swaps see the model as idle again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from llamaswap.config import Target
+from llamaswap.errors import ProxyError, UpstreamUnreachable
+from llamaswap.jsonweb import send_error
+from llamaswap.site import request_info
+from llamaswap.supervisor import Lease
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request headers we never forward: the Agent sets Host and framing itself, treq
+# adds its own Accept-Encoding (and decodes), and we answer Expect ourselves.
+_NOT_FORWARDED = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})
+# Response headers we set ourselves (length: the body may have been gunzipped).
+_NOT_RETURNED = frozenset({b"content-length"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+_USAGE_TAIL = 16 * 1024  # bytes of the answer kept to find a final "usage" object
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+
+
+class LeaseSource(Protocol):
+    """What the relay needs from the supervisor."""
+
+    def acquire(self, requested: str) -> Deferred[Lease]: ...
+
+
+BodyFor = Callable[[Target], bytes]
+
+
+def _end_to_end(headers: Headers, drop: frozenset[bytes]) -> Iterator[tuple[bytes, list[bytes]]]:
+    named = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered not in HOP_BY_HOP and lowered not in named and lowered not in drop:
+            yield name, list(values)
+
+
+def forward_headers(request: Request) -> Headers:
+    """The client's end-to-end request headers, plus C{X-Forwarded-For}."""
+    headers = Headers(dict(_end_to_end(request.requestHeaders, _NOT_FORWARDED)))
+    client = getattr(request.getClientAddress(), "host", None)
+    if client:
+        previous = headers.getRawHeaders(b"x-forwarded-for", [])
+        chain = [*previous, client.encode("ascii", "replace")]
+        headers.setRawHeaders(b"X-Forwarded-For", [b", ".join(chain)])
+    return headers
+
+
+def copy_response_headers(source: Headers, target: Headers) -> None:
+    """Copy end-to-end response headers (C{set}: replaces Twisted's Server/Date)."""
+    for name, values in _end_to_end(source, _NOT_RETURNED):
+        if name.lower() == b"content-encoding" and not any(v.strip() for v in values):
+            continue  # ContentDecoderAgent leaves an empty one behind when it did nothing
+        target.setRawHeaders(name, values)
+
+
+def find_usage(tail: bytes) -> dict[str, Any] | None:
+    """The last C{"usage": {...}} object in C{tail} (JSON or SSE), if any."""
+    for match in reversed(list(_USAGE_KEY.finditer(tail))):
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(tail[match.end() - 1 :].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(usage, dict):
+            return usage
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """A one-line reason for a treq/Agent failure (which often wraps a list)."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons if isinstance(r, Failure))
+    return str(error) or type(error).__name__
+
+
+@implementer(IPushProducer)
+class BodyRelay(TwistedProtocol):
+    """
+    Writes an upstream response body into the client request as it arrives.
+
+    Registered as the request's streaming producer: the client connection's
+    pause/resume/stop reach the upstream socket. C{done} fires (never fails)
+    with the exception that ended the body: L{ResponseDone} or
+    L{PotentialDataLoss} for a complete body, anything else for a truncated
+    one. Cancelling it closes the upstream connection.
+    """
+
+    def __init__(self, request: Request, *, keep_tail: bool = False) -> None:
+        self._request = request
+        self.done: Deferred[BaseException] = Deferred(lambda _: self.stopProducing())
+        self.bytes = 0
+        self._keep_tail = keep_tail
+        self._tail = b""
+        self._stopped = False
+
+    def connectionMade(self) -> None:
+        if getattr(self._request, "channel", None) is None:
+            self.stopProducing()  # the client left before the body started
+            return
+        self._request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self._keep_tail:
+            self._tail = (self._tail + data)[-_USAGE_TAIL:]
+        self._request.write(data)  # a no-op once the client has gone
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if getattr(self._request, "channel", None) is not None and getattr(
+            self._request, "producer", None
+        ):
+            self._request.unregisterProducer()
+        if not self.done.called:
+            # The exception, not the Failure: a Failure would errback the Deferred.
+            self.done.callback(reason.value or Exception(reason.getErrorMessage()))
+
+    def usage(self) -> dict[str, Any] | None:
+        return find_usage(self._tail) if self._keep_tail else None
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None and not self._stopped:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None and not self._stopped:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        if self.transport is not None and not self._stopped:
+            self._stopped = True
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+class Relay:
+    """Proxies requests for a model to its server, through a supervisor lease."""
+
+    log = Logger()
+
+    def __init__(self, supervisor: LeaseSource, http: HTTPClient) -> None:
+        self._supervisor = supervisor
+        self._http = http
+
+    def proxy(
+        self, request: Request, requested: str, upstream_uri: bytes, body_for: BodyFor
+    ) -> int:
+        """
+        Answer C{request} from the server of the model named C{requested}.
+
+        C{upstream_uri} is the path and query to request on the model's server;
+        C{body_for(target)} gives the body to send (rewritten for the target).
+        Returns C{NOT_DONE_YET} for C{render_*} to return.
+        """
+        info = request_info(request)
+        info.proxied = True
+        info.model = requested
+        finished = request.notifyFinish()  # ask now: asked after the end it never fires
+        exchange = Deferred.fromCoroutine(
+            self._exchange(request, upstream_uri, requested, body_for)
+        )
+        finished.addErrback(lambda _: exchange.cancel())  # the client left
+        exchange.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    async def _exchange(
+        self, request: Request, uri: bytes, requested: str, body_for: BodyFor
+    ) -> None:
+        lease = await self._supervisor.acquire(requested)
+        try:
+            request_info(request).model = lease.model.id
+            body = body_for(lease.target)
+            method = request.method.decode("ascii")
+            has_body = body or request.requestHeaders.hasHeader(b"content-length")
+            try:
+                response: IResponse = await self._http.request(
+                    method,
+                    lease.url.encode("utf-8") + uri,
+                    headers=forward_headers(request),
+                    data=body
+                    if has_body or request.requestHeaders.hasHeader(b"transfer-encoding")
+                    else None,
+                    unbuffered=True,  # never keep a copy of a streamed answer
+                    allow_redirects=False,  # a proxy relays 3xx, it does not follow them
+                )
+            except CancelledError:
+                raise
+            except Exception as e:
+                raise UpstreamUnreachable(
+                    f"model {lease.model.id}: upstream server unreachable: {describe(e)}"
+                ) from e
+            await self._relay_response(request, response, lease.model.id)
+        finally:
+            lease.release()
+
+    async def _relay_response(self, request: Request, response: IResponse, model_id: str) -> None:
+        request.setResponseCode(response.code, response.phrase)
+        copy_response_headers(response.headers, request.responseHeaders)
+        if request.method == b"HEAD":
+            length = response.headers.getRawHeaders(b"content-length")
+            if length:
+                request.responseHeaders.setRawHeaders(b"Content-Length", length[:1])
+        elif isinstance(response.length, int) and response.code not in _NO_BODY_STATUSES:
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        content_type = b",".join(response.headers.getRawHeaders(b"content-type", [])).lower()
+        if b"text/event-stream" in content_type:
+            request.setHeader(b"X-Accel-Buffering", b"no")
+        request.write(b"")  # status and headers now, before the first token
+        body = BodyRelay(
+            request, keep_tail=b"json" in content_type or b"event-stream" in content_type
+        )
+        response.deliverBody(body)
+        reason = await body.done
+        if getattr(request, "channel", None) is None:
+            return  # the client left; the upstream socket is closed
+        request_info(request).usage = body.usage()
+        if isinstance(reason, (ResponseDone, PotentialDataLoss)):
+            request.finish()
+            return
+        self.log.error(
+            "model {model}: upstream failed after {bytes} bytes of {method} {uri}: {reason}",
+            model=model_id,
+            bytes=body.bytes,
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("utf-8", "replace"),
+            reason=describe(reason),
+        )
+        request.loseConnection()  # never a clean-looking end for a truncated answer
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if getattr(request, "channel", None) is None:
+            return None  # the client left first: cancellation is the expected outcome
+        if failure.check(ProxyError):
+            error = failure.value
+            assert isinstance(error, ProxyError)
+            self.log.warn(
+                "{method} {uri}: {status} {message}",
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("utf-8", "replace"),
+                status=error.status,
+                message=error.message,
+            )
+        else:
+            self.log.failure("proxying {uri} failed", failure, uri=request.uri)
+            error = ProxyError("internal error while proxying the request", 500)
+        send_error(request, error)
+        return None

@@ -1,0 +1,193 @@
+# -*- test-case-name: tests.test_resources -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The resource tree: L{build_root} mounts every route (see docs/api.md).
+
+The root applies what holds for every path: CORS preflight (C{OPTIONS}
+anywhere is answered 204 without auth) and the C{apiKeys} check.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+
+from llamaswap.config import Config
+from llamaswap.errors import ProxyError
+from llamaswap.events import EventBus
+from llamaswap.jsonweb import ErrorResource, JSONResource, Redirect
+from llamaswap.logs import LogHub
+from llamaswap.logs_web import build_events_resource, build_logs_resource, build_ui_resource
+from llamaswap.management import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
+from llamaswap.relay import Relay
+from llamaswap.routes import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
+from llamaswap.supervisor import Supervisor
+
+# Routes whose model is named in the JSON body.
+JSON_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/reranking",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/infill",
+    "/completion",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+)
+# ... in the multipart field "model" (or JSON).
+FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
+# ... in ?model= for GET (JSON body for POST).
+QUERY_ROUTES = ("/v1/audio/voices", "/props", "/sdapi/v1/loras")
+# Versionless aliases: /v/chat/completions reaches the upstream as /chat/completions.
+VERSIONLESS_ROUTES = (
+    "chat/completions",
+    "responses",
+    "completions",
+    "messages",
+    "messages/count_tokens",
+    "embeddings",
+    "rerank",
+    "reranking",
+)
+# First path segments reachable without an API key.
+OPEN_SEGMENTS = frozenset({b"", b"health", b"favicon.ico"})
+
+CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_DEFAULT_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+UNAUTHORIZED = "unauthorized: invalid or missing API key"
+
+
+class Preflight(JSONResource):
+    """C{OPTIONS} on any path: 204 with permissive CORS headers."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        asked = b",".join(
+            request.requestHeaders.getRawHeaders(b"access-control-request-headers", [])
+        )
+        names = [n.strip() for n in asked.split(b",") if _TOKEN.fullmatch(n.strip())]
+        request.setResponseCode(204)
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Access-Control-Allow-Methods", CORS_METHODS)
+        request.setHeader(
+            b"Access-Control-Allow-Headers", b", ".join(names) if names else CORS_DEFAULT_HEADERS
+        )
+        request.setHeader(b"Access-Control-Max-Age", b"86400")
+        return b""
+
+
+def presented_keys(request: Request) -> list[str]:
+    """API keys the client presented: Basic password, Bearer token, C{x-api-key}."""
+    keys = []
+    for value in request.requestHeaders.getRawHeaders(b"authorization", []):
+        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                continue
+            keys.append(decoded.partition(":")[2])
+        elif scheme.lower() == "bearer":
+            keys.append(credentials)
+    keys.extend(
+        v.decode("latin-1").strip() for v in request.requestHeaders.getRawHeaders(b"x-api-key", [])
+    )
+    return [k for k in keys if k]
+
+
+class Root(JSONResource):
+    """The root: CORS preflight and API keys for every path below it."""
+
+    def __init__(self, api_keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self._keys = [k.encode("utf-8") for k in api_keys]
+
+    def authorized(self, request: Request) -> bool:
+        if not self._keys:
+            return True
+        for presented in presented_keys(request):
+            candidate = presented.encode("utf-8")
+            # Compare with every key, in constant time, so timing tells nothing.
+            if any(hmac.compare_digest(candidate, key) for key in self._keys):
+                return True
+        return False
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        if request.method == b"OPTIONS":
+            return Preflight()
+        if path not in OPEN_SEGMENTS and not self.authorized(request):
+            return ErrorResource(
+                ProxyError(UNAUTHORIZED, 401),
+                {b"WWW-Authenticate": b'Basic realm="llama-swap"'},
+            )
+        child: IResource = super().getChildWithDefault(path, request)
+        return child
+
+
+def mount(root: JSONResource, path: str, resource: IResource) -> None:
+    """Put C{resource} at C{path}, creating JSON-only intermediate nodes."""
+    node: Any = root
+    *parents, leaf = path.strip("/").split("/")
+    for segment in parents:
+        name = segment.encode("utf-8")
+        child = node.children.get(name)
+        if child is None:
+            child = JSONResource()
+            node.putChild(name, child)
+        node = child
+    node.putChild(leaf.encode("utf-8"), resource)
+
+
+def build_root(
+    config: Config,
+    *,
+    supervisor: Supervisor,
+    logs: LogHub,
+    events: EventBus,
+    http: HTTPClient,
+    reactor: Any,
+) -> IResource:
+    """The whole HTTP API (see docs/api.md)."""
+    relay = Relay(supervisor, http)
+    root = Root(config.api_keys)
+    root.putChild(b"", Redirect(b"/ui/", 302))
+    for path in JSON_ROUTES:
+        mount(root, path, ModelRoute(relay))
+    for path in FORM_ROUTES:
+        mount(root, path, FormModelRoute(relay))
+    for path in QUERY_ROUTES:
+        mount(root, path, QueryModelRoute(relay))
+    for path in VERSIONLESS_ROUTES:
+        mount(root, f"/v/{path}", ModelRoute(relay, strip=b"/v"))
+    models = ModelList(config, supervisor, reactor)
+    mount(root, "/v1/models", models)
+    mount(root, "/models", models)
+    mount(root, "/upstream", UpstreamRoot(config, relay))
+    mount(root, "/running", Running(config, supervisor))
+    mount(root, "/health", Health())
+    mount(root, "/unload", LegacyUnload(supervisor))
+    mount(root, "/api/models/unload", UnloadAPI(supervisor))
+    mount(root, "/api/models/load", LoadAPI(supervisor))
+    mount(root, "/api/events", build_events_resource(events, supervisor, logs))
+    mount(root, "/logs", build_logs_resource(logs, config))
+    mount(root, "/ui", build_ui_resource())
+    return root

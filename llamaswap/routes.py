@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_resources -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The routes that reach a model: the OpenAI/Anthropic/llama-server API paths
+(the model named in the request) and C{/upstream/<model>/<path>}.
+"""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.server import Request
+
+from llamaswap import bodies
+from llamaswap.config import Config, Target
+from llamaswap.errors import ModelNotFound, ProxyError
+from llamaswap.jsonweb import JSONResource, read_body, respond, respond_error, respond_json
+from llamaswap.relay import Relay
+from llamaswap.site import request_info
+
+
+def request_uri(request: Request) -> bytes:
+    """The path and query of C{request} as the client sent them (origin form)."""
+    uri: bytes = request.uri
+    if not uri.startswith(b"/"):  # absolute form: http://host/path?query
+        scheme_end = uri.find(b"://")
+        path_start = uri.find(b"/", scheme_end + 3 if scheme_end >= 0 else 0)
+        uri = uri[path_start:] if path_start >= 0 else b"/"
+    return uri
+
+
+class ModelRoute(JSONResource):
+    """
+    C{POST} with the model in the JSON body (any Content-Type, as long as the
+    body parses as JSON). C{strip} removes a path prefix before forwarding
+    (C{/v/chat/completions} reaches the upstream as C{/chat/completions}).
+    """
+
+    multipart = False
+
+    def __init__(self, relay: Relay, *, strip: bytes = b"") -> None:
+        super().__init__()
+        self._relay = relay
+        self._strip = strip
+
+    def upstream_uri(self, request: Request) -> bytes:
+        uri = request_uri(request)
+        if self._strip and uri.startswith(self._strip):
+            uri = uri[len(self._strip) :]
+        return uri
+
+    def render_POST(self, request: Request) -> bytes | int:
+        request_info(request).proxied = True
+        body = read_body(request)
+        header = request.getHeader(b"content-type")
+        kind, _ = bodies.content_type(header)
+        if self.multipart and kind == "multipart/form-data":
+            parsed = bodies.from_multipart(body, header)
+        else:
+            parsed = bodies.from_json(body)
+
+        def body_for(target: Target) -> bytes:
+            return parsed.rewrite(target.upstream_model)
+
+        return self._relay.proxy(request, parsed.model, self.upstream_uri(request), body_for)
+
+
+class FormModelRoute(ModelRoute):
+    """C{POST} with the model in the C{multipart/form-data} field C{model} (or JSON)."""
+
+    multipart = True
+
+
+class QueryModelRoute(ModelRoute):
+    """C{GET} with C{?model=} (forwarded with the query intact); C{POST} as JSON."""
+
+    def render_GET(self, request: Request) -> bytes | int:
+        request_info(request).proxied = True
+        model = bodies.from_query(request.args)
+        return self._relay.proxy(request, model, self.upstream_uri(request), lambda _: b"")
+
+
+class UpstreamRoot(JSONResource):
+    """
+    C{/upstream}: a list of models; C{/upstream/<model>/<path>}: any method,
+    passed to the model's server as C{/<path>} (escaping and query preserved).
+
+    Model ids may contain C{/}: the longest leading run of path segments that
+    names a model (id, alias or C{profile:model}) wins.
+    """
+
+    isLeaf = True
+
+    def __init__(self, config: Config, relay: Relay) -> None:
+        super().__init__()
+        self._config = config
+        self._relay = relay
+
+    def render_any(self, request: Request) -> bytes | int:
+        path, _, query = request_uri(request).partition(b"?")
+        # Raw (still escaped) segments after the mount point: /upstream/<a>/<b>...
+        segments = path.split(b"/")[1 + len(request.prepath or []) :]
+        if not segments or segments == [b""]:
+            return self._index(request)
+        best = 0
+        for i in range(1, len(segments) + 1):
+            name = b"/".join(unquote_to_bytes(s) for s in segments[:i]).decode("utf-8", "replace")
+            try:
+                self._config.resolve(name)
+            except ModelNotFound:
+                continue
+            best = i
+        if best == 0:
+            first = unquote_to_bytes(segments[0]).decode("utf-8", "replace")
+            raise ModelNotFound(f"model not found: {first}")
+        model = b"/".join(unquote_to_bytes(s) for s in segments[:best]).decode("utf-8", "replace")
+        mount = b"/".join(path.split(b"/")[: 1 + len(request.prepath or [])])
+        if best == len(segments):
+            # /upstream/<id> -> /upstream/<id>/ so the server's relative links work.
+            location = b"/".join([mount, *segments]) + b"/" + (b"?" + query if query else b"")
+            request.setHeader(b"Location", location)
+            status = 301 if request.method in (b"GET", b"HEAD") else 308
+            return respond_json(request, {"location": location.decode("ascii", "replace")}, status)
+        uri = b"/" + b"/".join(segments[best:]) + (b"?" + query if query else b"")
+        request_info(request).proxied = True
+        body = read_body(request)
+        return self._relay.proxy(request, model, uri, lambda _: body)
+
+    def _index(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return respond_error(request, ProxyError("method not allowed", 405))
+        ids = sorted(m.id for m in self._config.models.values() if not m.unlisted)
+        accept = (request.getHeader(b"accept") or "").lower()
+        if "text/html" in accept:
+            items = "".join(
+                f'<li><a href="/upstream/{html.escape(i, quote=True)}/">{html.escape(i)}</a></li>'
+                for i in ids
+            )
+            page = (
+                "<!doctype html><meta charset=utf-8><title>Models</title>"
+                f"<h1>Models</h1><ul>{items}</ul>"
+            )
+            return respond(request, 200, page.encode("utf-8"), b"text/html; charset=utf-8")
+        data = [{"id": i, "url": f"/upstream/{i}/"} for i in ids]
+        return respond_json(request, {"object": "list", "data": data})

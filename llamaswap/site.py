@@ -1,0 +1,264 @@
+# -*- test-case-name: tests.test_resources -*-
+# twisted.web's Request and Resource are unannotated; everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+"""
+The HTTP server side: a L{Site} whose requests enforce the body limit early,
+never answer with twisted.web's HTML error pages, and log/publish themselves.
+
+twisted.web reads the whole request body (into memory, or a temp file above
+100 kB) before any resource runs, so a size limit in a resource comes too late
+for a 10 GB upload. L{LlamaSwapRequest} refuses the body as soon as the headers
+announce too much (C{Content-Length}), or as soon as a chunked body grows past
+the limit: it answers 413 straight away, stops storing data, and closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from llamaswap.errors import BodyTooLarge, ProxyError
+from llamaswap.events import EventBus
+
+# After answering 413 we keep reading (and discarding) this long before
+# aborting, so a client busy sending its body still gets to read the answer
+# instead of a connection reset (what nginx calls a lingering close).
+REFUSED_BODY_LINGER = 2.0
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first"
+
+_access_log = Logger(namespace="llamaswap.http")
+
+
+@define
+class RequestInfo:
+    """What the routes learn about a request, for the access log and events."""
+
+    model: str | None = None
+    proxied: bool = False  # a model route or /upstream: publish a "request" event
+    usage: dict[str, Any] | None = None
+
+
+def request_info(request: Any) -> RequestInfo:
+    """The L{RequestInfo} attached to C{request} (created on first use)."""
+    info = getattr(request, "llamaswap_info", None)
+    if not isinstance(info, RequestInfo):
+        info = RequestInfo()
+        request.llamaswap_info = info
+    return info
+
+
+class LlamaSwapRequest(Request):
+    """A L{Request} with an early body limit, JSON-only fallbacks and an access log."""
+
+    log = Logger(namespace="llamaswap.http")
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, parsePOSTFormSubmission=False, **kwargs)
+        site = channel.site
+        self._site: LlamaSwapSite | None = site if isinstance(site, LlamaSwapSite) else None
+        self._limit: int | None = self._site.max_body_size if self._site else None
+        self._received = 0
+        self._refused = False
+        self._linger: IDelayedCall | None = None
+        self._ended = False
+        self._started = self._now()
+
+    # --- the body limit ---------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        if self._limit is not None and length is not None and length > self._limit:
+            # Say no before "100 Continue" would invite the body.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            # The whole (refused) body has arrived during the linger: close cleanly.
+            self._cancel_linger()
+            if self.channel is not None:
+                self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse_body(self) -> None:
+        self._refused = True
+        channel = self.channel
+        self.method = getattr(channel, "_command", self.method)
+        self.uri = getattr(channel, "_path", self.uri)
+        self.path = self.uri.split(b"?", 1)[0]
+        self.code = 413
+        content = self.content
+        if content is not None:
+            content.close()
+        self.content = None
+        error = BodyTooLarge(f"request body exceeds the limit of {self._limit} bytes")
+        body = error.body()
+        self.sentLength = len(body)
+        transport: Any = channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        channel.persistent = False
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if callable(half_close):
+            half_close()  # FIN after the answer; keep reading to avoid a reset
+        assert self._site is not None
+        self._linger = self._site.reactor.callLater(REFUSED_BODY_LINGER, self._abort)
+        self._end()
+
+    def _abort(self) -> None:
+        self._linger = None
+        if self.channel is not None:
+            transport: Any = self.channel.transport
+            transport.abortConnection()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+    # --- never an HTML page -----------------------------------------------
+
+    def render(self, resrc: IResource) -> None:
+        try:
+            body = resrc.render(self)
+        except UnsupportedMethod as e:
+            if self.method == b"HEAD" and b"GET" in e.allowedMethods:
+                super().render(resrc)  # twisted.web fakes HEAD with GET
+                return
+            error = ProxyError(f"method {self.method.decode('ascii', 'replace')} not allowed", 405)
+            self.setHeader(b"Allow", b", ".join(e.allowedMethods))
+            self._answer_error(error)
+            return
+        if body is NOT_DONE_YET:
+            return
+        if not isinstance(body, bytes):
+            self.log.error("resource {resource!r} returned {body!r}", resource=resrc, body=body)
+            self._answer_error(ProxyError("internal error", 500))
+            return
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(b"" if self.method == b"HEAD" else body)
+        self.finish()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        self.log.failure(
+            "error processing {method} {uri}", reason, method=self.method, uri=self.uri
+        )
+        if self.startedWriting:
+            self.loseConnection()
+        elif not self.finished and not self._disconnected:
+            self._answer_error(ProxyError("internal error", 500))
+        return reason
+
+    def _answer_error(self, error: ProxyError) -> None:
+        body = error.body()
+        self.setResponseCode(error.status)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(b"" if self.method == b"HEAD" else body)
+        self.finish()
+
+    # --- access log and "request" events ------------------------------------
+
+    def finish(self) -> None:
+        super().finish()
+        self._end()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_linger()
+        super().connectionLost(reason)
+        self._end()
+
+    def _now(self) -> float:
+        return float(self._site.reactor.seconds()) if self._site is not None else 0.0
+
+    def _end(self) -> None:
+        if self._ended or self._site is None:
+            return
+        self._ended = True
+        status = self.code if (self.startedWriting or self._refused) else CLIENT_CLOSED_REQUEST
+        self._site.request_ended(self, status, self._now() - self._started)
+
+
+class LlamaSwapSite(Site):
+    """
+    The proxy's L{Site}: builds L{LlamaSwapRequest}s with the configured body limit,
+    logs one line per request and publishes C{"request"} events for proxied ones.
+    """
+
+    requestFactory = LlamaSwapRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        max_body_size: int,
+        log_requests: bool = False,
+        events: EventBus | None = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        self.max_body_size = max_body_size
+        self.log_requests = log_requests
+        self.events = events
+        self.noisy = False
+        self._next_id = 0
+
+    def log(self, request: Any) -> None:
+        """twisted.web's access log is replaced by L{request_ended}."""
+
+    def request_ended(self, request: LlamaSwapRequest, status: int, duration: float) -> None:
+        """Emit the access log line, and a C{"request"} event for proxied requests."""
+        info = request_info(request)
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        sent = int(request.sentLength)
+        client = request.getClientAddress()
+        emit = _access_log.info if self.log_requests else _access_log.debug
+        emit(
+            '{client} "{method} {path}" {status} {bytes} model={model} {duration:.3f}s',
+            client=getattr(client, "host", "-"),
+            method=method,
+            path=path,
+            status=status,
+            bytes=sent,
+            model=info.model or "-",
+            duration=duration,
+        )
+        if info.proxied and self.events is not None:
+            self._next_id += 1
+            self.events.publish(
+                "request",
+                {
+                    "id": self._next_id,
+                    "method": method,
+                    "path": path,
+                    "model": info.model,
+                    "status": status,
+                    "bytes": sent,
+                    "duration": round(duration, 6),
+                    "usage": info.usage,
+                },
+            )
