@@ -95,6 +95,7 @@ class LlamaSwapService(MultiService):
         super().__init__()
         from llamaswap.logs import LogHub
         from llamaswap.resources import build_root
+        from llamaswap.site import LlamaSwapSite
         from llamaswap.supervisor import Supervisor
 
         self.config = config
@@ -110,8 +111,14 @@ class LlamaSwapService(MultiService):
             http=self._http,
             reactor=reactor,
         )
-        site = Site(root, reactor=reactor)
-        site.noisy = False
+        # LlamaSwapSite: refuses oversized bodies before reading them, logs requests.
+        site = LlamaSwapSite(
+            root,
+            max_body_size=config.max_body_size,
+            log_requests=config.log_requests,
+            events=self.events,
+            reactor=reactor,
+        )
         self.http = HTTPService(serverFromString(reactor, listen), site)
         # Start order: logs first (capture everything), then models, then HTTP.
         self.logs.setServiceParent(self)
