@@ -470,16 +470,16 @@ class ModelProcess:
         run.cancel_timers()
         self._disarm_ttl()
         run.final = final
-        self._set_state(State.STOPPING, notify=False)
+        run.escalate = self._clock.callLater(grace, self._escalate, run)
+        self._set_state(State.STOPPING)
+        if run is not self._run or run.ended:
+            return  # a listener acted, or the child ended already
         if run.exited:
             pass  # the server is gone already; processEnded is on its way
         elif self.model.cmd_stop is not None and run.pgid is not None:
             self._run_stop_command(run)
         else:
             self._signal(run, signal.SIGTERM)
-        if not run.ended:
-            run.escalate = self._clock.callLater(grace, self._escalate, run)
-        self._notify()
 
     def _run_stop_command(self, run: _Run) -> None:
         assert self.model.cmd_stop is not None
