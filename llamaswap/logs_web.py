@@ -63,6 +63,12 @@ def _json_error(request: Request, status: int, message: str) -> bytes:
     return error_body(status, message)
 
 
+def _has_query_key(request: Request, key: bytes) -> bool:
+    # request.args drops keys without a value (?no-history), so read the raw query.
+    query = (request.uri or b"").partition(b"?")[2]
+    return any(part.partition(b"=")[0] == key for part in query.split(b"&"))
+
+
 def _alive(request: Request) -> bool:
     return request.channel is not None and not request.finished
 
@@ -172,7 +178,7 @@ class LogsResource(Resource):
         tail = LogTail(request)
         request.registerProducer(tail, True)
         request.write(b"")  # status and headers now, even with an empty history
-        if b"no-history" not in (request.args or {}):
+        if not _has_query_key(request, b"no-history"):
             history = self._logs.history(stream_name)
             if history:
                 request.write(history)
