@@ -1,0 +1,509 @@
+"""
+Unit tests for L{llamaswap.supervisor}: the swap rules, the queue, profiles,
+leases, unload and shutdown, on a fake process reactor and a fake clock.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaswap.errors import (
+    HealthTimeout,
+    ModelNotFound,
+    ShuttingDown,
+    StartFailed,
+    TooManyRequests,
+)
+from llamaswap.events import EventBus
+from llamaswap.process import POLL_FAST
+from llamaswap.supervisor import Lease, ModelStatus, Supervisor
+from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
+
+PY = sys.executable
+
+
+def yaml_for(*names: str, extra: dict[str, str] | None = None, top: str = "") -> str:
+    """Models named C{names}, each a fake server on its own port."""
+    extra = extra or {}
+    lines = [top, "healthCheckTimeout: 30", "models:"]
+    for name in names:
+        lines += [
+            f"  {name}:",
+            f"    cmd: {PY} -m llamaswap.fakeserver --name {name} --port ${{PORT}}",
+            "    unloadTimeout: 5",
+        ]
+        lines += [f"    {line}" for line in extra.get(name, "").splitlines() if line]
+    return "\n".join(lines) + "\n"
+
+
+class Harness:
+    """A Supervisor on fakes, with every published state change recorded."""
+
+    def __init__(self, yaml_text: str) -> None:
+        self.config = make_config(yaml_text)
+        self.reactor = FakeProcessReactor()
+        self.kill = FakeKill(self.reactor)
+        self.health = FakeHealth(self.reactor)
+        self.events = EventBus()
+        self.published: list[tuple[str, str]] = []
+        self.max_running = 0
+        self.events.subscribe(self._on_event)
+        self.sup = Supervisor(
+            self.config,
+            reactor=self.reactor,
+            events=self.events,
+            kill=self.kill,
+            http=self.health,  # type: ignore[arg-type]
+        )
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        assert kind == "modelStatus"
+        self.published.append((data["model"], data["state"]))
+        self.max_running = max(self.max_running, len(self.reactor.live()))
+
+    def url(self, model_id: str) -> str:
+        return self.config.models[model_id].proxy + "/health"
+
+    def healthy(self, *model_ids: str) -> None:
+        for model_id in model_ids or tuple(self.config.models):
+            self.health.set(self.url(model_id), 200)
+
+    def child_of(self, model_id: str) -> FakeChild:
+        """The latest child spawned for C{model_id}."""
+        for child in reversed(self.reactor.children):
+            if f"--name {model_id} " in " ".join(child.args) + " ":
+                return child
+        raise AssertionError(f"no child for {model_id}")
+
+    def spawned(self) -> list[str]:
+        """Model ids in spawn order."""
+        names = []
+        for child in self.reactor.children:
+            if "--name" in child.args:
+                names.append(child.args[child.args.index("--name") + 1])
+        return names
+
+    def state(self, model_id: str) -> str:
+        return self.sup.status(model_id).state
+
+    def tick(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.reactor.advance(POLL_FAST)
+
+
+class AcquireTests(SynchronousTestCase):
+    def test_cold_start_then_lease(self) -> None:
+        """acquire starts a stopped model and fires with a lease once healthy."""
+        h = Harness(yaml_for("a"))
+        h.healthy()
+        d = h.sup.acquire("a")
+        self.assertNoResult(d)
+        self.assertEqual(h.state("a"), "starting")
+        h.tick()
+        lease = self.successResultOf(d)
+        self.assertIsInstance(lease, Lease)
+        self.assertEqual(lease.url, "http://127.0.0.1:5800")
+        self.assertEqual(lease.model.id, "a")
+        self.assertIsNone(lease.target.upstream_model)
+        self.assertEqual(h.sup.status("a").in_flight, 1)
+        lease.release()
+        lease.release()  # idempotent
+        self.assertEqual(h.sup.status("a").in_flight, 0)
+
+    def test_ready_model_is_served_at_once(self) -> None:
+        """A second request for a ready model needs no start."""
+        h = Harness(yaml_for("a"))
+        h.healthy()
+        d = h.sup.acquire("a")
+        h.tick()
+        self.successResultOf(d).release()
+        self.successResultOf(h.sup.acquire("a"))
+        self.assertEqual(len(h.reactor.children), 1)
+
+    def test_unknown_model(self) -> None:
+        """Unknown names errback with ModelNotFound, starting nothing."""
+        h = Harness(yaml_for("a"))
+        self.failureResultOf(h.sup.acquire("nope"), ModelNotFound)
+        self.assertEqual(h.reactor.children, [])
+
+    def test_alias_and_use_model_name(self) -> None:
+        """Aliases resolve to their model; useModelName is the upstream name."""
+        h = Harness(yaml_for("a", extra={"a": 'aliases: ["alpha"]\nuseModelName: "A-7B"'}))
+        h.healthy()
+        d = h.sup.acquire("alpha")
+        h.tick()
+        lease = self.successResultOf(d)
+        self.assertEqual(lease.model.id, "a")
+        self.assertEqual(lease.target.upstream_model, "A-7B")
+
+    def test_concurrent_requests_share_one_start(self) -> None:
+        """Requests for a starting model all wait for the same single start."""
+        h = Harness(yaml_for("a"))
+        waiting = [h.sup.acquire("a") for _ in range(5)]
+        h.tick(10)
+        self.assertEqual(len(h.reactor.children), 1)
+        h.healthy()
+        h.tick()
+        leases = [self.successResultOf(d) for d in waiting]
+        self.assertEqual(h.sup.status("a").in_flight, 5)
+        for lease in leases:
+            lease.release()
+        self.assertEqual(h.sup.status("a").in_flight, 0)
+
+    def test_failed_start_fails_every_waiter_and_next_request_retries(self) -> None:
+        """Exit during startup: all waiters get StartFailed with the tail; retry works."""
+        h = Harness(yaml_for("a"))
+        first, second = h.sup.acquire("a"), h.sup.acquire("a")
+        child = h.child_of("a")
+        child.output(b"bind: address already in use\n", fd=2)
+        child.exit(code=1)
+        for d in (first, second):
+            message = self.failureResultOf(d, StartFailed).value.message
+            self.assertIn("address already in use", message)
+        self.assertEqual(h.state("a"), "failed")
+        self.assertIn("address already in use", h.sup.status("a").last_error or "")
+        h.healthy()
+        third = h.sup.acquire("a")
+        h.tick()
+        self.successResultOf(third)
+        self.assertEqual(len(h.reactor.children), 2)
+        self.assertIsNone(h.sup.status("a").last_error)
+
+    def test_health_timeout_fails_waiters(self) -> None:
+        """No 200 within healthCheckTimeout: HealthTimeout for every waiter."""
+        h = Harness(yaml_for("a"))
+        d = h.sup.acquire("a")
+        h.reactor.advance(30)
+        self.failureResultOf(d, HealthTimeout)
+        self.assertEqual(h.state("a"), "failed")
+
+    def test_concurrency_limit(self) -> None:
+        """Leases held plus requests queued count against concurrencyLimit."""
+        h = Harness(yaml_for("a", extra={"a": "concurrencyLimit: 2"}))
+        first, second = h.sup.acquire("a"), h.sup.acquire("a")
+        failure = self.failureResultOf(h.sup.acquire("a"), TooManyRequests)
+        self.assertEqual(failure.value.status, 429)
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(first)
+        self.successResultOf(second)
+        self.failureResultOf(h.sup.acquire("a"), TooManyRequests)
+        lease.release()
+        self.successResultOf(h.sup.acquire("a"))
+
+
+class SwapTests(SynchronousTestCase):
+    def ready(self, h: Harness, model_id: str) -> Lease:
+        d = h.sup.acquire(model_id)
+        h.healthy()
+        h.tick()
+        return self.successResultOf(d)
+
+    def test_swap_stops_the_other_model_first(self) -> None:
+        """One model at a time: B starts only after A has ended."""
+        h = Harness(yaml_for("a", "b"))
+        self.ready(h, "a").release()
+        a = h.child_of("a")
+        a.dies_on = set()
+        d = h.sup.acquire("b")
+        self.assertEqual(h.kill.sent, [(a.original_pid, signal.SIGTERM)])
+        self.assertEqual(h.spawned(), ["a"])  # b waits for a to end
+        a.exit(sig=signal.SIGTERM)
+        self.assertEqual(h.spawned(), ["a", "b"])
+        h.tick()
+        self.assertEqual(self.successResultOf(d).model.id, "b")
+        self.assertEqual(h.max_running, 1)
+
+    def test_swap_waits_for_in_flight_requests(self) -> None:
+        """A model with a request in flight is never stopped to make room."""
+        h = Harness(yaml_for("a", "b"))
+        lease = self.ready(h, "a")
+        d = h.sup.acquire("b")
+        h.reactor.advance(3600)
+        self.assertEqual(h.kill.sent, [])
+        self.assertEqual(h.state("a"), "ready")
+        self.assertNoResult(d)
+        lease.release()
+        self.assertEqual(h.kill.sent[0][1], signal.SIGTERM)
+        h.tick()
+        self.assertEqual(self.successResultOf(d).model.id, "b")
+        self.assertEqual(h.max_running, 1)
+
+    def test_requests_for_the_ready_model_are_served_while_others_wait(self) -> None:
+        """Collation: the ready model serves new requests although b is queued."""
+        h = Harness(yaml_for("a", "b"))
+        lease = self.ready(h, "a")
+        b = h.sup.acquire("b")
+        again = self.successResultOf(h.sup.acquire("a"))
+        lease.release()
+        self.assertNoResult(b)
+        self.assertEqual(h.kill.sent, [])
+        again.release()
+        h.tick()
+        self.successResultOf(b)
+
+    def test_other_models_wait_in_fifo_order(self) -> None:
+        """Queued requests for different models are started in arrival order."""
+        h = Harness(yaml_for("a", "b", "c"))
+        lease = self.ready(h, "a")
+        c = h.sup.acquire("c")
+        b = h.sup.acquire("b")
+        c2 = h.sup.acquire("c")
+        lease.release()
+        h.tick()
+        c_lease = self.successResultOf(c)
+        self.successResultOf(c2).release()
+        self.assertNoResult(b)
+        c_lease.release()
+        h.tick()
+        self.successResultOf(b)
+        self.assertEqual(h.spawned(), ["a", "c", "b"])
+        self.assertEqual(h.max_running, 1)
+
+    def test_cancelled_queued_request_triggers_no_load(self) -> None:
+        """A client that left while queued does not cause a swap."""
+        h = Harness(yaml_for("a", "b"))
+        lease = self.ready(h, "a")
+        d = h.sup.acquire("b")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        lease.release()
+        h.reactor.advance(60)
+        self.assertEqual(h.spawned(), ["a"])
+        self.assertEqual(h.state("a"), "ready")
+        self.assertEqual(h.kill.sent, [])
+
+    def test_cancelled_waiter_of_a_start_lets_it_finish(self) -> None:
+        """The only waiter of a start leaves: the model still ends up ready."""
+        h = Harness(yaml_for("a"))
+        d = h.sup.acquire("a")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        h.healthy()
+        h.tick()
+        self.assertEqual(h.state("a"), "ready")
+
+    def test_starting_model_is_not_aborted_by_a_swap(self) -> None:
+        """A swap away from a model that is still starting waits for it first."""
+        h = Harness(yaml_for("a", "b"))
+        a = h.sup.acquire("a")
+        a.cancel()
+        self.failureResultOf(a, CancelledError)
+        b = h.sup.acquire("b")
+        self.assertEqual(h.kill.sent, [])
+        h.healthy()
+        h.tick()  # a becomes ready, is stopped, then b starts
+        h.tick()
+        self.successResultOf(b)
+        self.assertEqual(h.spawned(), ["a", "b"])
+        self.assertEqual(h.max_running, 1)
+
+    def test_request_during_ttl_stop_waits_and_restarts(self) -> None:
+        """A request arriving while the TTL unload runs gets a fresh start."""
+        h = Harness(yaml_for("a", extra={"a": "ttl: 10"}))
+        self.ready(h, "a").release()
+        h.child_of("a").dies_on = set()
+        h.reactor.advance(10)
+        self.assertEqual(h.state("a"), "stopping")
+        d = h.sup.acquire("a")
+        self.assertNoResult(d)
+        h.child_of("a").exit(sig=signal.SIGTERM)
+        self.assertEqual(h.state("a"), "starting")
+        h.tick()
+        self.successResultOf(d)
+        self.assertEqual(len(h.reactor.children), 2)
+
+    def test_crash_then_next_request_restarts(self) -> None:
+        """A model that crashed while ready is started again on demand."""
+        h = Harness(yaml_for("a"))
+        lease = self.ready(h, "a")
+        h.child_of("a").exit(sig=signal.SIGKILL)
+        self.assertEqual(h.state("a"), "stopped")
+        lease.release()  # the request that saw the crash ends
+        d = h.sup.acquire("a")
+        h.tick()
+        self.successResultOf(d)
+        self.assertEqual(len(h.reactor.children), 2)
+
+    def test_ttl_counts_from_last_release(self) -> None:
+        """Through the supervisor: no TTL unload while a lease is held."""
+        h = Harness(yaml_for("a", extra={"a": "ttl: 10"}))
+        lease = self.ready(h, "a")
+        h.reactor.advance(100)
+        self.assertEqual(h.state("a"), "ready")
+        self.assertIsNone(h.sup.status("a").ttl_remaining)
+        lease.release()
+        self.assertEqual(h.sup.status("a").ttl_remaining, 10)
+        h.reactor.advance(10)
+        self.assertEqual(h.state("a"), "stopped")
+
+
+class ProfileTests(SynchronousTestCase):
+    YAML = yaml_for("a", "b", "c", top="profiles:\n  p: [a, b]\n  q: [b, c]")
+
+    def test_profile_members_run_together(self) -> None:
+        """p:a then p:b: both run; the prefix is stripped upstream."""
+        h = Harness(self.YAML)
+        h.healthy()
+        da, db = h.sup.acquire("p:a"), h.sup.acquire("p:b")
+        h.tick()
+        la, lb = self.successResultOf(da), self.successResultOf(db)
+        self.assertEqual((la.target.upstream_model, lb.target.upstream_model), ("a", "b"))
+        self.assertEqual((h.state("a"), h.state("b")), ("ready", "ready"))
+        self.assertEqual(h.kill.sent, [])
+
+    def test_switching_profile_stops_the_others(self) -> None:
+        """q:c stops a (not in q) and keeps b; a plain request stops the rest."""
+        h = Harness(self.YAML)
+        h.healthy()
+        for name in ("p:a", "p:b"):
+            d = h.sup.acquire(name)
+            h.tick()
+            self.successResultOf(d).release()
+        d = h.sup.acquire("q:c")
+        self.assertEqual(h.state("a"), "stopped")
+        h.tick()
+        self.successResultOf(d).release()
+        self.assertEqual([s.state for s in h.sup.statuses()], ["stopped", "ready", "ready"])
+        d = h.sup.acquire("c")
+        self.assertEqual(h.state("b"), "stopped")
+        self.successResultOf(d)
+        self.assertEqual(h.spawned(), ["a", "b", "c"])
+
+    def test_non_member_is_not_found(self) -> None:
+        """p:c is not part of profile p."""
+        h = Harness(self.YAML)
+        self.failureResultOf(h.sup.acquire("p:c"), ModelNotFound)
+        self.failureResultOf(h.sup.acquire("zz:a"), ModelNotFound)
+
+
+class UnloadAndStatusTests(SynchronousTestCase):
+    def test_unload_one_and_all(self) -> None:
+        """unload(id or alias) stops that model; unload() stops everything."""
+        text = yaml_for("a", "b", extra={"a": 'aliases: ["alpha"]'}, top="profiles:\n  p: [a, b]")
+        h = Harness(text)
+        h.healthy()
+        for name in ("p:a", "p:b"):
+            d = h.sup.acquire(name)
+            h.tick()
+            self.successResultOf(d).release()
+        self.successResultOf(h.sup.unload("alpha"))
+        self.assertEqual((h.state("a"), h.state("b")), ("stopped", "ready"))
+        self.successResultOf(h.sup.unload())
+        self.assertEqual((h.state("a"), h.state("b")), ("stopped", "stopped"))
+        self.failureResultOf(h.sup.unload("nope"), ModelNotFound)
+
+    def test_unload_does_not_wait_for_in_flight(self) -> None:
+        """Explicit unload stops a model even while it serves."""
+        h = Harness(yaml_for("a"))
+        h.healthy()
+        d = h.sup.acquire("a")
+        h.tick()
+        lease = self.successResultOf(d)
+        self.successResultOf(h.sup.unload("a"))
+        lease.release()
+        self.assertEqual(h.sup.status("a").in_flight, 0)
+
+    def test_unload_while_starting_fails_the_waiters(self) -> None:
+        """Unloading a starting model aborts the start."""
+        h = Harness(yaml_for("a"))
+        d = h.sup.acquire("a")
+        self.successResultOf(h.sup.unload("a"))
+        self.assertIn("aborted", self.failureResultOf(d, StartFailed).value.message)
+        self.assertEqual(h.state("a"), "stopped")
+
+    def test_statuses_and_events(self) -> None:
+        """statuses() lists models in config order; every transition is published."""
+        h = Harness(yaml_for("b", "a", extra={"a": "ttl: 30"}))
+        h.healthy()
+        d = h.sup.acquire("a")
+        h.tick()
+        lease = self.successResultOf(d)
+        pid = h.child_of("a").original_pid
+        self.assertEqual(
+            h.sup.statuses(),
+            [
+                ModelStatus(
+                    model_id="b",
+                    state="stopped",
+                    pid=None,
+                    in_flight=0,
+                    ttl=0,
+                    ttl_remaining=None,
+                    last_error=None,
+                ),
+                ModelStatus(
+                    model_id="a",
+                    state="ready",
+                    pid=pid,
+                    in_flight=1,
+                    ttl=30,
+                    ttl_remaining=None,
+                    last_error=None,
+                ),
+            ],
+        )
+        lease.release()
+        self.successResultOf(h.sup.unload())
+        self.assertEqual(
+            h.published, [("a", "starting"), ("a", "ready"), ("a", "stopping"), ("a", "stopped")]
+        )
+        self.assertRaises(ModelNotFound, h.sup.status, "nope")
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_stop_service_waits_for_every_child(self) -> None:
+        """stopService fires only when all children ended; SIGKILL after the grace."""
+        h = Harness(yaml_for("a", "b", top="profiles:\n  p: [a, b]"))
+        h.healthy()
+        for name in ("p:a", "p:b"):
+            d = h.sup.acquire(name)
+            h.tick()
+            self.successResultOf(d)
+        h.child_of("a").dies_on = {signal.SIGKILL}
+        h.sup.startService()
+        stopped = h.sup.stopService()
+        self.assertEqual(h.state("b"), "stopped")
+        self.assertNoResult(stopped)
+        h.reactor.advance(5)
+        self.successResultOf(stopped)
+        self.assertEqual(h.reactor.live(), [])
+        self.failureResultOf(h.sup.acquire("a"), ShuttingDown)
+
+    def test_stop_service_fails_queued_requests(self) -> None:
+        """Requests still waiting when shutdown starts get ShuttingDown."""
+        h = Harness(yaml_for("a"))
+        d = h.sup.acquire("a")
+        stopped = h.sup.stopService()
+        self.failureResultOf(d, ShuttingDown)
+        self.successResultOf(stopped)
+
+    def test_preload_on_start(self) -> None:
+        """Models in hooks.on_startup.preload are started (and released) in order."""
+        top = "hooks:\n  on_startup:\n    preload: [a, b]\nprofiles:\n  p: [a, b]"
+        h = Harness(yaml_for("a", "b", top=top))
+        h.healthy()
+        h.sup.startService()
+        h.tick(3)
+        self.assertEqual(h.spawned(), ["a", "b"])
+        self.assertEqual(h.state("b"), "ready")
+        self.assertEqual(h.sup.status("b").in_flight, 0)
+        self.successResultOf(h.sup.stopService())
+
+    def test_preload_failure_is_logged_not_fatal(self) -> None:
+        """A preload that fails is logged; the service keeps running."""
+        h = Harness(yaml_for("a", top="hooks:\n  on_startup:\n    preload: [a]"))
+        h.sup.startService()
+        h.child_of("a").exit(code=3)
+        self.assertEqual(h.state("a"), "failed")
+        self.assertTrue(h.sup.running)
+        h.healthy()
+        d: Deferred[Lease] = h.sup.acquire("a")
+        h.tick()
+        self.successResultOf(d)
+        self.successResultOf(h.sup.stopService())
