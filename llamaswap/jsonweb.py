@@ -88,7 +88,11 @@ class JSONResource(Resource):
     log = Logger()
 
     def getChild(self, path: bytes, request: Request) -> IResource:
-        return NotFound(f"not found: {request.path.decode('utf-8', 'replace')}")
+        return NotFound(self._not_found(request))
+
+    @staticmethod
+    def _not_found(request: Request) -> str:
+        return f"not found: {request.path.decode('utf-8', 'replace')}"
 
     def allowed_methods(self) -> list[bytes]:
         methods = [m for m in _METHODS if callable(getattr(self, f"render_{m.decode()}", None))]
@@ -102,6 +106,8 @@ class JSONResource(Resource):
         if handler is None and method == "HEAD":
             handler = getattr(self, "render_GET", None)
         if not callable(handler):
+            if not self.allowed_methods():  # an inner node, not an endpoint
+                return respond_error(request, ProxyError(self._not_found(request), 404))
             request.setHeader(b"Allow", b", ".join(self.allowed_methods()))
             return respond_error(request, ProxyError(f"method {method} not allowed", 405))
         try:

@@ -133,8 +133,8 @@ class UpstreamRoot(JSONResource):
             request.setHeader(b"Allow", b"GET, HEAD")
             return respond_error(request, ProxyError("method not allowed", 405))
         ids = sorted(m.id for m in self._config.models.values() if not m.unlisted)
-        accept = (request.getHeader(b"accept") or "").lower()
-        if "text/html" in accept:
+        accept = (request.getHeader(b"accept") or b"").lower()
+        if b"text/html" in accept:
             items = "".join(
                 f'<li><a href="/upstream/{html.escape(i, quote=True)}/">{html.escape(i)}</a></li>'
                 for i in ids

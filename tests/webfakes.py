@@ -283,9 +283,7 @@ class SiteClient:
 
 def post_json(client: SiteClient, path: str, obj: Any, **headers: str) -> Response:
     body = json.dumps(obj).encode()
-    return client.request(
-        "POST", path, body, {"Content-Type": "application/json", **headers}
-    )
+    return client.request("POST", path, body, {"Content-Type": "application/json", **headers})
 
 
 def events_of(bus: EventBus, kind: str) -> list[dict[str, Any]]:

@@ -1,0 +1,316 @@
+"""
+Tests for L{llamaswap.relay}: streaming without buffering, backpressure,
+cancellation before and after the upstream's headers, truncation, header
+filtering and lease release. The upstream is a fake HTTP client whose
+responses and body transports the tests drive by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import Resource
+
+from llamaswap.events import EventBus
+from llamaswap.logs import LogHub
+from llamaswap.relay import copy_response_headers, find_usage, forward_headers
+from llamaswap.resources import build_root
+from tests.webfakes import Exchange, FakeSupervisor, SiteClient, events_of, make_config
+
+
+class FakeBodyTransport:
+    """The producer a response body protocol sees (pause/resume/stop recorded)."""
+
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+        # As Agent does: closing the connection ends the body with a failure.
+        self.response.end(Failure(ResponseFailed([Failure(ConnectionRefusedError("closed"))])))
+
+
+class FakeResponse:
+    def __init__(
+        self, code: int = 200, headers: dict[str, str] | None = None, length: Any = UNKNOWN_LENGTH
+    ) -> None:
+        self.code = code
+        self.phrase = b"OK"
+        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
+        self.length = length
+        self.protocol: Any = None
+        self.transport = FakeBodyTransport(self)
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Failure | None = None) -> None:
+        if self.protocol is not None and not getattr(self, "_ended", False):
+            self._ended = True
+            self.protocol.connectionLost(reason or Failure(ResponseDone()))
+
+
+class Call:
+    def __init__(self, method: str, url: bytes, kwargs: dict[str, Any]) -> None:
+        self.method = method
+        self.url = url
+        self.kwargs = kwargs
+        self.cancelled = False
+        self.deferred: Deferred[Any] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[Any]) -> None:
+        self.cancelled = True
+
+
+class FakeHTTP:
+    """A treq-like client whose requests stay pending until the test answers."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> Deferred[Any]:
+        call = Call(method, url, kwargs)
+        self.calls.append(call)
+        return call.deferred
+
+    def answer(self, response: FakeResponse) -> FakeResponse:
+        self.calls[-1].deferred.callback(response)
+        return response
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.config = make_config()
+        self.supervisor = FakeSupervisor(self.config)
+        self.http = FakeHTTP()
+        self.events = EventBus()
+        root: Resource = build_root(  # type: ignore[assignment]
+            self.config,
+            supervisor=self.supervisor,  # type: ignore[arg-type]
+            logs=LogHub(self.config, events=self.events),
+            events=self.events,
+            http=self.http,  # type: ignore[arg-type]
+            reactor=None,
+        )
+        self.client = SiteClient(root, events=self.events)
+        self.requests = events_of(self.events, "request")
+
+    def chat(self, model: str = "alpha", **headers: str) -> Exchange:
+        body = json.dumps({"model": model, "stream": True}).encode()
+        return self.client.start("POST", "/v1/chat/completions", body, headers)
+
+
+SSE = {"Content-Type": "text/event-stream"}
+
+
+class StreamingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_headers_then_each_chunk_at_once(self) -> None:
+        """Status and headers go out before the first token; each chunk as it arrives."""
+        exchange = self.h.chat()
+        self.assertEqual(exchange.transport.value(), b"")
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        head = exchange.response()
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.header("x-accel-buffering"), "no")
+        self.assertEqual(head.header("content-type"), "text/event-stream")
+        self.assertTrue(head.chunked)
+        self.assertEqual(head.body, b"")
+        upstream.send(b"data: one\n\n")
+        self.assertEqual(exchange.response().body, b"data: one\n\n")
+        upstream.send(b"data: two\n\n")
+        self.assertEqual(exchange.response().body, b"data: one\n\ndata: two\n\n")
+        self.assertFalse(exchange.response().complete)
+        self.assertEqual(self.h.supervisor.released, [])
+        upstream.end()
+        self.assertTrue(exchange.response().complete)
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        self.assertEqual(self.h.requests[0]["status"], 200)
+
+    def test_backpressure_reaches_upstream(self) -> None:
+        """A client that stops reading pauses the upstream; resuming resumes it."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        client_side = exchange.transport.producer  # what the kernel buffer would call
+        client_side.pauseProducing()
+        self.assertEqual(upstream.transport.calls, ["pause"])
+        client_side.resumeProducing()
+        self.assertEqual(upstream.transport.calls, ["pause", "resume"])
+        upstream.end()
+
+    def test_known_length_is_kept(self) -> None:
+        """An upstream Content-Length is relayed (no chunking) when the body is not decoded."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, {"Content-Type": "application/json"}, 2))
+        upstream.send(b"{}")
+        upstream.end()
+        response = exchange.response()
+        self.assertEqual(response.header("content-length"), "2")
+        self.assertFalse(response.chunked)
+        self.assertIsNone(response.header("x-accel-buffering"))
+        self.assertEqual(response.body, b"{}")
+
+    def test_usage_is_published(self) -> None:
+        """The last C{usage} object of a stream is in the request event."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b'data: {"usage": {"prompt_tokens": 1}}\n\n')
+        upstream.send(
+            b'data: {"choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 9}}\n\n'
+        )
+        upstream.send(b"data: [DONE]\n\n")
+        upstream.end()
+        self.assertTrue(exchange.response().complete)
+        self.assertEqual(self.h.requests[0]["usage"], {"prompt_tokens": 3, "total_tokens": 9})
+
+
+class CancellationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_client_leaves_mid_stream(self) -> None:
+        """Leaving mid-stream closes the upstream connection and releases the lease."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        exchange.disconnect()
+        self.assertIn("stop", upstream.transport.calls)
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        self.assertEqual(self.h.requests[0]["status"], 200)
+
+    def test_client_leaves_before_headers(self) -> None:
+        """Leaving while the upstream thinks cancels the upstream request."""
+        exchange = self.h.chat()
+        exchange.disconnect()
+        self.assertTrue(self.h.http.calls[0].cancelled)
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        self.assertEqual(self.h.requests[0]["status"], 499)
+
+    def test_client_leaves_while_queued(self) -> None:
+        """Leaving while waiting for the model withdraws the request: no upstream call."""
+        self.h.supervisor.hold = True
+        exchange = self.h.chat("beta")
+        exchange.disconnect()
+        self.assertEqual(self.h.supervisor.cancelled, ["beta"])
+        self.assertEqual(self.h.http.calls, [])
+        self.assertEqual(self.h.supervisor.released, [])
+
+
+class FailureTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_upstream_dies_mid_stream(self) -> None:
+        """A truncated upstream body closes the client connection without a clean end."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        upstream.end(Failure(ResponseFailed([Failure(ConnectionRefusedError("reset"))])))
+        self.assertTrue(exchange.closed)
+        response = exchange.response()
+        self.assertEqual(response.body, b"data: one\n\n")
+        self.assertFalse(response.complete)  # no terminating zero-length chunk
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+    def test_unreachable_is_502_and_others_still_served(self) -> None:
+        """Connection refused before headers: JSON 502; the next request works."""
+        exchange = self.h.chat()
+        self.h.http.calls[0].deferred.errback(ConnectionRefusedError("nobody home"))
+        response = exchange.response()
+        self.assertEqual(response.status, 502)
+        error = response.json()["error"]
+        self.assertEqual(error["code"], "bad_gateway")
+        self.assertIn("unreachable", error["message"])
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        other = self.h.chat("beta")
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.end()
+        self.assertEqual(other.response().status, 200)
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_request_hop_by_hop_dropped(self) -> None:
+        """Hop-by-hop headers and those named by C{Connection} are not forwarded."""
+        h = Harness()
+        h.chat(
+            **{
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "1",
+                "Keep-Alive": "timeout=5",
+                "TE": "trailers",
+                "Upgrade": "h2c",
+                "Proxy-Authorization": "Basic x",
+                "Accept-Encoding": "br",
+                "Authorization": "Bearer k",
+                "X-End": "2",
+            }
+        )
+        sent: Headers = h.http.calls[0].kwargs["headers"]
+        names = {name.lower() for name, _ in sent.getAllRawHeaders()}
+        self.assertEqual(names, {b"authorization", b"x-end", b"x-forwarded-for"})
+        self.assertEqual(sent.getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"])
+        call = h.http.calls[0]
+        self.assertEqual(call.url, b"http://127.0.0.1:9001/v1/chat/completions")
+        self.assertEqual(call.kwargs["unbuffered"], True)
+        self.assertEqual(call.kwargs["allow_redirects"], False)
+        self.assertNotIn("timeout", call.kwargs)  # long generations must not time out
+
+    def test_response_hop_by_hop_dropped(self) -> None:
+        """The upstream's hop-by-hop response headers do not reach the client."""
+        source = Headers(
+            {
+                b"Connection": [b"close, X-Private"],
+                b"X-Private": [b"1"],
+                b"Keep-Alive": [b"timeout=5"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"Content-Length": [b"12"],
+                b"Content-Encoding": [b""],
+                b"Content-Type": [b"text/plain"],
+                b"Server": [b"llama.cpp"],
+            }
+        )
+        target = Headers({b"Server": [b"TwistedWeb"]})
+        copy_response_headers(source, target)
+        self.assertEqual(
+            dict(target.getAllRawHeaders()),
+            {b"Content-Type": [b"text/plain"], b"Server": [b"llama.cpp"]},
+        )
+
+    def test_forwarded_for_appends(self) -> None:
+        """An existing C{X-Forwarded-For} chain is extended with the client."""
+        from twisted.internet.address import IPv4Address
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b""])
+        request.client = IPv4Address("TCP", "192.0.2.1", 1)
+        request.requestHeaders.setRawHeaders(b"X-Forwarded-For", [b"198.51.100.7"])
+        headers = forward_headers(request)  # type: ignore[arg-type]
+        self.assertEqual(headers.getRawHeaders(b"x-forwarded-for"), [b"198.51.100.7, 192.0.2.1"])
+
+    def test_find_usage(self) -> None:
+        """Usage is found in JSON and SSE tails; junk is ignored."""
+        self.assertEqual(find_usage(b'{"a":1,"usage":{"x":{"y":2}}}'), {"x": {"y": 2}})
+        self.assertIsNone(find_usage(b'..."usage": {"trunc'))
+        self.assertIsNone(find_usage(b"no usage here"))

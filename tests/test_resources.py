@@ -1,0 +1,566 @@
+"""
+Tests for the resource tree (L{llamaswap.resources} and the routes it mounts)
+and the site (L{llamaswap.site}): routing, model extraction, errors, the model
+list, management routes, CORS, API keys and the body limit. The upstream is a
+recording resource behind StubTreq; the client writes raw HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from llamaswap.errors import HealthTimeout, StartFailed
+from llamaswap.events import EventBus
+from llamaswap.jsonweb import JSONResource
+from llamaswap.logs import LogHub
+from llamaswap.resources import build_root, mount
+from llamaswap.site import REFUSED_BODY_LINGER
+from tests.test_bodies import CT, multipart
+from tests.webfakes import (
+    FakeSupervisor,
+    RecordingUpstream,
+    Response,
+    SiteClient,
+    events_of,
+    make_config,
+    post_json,
+)
+
+
+class Harness:
+    """Our root over a fake supervisor and a recording upstream."""
+
+    def __init__(self, **config_changes: Any) -> None:
+        self.config = make_config(**config_changes)
+        self.supervisor = FakeSupervisor(self.config)
+        self.upstream = RecordingUpstream()
+        self.events = EventBus()
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.root = build_root(
+            self.config,
+            supervisor=self.supervisor,  # type: ignore[arg-type]
+            logs=LogHub(self.config, events=self.events),
+            events=self.events,
+            http=StubTreq(self.upstream),  # type: ignore[arg-type]
+            reactor=self.clock,
+        )
+        self.client = SiteClient(
+            self.root,
+            events=self.events,
+            clock=self.clock,
+            max_body_size=self.config.max_body_size,
+        )
+
+    def sent(self) -> dict[str, Any]:
+        """What the upstream received last."""
+        return self.upstream.requests[-1]
+
+
+def assert_error(case: SynchronousTestCase, response: Response, status: int, code: str) -> str:
+    """The response is a JSON error in OpenAI's envelope; return its message."""
+    case.assertEqual(response.status, status, response.body)
+    case.assertEqual(response.header("content-type"), "application/json")
+    error = response.json()["error"]
+    case.assertEqual(set(error), {"message", "type", "param", "code"})
+    case.assertEqual(error["code"], code)
+    case.assertIsInstance(error["message"], str)
+    return str(error["message"])
+
+
+class ModelRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_chat_is_proxied_unchanged(self) -> None:
+        """The body reaches the upstream byte for byte on the same path and query."""
+        raw = b'{"model":"alpha",  "messages":[{"role":"user","content":"hi"}]}'
+        response = self.h.client.request(
+            "POST", "/v1/chat/completions?wait=1", raw, {"Content-Type": "application/json"}
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header("x-upstream"), "yes")
+        sent = self.h.sent()
+        self.assertEqual(sent["uri"], "/v1/chat/completions?wait=1")
+        self.assertEqual(sent["body"].encode(), raw)
+        self.assertEqual(sent["headers"]["content-length"], [str(len(raw))])
+        self.assertNotIn("transfer-encoding", sent["headers"])
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+    def test_every_json_route(self) -> None:
+        """Every JSON model route forwards to the same path with the body's model."""
+        from llamaswap.resources import JSON_ROUTES
+
+        for path in JSON_ROUTES:
+            response = post_json(self.h.client, path, {"model": "a1"})
+            self.assertEqual(response.status, 200, path)
+            self.assertEqual(self.h.sent()["uri"], path)
+        self.assertEqual(set(self.h.supervisor.acquired), {"a1"})
+
+    def test_json_whatever_the_content_type(self) -> None:
+        """A JSON body sent as form data (plain C{curl -d}) is still understood."""
+        response = self.h.client.request(
+            "POST",
+            "/v1/completions",
+            b'{"model": "alpha", "prompt": "x"}',
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+
+    def test_alias_is_forwarded_as_requested(self) -> None:
+        """An alias reaches its model's server with the alias still in the body."""
+        post_json(self.h.client, "/v1/chat/completions", {"model": "a2"})
+        self.assertEqual(json.loads(self.h.sent()["body"])["model"], "a2")
+
+    def test_use_model_name_rewrites_with_exact_length(self) -> None:
+        """C{useModelName} replaces the model; Content-Length matches the new body."""
+        post_json(self.h.client, "/v1/chat/completions", {"model": "beta", "n": 1})
+        sent = self.h.sent()
+        self.assertEqual(json.loads(sent["body"]), {"model": "beta-upstream", "n": 1})
+        self.assertEqual(sent["headers"]["content-length"], [str(len(sent["body"].encode()))])
+
+    def test_profile_prefix_is_stripped(self) -> None:
+        """C{profile:model} reaches the upstream as C{model}."""
+        post_json(self.h.client, "/v1/chat/completions", {"model": "duo:alpha"})
+        self.assertEqual(json.loads(self.h.sent()["body"])["model"], "alpha")
+
+    def test_multipart_model_field(self) -> None:
+        """Transcriptions are routed by the form field; the file arrives intact."""
+        audio = bytes(range(256)) * 64
+        raw = multipart(("file", audio, "a.wav"), ("model", b"duo:beta", None))
+        response = self.h.client.request(
+            "POST", "/v1/audio/transcriptions", raw, {"Content-Type": CT.decode()}
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.supervisor.acquired, ["duo:beta"])
+        sent = self.h.upstream.requests[-1]
+        expected = raw.replace(b"duo:beta", b"beta-upstream")
+        self.assertEqual(sent["headers"]["content-length"], [str(len(expected))])
+        self.assertEqual(sent["body"], expected.decode("utf-8", "replace"))
+
+    def test_multipart_missing_model(self) -> None:
+        """A form without C{model} is a 400 and nothing is started."""
+        raw = multipart(("file", b"x", "a.wav"))
+        response = self.h.client.request(
+            "POST", "/v1/images/edits", raw, {"Content-Type": CT.decode()}
+        )
+        assert_error(self, response, 400, "bad_request")
+        self.assertEqual(self.h.supervisor.acquired, [])
+
+    def test_query_model(self) -> None:
+        """C{GET /v1/audio/voices?model=} and C{/props?model=} route by the query."""
+        for path in ("/v1/audio/voices?model=alpha", "/props?model=beta&x=1"):
+            response = self.h.client.request("GET", path)
+            self.assertEqual(response.status, 200)
+            self.assertEqual(self.h.sent()["uri"], path)
+            self.assertEqual(self.h.sent()["method"], "GET")
+        self.assertEqual(self.h.supervisor.acquired, ["alpha", "beta"])
+        assert_error(self, self.h.client.request("GET", "/props"), 400, "bad_request")
+
+    def test_versionless(self) -> None:
+        """C{/v/chat/completions} reaches the upstream as C{/chat/completions}."""
+        post_json(self.h.client, "/v/chat/completions", {"model": "alpha"})
+        self.assertEqual(self.h.sent()["uri"], "/chat/completions")
+
+    def test_bad_json(self) -> None:
+        """A body that is not JSON: 400, nothing acquired."""
+        response = self.h.client.request("POST", "/v1/chat/completions", b"{nope")
+        self.assertIn("invalid JSON", assert_error(self, response, 400, "bad_request"))
+        self.assertEqual(self.h.supervisor.acquired, [])
+
+    def test_missing_model(self) -> None:
+        """JSON without C{model}: 400 "missing or invalid 'model' key"."""
+        response = post_json(self.h.client, "/v1/embeddings", {"input": "x"})
+        message = assert_error(self, response, 400, "bad_request")
+        self.assertEqual(message, "missing or invalid 'model' key")
+
+    def test_unknown_model(self) -> None:
+        """An unknown model is a 404 naming only what was asked."""
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "gpt-9"})
+        message = assert_error(self, response, 404, "not_found")
+        self.assertEqual(message, "model not found: gpt-9")
+
+    def test_supervisor_errors(self) -> None:
+        """Start failures (502) and health timeouts (504) reach the client as JSON."""
+        self.h.supervisor.error = StartFailed("model alpha exited: boom\nlast line")
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        self.assertIn("last line", assert_error(self, response, 502, "bad_gateway"))
+        self.h.supervisor.error = HealthTimeout("model alpha not healthy after 15 s")
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        assert_error(self, response, 504, "gateway_timeout")
+
+    def test_upstream_error_passed_through(self) -> None:
+        """An upstream 4xx/5xx keeps its status, headers and body."""
+        self.h.upstream.status = 400
+        self.h.upstream.answer = b'{"error": "their words"}'
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        self.assertEqual(response.status, 400)
+        self.assertEqual(response.body, b'{"error": "their words"}')
+        self.assertEqual(response.header("x-upstream"), "yes")
+
+    def test_wrong_method(self) -> None:
+        """C{GET} on a POST route is a JSON 405 with C{Allow}."""
+        response = self.h.client.request("GET", "/v1/chat/completions")
+        assert_error(self, response, 405, "method_not_allowed")
+        self.assertEqual(response.header("allow"), "POST")
+
+    def test_trailing_slash_is_not_the_route(self) -> None:
+        """C{/v1/chat/completions/} is a 404, as in llama-swap."""
+        response = post_json(self.h.client, "/v1/chat/completions/", {"model": "alpha"})
+        assert_error(self, response, 404, "not_found")
+
+
+class UpstreamRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_longest_prefix_wins(self) -> None:
+        """With models C{author} and C{author/model}, the longer id wins."""
+        response = self.h.client.request("GET", "/upstream/author/model/v1/x?y=1")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.supervisor.acquired, ["author/model"])
+        self.assertEqual(self.h.sent()["uri"], "/v1/x?y=1")
+        self.h.client.request("GET", "/upstream/author/other")
+        self.assertEqual(self.h.supervisor.acquired[-1], "author")
+        self.assertEqual(self.h.sent()["uri"], "/other")
+
+    def test_escaping_preserved(self) -> None:
+        """Percent-encoding after the model prefix reaches the upstream as sent."""
+        self.h.client.request("GET", "/upstream/alpha/files/a%2Fb%20c")
+        self.assertEqual(self.h.sent()["uri"], "/files/a%2Fb%20c")
+
+    def test_any_method_with_body(self) -> None:
+        """Any method is relayed with its body, without model rewriting."""
+        response = self.h.client.request("PUT", "/upstream/beta/thing", b'{"model": "beta"}')
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.sent()["method"], "PUT")
+        self.assertEqual(self.h.sent()["body"], '{"model": "beta"}')
+
+    def test_alias_and_profile_in_path(self) -> None:
+        """Aliases and C{profile:model} work in the path."""
+        self.h.client.request("GET", "/upstream/a1/health")
+        self.h.client.request("GET", "/upstream/duo:beta/health")
+        self.assertEqual(self.h.supervisor.acquired, ["a1", "duo:beta"])
+
+    def test_bare_id_redirects(self) -> None:
+        """C{/upstream/<id>}: 301 for GET/HEAD, 308 otherwise, query kept."""
+        response = self.h.client.request("GET", "/upstream/author/model?x=1")
+        self.assertEqual(response.status, 301)
+        self.assertEqual(response.header("location"), "/upstream/author/model/?x=1")
+        response = self.h.client.request("HEAD", "/upstream/alpha")
+        self.assertEqual(response.status, 301)
+        response = self.h.client.request("POST", "/upstream/alpha", b"{}")
+        self.assertEqual(response.status, 308)
+        self.assertEqual(response.header("location"), "/upstream/alpha/")
+        self.assertEqual(self.h.supervisor.acquired, [])
+
+    def test_trailing_slash_reaches_root(self) -> None:
+        """C{/upstream/<id>/} is the server's C{/}."""
+        self.h.client.request("GET", "/upstream/alpha/")
+        self.assertEqual(self.h.sent()["uri"], "/")
+
+    def test_unknown_model(self) -> None:
+        """No prefix names a model: 404."""
+        response = self.h.client.request("GET", "/upstream/nope/v1/models")
+        assert_error(self, response, 404, "not_found")
+
+    def test_index(self) -> None:
+        """C{/upstream} lists listed models as JSON, or as HTML links for browsers."""
+        response = self.h.client.request("GET", "/upstream")
+        ids = [m["id"] for m in response.json()["data"]]
+        self.assertEqual(ids, ["alpha", "author", "author/model", "beta"])
+        response = self.h.client.request("GET", "/upstream/", headers={"Accept": "text/html"})
+        self.assertEqual(response.header("content-type"), "text/html; charset=utf-8")
+        self.assertIn(b'<a href="/upstream/author/model/">', response.body)
+        self.assertNotIn(b"hidden", response.body)
+
+
+class ModelListTests(SynchronousTestCase):
+    def test_sorted_unlisted_hidden(self) -> None:
+        """C{/v1/models}: OpenAI list, sorted by id, unlisted models absent."""
+        h = Harness()
+        body = h.client.request("GET", "/v1/models").json()
+        self.assertEqual(body["object"], "list")
+        self.assertEqual(
+            [m["id"] for m in body["data"]], ["alpha", "author", "author/model", "beta"]
+        )
+        first = body["data"][0]
+        self.assertEqual(first["object"], "model")
+        self.assertEqual(first["owned_by"], "llama-swap")
+        self.assertEqual(first["created"], 1_700_000_000)
+        self.assertEqual(first["name"], "Alpha")
+        self.assertEqual(first["description"], "the first")
+        self.assertEqual(first["meta"]["llamaswap"]["family"], "test")
+        self.assertNotIn("name", body["data"][1])
+        self.assertEqual(h.client.request("GET", "/models").json()["data"], body["data"])
+        # ... but still routable.
+        self.assertEqual(post_json(h.client, "/v1/completions", {"model": "hidden"}).status, 200)
+
+    def test_aliases_included_on_request(self) -> None:
+        """C{includeAliasesInList} adds a record per alias, pointing at its model."""
+        h = Harness(include_aliases_in_list=True)
+        data = h.client.request("GET", "/v1/models").json()["data"]
+        ids = [m["id"] for m in data]
+        self.assertEqual(ids, ["a1", "a2", "alpha", "author", "author/model", "beta"])
+        self.assertEqual(data[0]["meta"]["llamaswap"]["modelID"], "alpha")
+        self.assertEqual(data[0]["meta"]["llamaswap"]["type"], "alias")
+
+    def test_status_and_origin(self) -> None:
+        """C{status.value} follows the process state; C{Origin} is echoed."""
+        h = Harness()
+        h.supervisor.states["beta"] = "ready"
+        h.supervisor.states["alpha"] = "failed"
+        response = h.client.request("GET", "/v1/models", headers={"Origin": "http://ui.test"})
+        self.assertEqual(response.header("access-control-allow-origin"), "http://ui.test")
+        status = {m["id"]: m["status"]["value"] for m in response.json()["data"]}
+        self.assertEqual(status["beta"], "loaded")
+        self.assertEqual(status["alpha"], "unloaded")
+        self.assertEqual(h.supervisor.acquired, [])  # listing starts nothing
+
+    def test_one_model(self) -> None:
+        """C{/v1/models/<id>} answers one record (ids with slashes too) or 404."""
+        h = Harness()
+        self.assertEqual(
+            h.client.request("GET", "/v1/models/author/model").json()["id"], "author/model"
+        )
+        assert_error(self, h.client.request("GET", "/v1/models/hidden"), 404, "not_found")
+
+
+class ManagementTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_health(self) -> None:
+        """C{/health} is a plain C{OK}."""
+        response = self.h.client.request("GET", "/health")
+        self.assertEqual((response.status, response.body), (200, b"OK"))
+
+    def test_running(self) -> None:
+        """C{/running} lists models whose process exists, sorted, with their command."""
+        self.assertEqual(self.h.client.request("GET", "/running").json(), {"running": []})
+        self.h.supervisor.states.update(beta="starting", alpha="ready", author="failed")
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual(
+            [(r["model"], r["state"]) for r in running], [("alpha", "ready"), ("beta", "starting")]
+        )
+        self.assertEqual(running[0]["cmd"], "fake --name alpha")
+        self.assertEqual(running[0]["proxy"], "http://127.0.0.1:9001")
+
+    def test_unload(self) -> None:
+        """Unload all (legacy GET and API POST) and unload one (id or alias)."""
+        self.assertEqual(self.h.client.request("GET", "/unload").body, b"OK")
+        self.assertEqual(
+            self.h.client.request("POST", "/api/models/unload", b"").json(), {"msg": "ok"}
+        )
+        self.assertEqual(self.h.client.request("POST", "/api/models/unload/a1", b"").body, b"OK")
+        self.assertEqual(
+            self.h.client.request("POST", "/api/models/unload/author/model", b"").body, b"OK"
+        )
+        self.assertEqual(self.h.supervisor.unloaded, [None, None, "alpha", "author/model"])
+        response = self.h.client.request("POST", "/api/models/unload/nope", b"")
+        assert_error(self, response, 404, "not_found")
+
+    def test_load(self) -> None:
+        """C{/api/models/load/<id>} answers when the model is ready, then releases it."""
+        self.h.supervisor.hold = True
+        exchange = self.h.client.start("GET", "/api/models/load/a1")
+        self.assertEqual(exchange.transport.value(), b"")
+        self.h.supervisor.grant()
+        response = exchange.response()
+        self.assertEqual(response.json(), {"msg": "ok", "model": "alpha"})
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+    def test_load_cancelled_when_client_leaves(self) -> None:
+        """A client that leaves while the model loads withdraws the request."""
+        self.h.supervisor.hold = True
+        exchange = self.h.client.start("POST", "/api/models/load/beta", b"")
+        exchange.disconnect()
+        self.assertEqual(self.h.supervisor.cancelled, ["beta"])
+
+    def test_root_redirects_to_ui(self) -> None:
+        """C{/} redirects to C{/ui/}."""
+        response = self.h.client.request("GET", "/")
+        self.assertEqual((response.status, response.header("location")), (302, "/ui/"))
+
+
+class CORSAndAuthTests(SynchronousTestCase):
+    def test_preflight_anywhere(self) -> None:
+        """C{OPTIONS} on any path: 204 and permissive CORS headers, requested names sanitized."""
+        h = Harness(api_keys=("sekrit",))
+        response = h.client.request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={"Access-Control-Request-Headers": "content-type, x-custom, bad(name), "},
+        )
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.header("access-control-allow-origin"), "*")
+        self.assertEqual(
+            response.header("access-control-allow-methods"),
+            "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        )
+        self.assertEqual(response.header("access-control-allow-headers"), "content-type, x-custom")
+        self.assertEqual(response.header("access-control-max-age"), "86400")
+        response = h.client.request("OPTIONS", "/no/such/path")
+        self.assertEqual(response.status, 204)
+        self.assertEqual(
+            response.header("access-control-allow-headers"),
+            "Content-Type, Authorization, Accept, X-Requested-With",
+        )
+
+    def test_api_keys(self) -> None:
+        """With C{apiKeys}: 401 + C{WWW-Authenticate}; Bearer, Basic and x-api-key accepted."""
+        h = Harness(api_keys=("k1", "sekrit"))
+        response = post_json(h.client, "/v1/chat/completions", {"model": "alpha"})
+        assert_error(self, response, 401, "unauthorized")
+        self.assertEqual(response.header("www-authenticate"), 'Basic realm="llama-swap"')
+        assert_error(
+            self,
+            h.client.request("GET", "/v1/models", headers={"Authorization": "Bearer nope"}),
+            401,
+            "unauthorized",
+        )
+        basic = base64.b64encode(b"anyone:sekrit").decode()
+        for headers in (
+            {"Authorization": "Bearer sekrit"},
+            {"Authorization": "bearer k1"},
+            {"Authorization": f"Basic {basic}"},
+            {"x-api-key": "sekrit"},
+        ):
+            self.assertEqual(
+                h.client.request("GET", "/v1/models", headers=headers).status, 200, headers
+            )
+        self.assertEqual(h.client.request("GET", "/health").status, 200)
+        self.assertEqual(h.supervisor.acquired, [])
+
+
+class BodyLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(max_body_size=1024)
+
+    def test_content_length_refused_before_the_body(self) -> None:
+        """A too-large Content-Length is answered 413 at once, before any body byte."""
+        exchange = self.h.client.open()
+        exchange.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        response = exchange.response()
+        assert_error(self, response, 413, "request_too_large")
+        self.assertEqual(response.header("connection"), "close")
+        self.assertNotIn(b"100 Continue", exchange.transport.value())
+        exchange.send(b"x" * 65536)  # the client keeps sending: discarded
+        self.assertEqual(self.h.supervisor.acquired, [])
+        self.assertFalse(exchange.transport.disconnecting)
+        self.h.clock.advance(REFUSED_BODY_LINGER)
+        self.assertTrue(exchange.transport.disconnecting)  # aborted after the linger
+
+    def test_chunked_body_refused_while_reading(self) -> None:
+        """A chunked body is refused as soon as it passes the limit."""
+        exchange = self.h.client.open()
+        exchange.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        exchange.send(b"200\r\n" + b"a" * 512 + b"\r\n")
+        self.assertEqual(exchange.transport.value(), b"")
+        exchange.send(b"400\r\n" + b"a" * 1024 + b"\r\n")
+        assert_error(self, exchange.response(), 413, "request_too_large")
+        exchange.send(b"0\r\n\r\n")  # it ends during the linger: close now
+        self.assertTrue(exchange.transport.disconnecting)
+        self.assertEqual(self.h.supervisor.acquired, [])
+
+    def test_within_limit(self) -> None:
+        """A body at the limit is accepted (chunked bodies reach upstream de-chunked)."""
+        body = json.dumps({"model": "alpha", "p": "x" * 990}).encode()[:1024]
+        body = body[: body.rindex(b'"')] + b'"}'
+        exchange = self.h.client.open()
+        exchange.send(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        self.assertEqual(exchange.response().status, 200)
+        sent = self.h.sent()
+        self.assertEqual(sent["headers"]["content-length"], [str(len(body))])
+        self.assertNotIn("transfer-encoding", sent["headers"])
+
+
+class Exploding(JSONResource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        raise RuntimeError("kaboom")
+
+
+class PlainTwisted(Resource):
+    """A stock twisted.web resource: no render_POST, default getChild."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return b"plain"
+
+
+class NoHTMLTests(SynchronousTestCase):
+    def test_exception_is_json_500(self) -> None:
+        """An exception in render is a JSON 500 (and logged), never a traceback page."""
+        h = Harness()
+        mount(h.root, "/boom", Exploding())  # type: ignore[arg-type]
+        response = h.client.request("GET", "/boom")
+        assert_error(self, response, 500, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stock_resource_405_is_json(self) -> None:
+        """Even a stock resource's "method not allowed" is answered as JSON."""
+        h = Harness()
+        mount(h.root, "/plain", PlainTwisted())  # type: ignore[arg-type]
+        self.assertEqual(h.client.request("GET", "/plain").body, b"plain")
+        response = h.client.request("POST", "/plain", b"")
+        assert_error(self, response, 405, "method_not_allowed")
+
+    def test_unknown_paths(self) -> None:
+        """Unknown paths at every level are JSON 404s."""
+        h = Harness()
+        for path in ("/nope", "/v1", "/v1/nope", "/v1/chat", "/api/models", "/api/x/y"):
+            assert_error(self, h.client.request("GET", path), 404, "not_found")
+
+
+class RequestLogTests(SynchronousTestCase):
+    def test_request_events_and_log_line(self) -> None:
+        """Each proxied request publishes one event and (logRequests) logs one line."""
+        h = Harness()
+        h.client.site.log_requests = True
+        seen = events_of(h.events, "request")
+        lines: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "llamaswap.http":
+                lines.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        post_json(h.client, "/v1/chat/completions", {"model": "a1"})
+        post_json(h.client, "/v1/chat/completions", {"model": "nope"})
+        h.client.request("GET", "/health")
+        self.assertEqual(
+            [(e["id"], e["method"], e["path"], e["model"], e["status"]) for e in seen],
+            [
+                (1, "POST", "/v1/chat/completions", "alpha", 200),
+                (2, "POST", "/v1/chat/completions", "nope", 404),
+            ],
+        )
+        self.assertGreater(seen[0]["bytes"], 0)
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[0]["log_level"], LogLevel.info)
+        self.assertEqual((lines[0]["model"], lines[0]["status"]), ("alpha", 200))
+        self.assertEqual(lines[2]["path"], "/health")
