@@ -1,0 +1,469 @@
+"""
+End-to-end tests of the HTTP surface: the real service (C{build_service}) on
+a real port, real fake-upstream children, and real clients (the official
+C{openai} and C{anthropic} SDKs, raw sockets, treq).
+
+Blocking clients run in threads (C{deferToThread}) so the proxy, which runs in
+the test's reactor, keeps serving them.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import yaml
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from llamaswap.config import Config, parse_config
+from llamaswap.http import make_http
+from llamaswap.tap import LlamaSwapService, build_service
+from tests.fakeserver_helper import REPO_ROOT, free_port
+
+T = TypeVar("T")
+MULTIPART_BOUNDARY = "llamaswapTestBoundary"
+
+
+def fake(label: str, *flags: str, port: int | None = None, **keys: Any) -> dict[str, Any]:
+    """A model entry running the package's fake server, answering as C{label}."""
+    port = port or free_port()
+    args = " ".join(flags)
+    return {
+        "cmd": f"{sys.executable} -m llamaswap.fakeserver --port {port} --name {label} "
+        f"--quiet {args}",
+        "proxy": f"http://127.0.0.1:{port}",
+        "env": [f"PYTHONPATH={REPO_ROOT}"],
+        **keys,
+    }
+
+
+def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Config:
+    return parse_config(yaml.safe_dump({"models": models, **top}))
+
+
+class Proxy:
+    """A running llamaswap (tests call L{start} and register its stop)."""
+
+    def __init__(self, case: TestCase, config: Config) -> None:
+        self.config = config
+        self.service: LlamaSwapService = build_service(
+            config, reactor=reactor, listen="tcp:0:interface=127.0.0.1"
+        )
+        self.service.startService()
+        case.addCleanup(self.service.stopService)  # waits until every child is reaped
+        assert self.service.http.port is not None
+        self.port = self.service.http.port.getHost().port
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.http, pool = make_http(reactor)
+        case.addCleanup(pool.closeCachedConnections)
+
+    def upstream_port(self, model: str) -> int:
+        return int(self.config.models[model].proxy.rsplit(":", 1)[1])
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request through treq; the whole answer."""
+        response = await self.http.request(
+            method,
+            self.base + path,
+            data=body,
+            headers={k: [v] for k, v in (headers or {}).items()},
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        content = await response.content()
+        found = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+        return response.code, found, content
+
+    async def post_json(self, path: str, obj: Any) -> tuple[int, dict[str, str], Any]:
+        status, headers, body = await self.call(
+            "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"}
+        )
+        return status, headers, json.loads(body) if body else None
+
+
+def in_thread(f: Callable[[], T]) -> Deferred[T]:
+    return deferToThread(f)
+
+
+def fake_get(port: int, path: str) -> Any:
+    """Ask a fake upstream directly (blocking)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+class IntegrationCase(TestCase):
+    timeout = 60
+
+    def assert_error(self, status: int, body: Any, expected: int, code: str) -> str:
+        """The answer is an OpenAI-style JSON error; return its message."""
+        self.assertEqual(status, expected, body)
+        self.assertEqual(set(body), {"error"})
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+        self.assertEqual(body["error"]["code"], code)
+        return str(body["error"]["message"])
+
+    async def assert_served(self, proxy: Proxy, model: str = "alpha") -> None:
+        """Another client is served normally."""
+        status, _, body = await proxy.post_json(
+            "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}]}
+        )
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["served_by"], model)
+
+
+class SDKTests(IntegrationCase):
+    async def test_openai_sdk(self) -> None:
+        """The official openai SDK works unmodified: chat, streamed chat, completions, embeddings."""
+        import openai
+
+        proxy = Proxy(self, make_config({"alpha": fake("alpha", "--tokens", "5")}))
+        client = openai.OpenAI(base_url=proxy.base + "/v1", api_key="unused", max_retries=0)
+
+        def use_sdk() -> dict[str, Any]:
+            messages: Any = [{"role": "user", "content": "hello"}]
+            chat = client.chat.completions.create(model="alpha", messages=messages)
+            stream = client.chat.completions.create(model="alpha", messages=messages, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            completion = client.completions.create(model="alpha", prompt="once upon")
+            embedding = client.embeddings.create(model="alpha", input="hello")
+            models = client.models.list()
+            client.close()  # no keep-alive connection left behind in the reactor
+            return {
+                "chat": chat.choices[0].message.content,
+                "streamed": streamed,
+                "completion": completion.choices[0].text,
+                "embedding": embedding.data[0].embedding,
+                "models": [m.id for m in models],
+            }
+
+        got = await in_thread(use_sdk)
+        self.assertIn("Hello from alpha", got["chat"])
+        self.assertEqual(got["streamed"], got["chat"])
+        self.assertIn("Hello from alpha", got["completion"])
+        self.assertGreater(len(got["embedding"]), 0)
+        self.assertEqual(got["models"], ["alpha"])
+
+    async def test_anthropic_sdk(self) -> None:
+        """The anthropic SDK works for /v1/messages, streamed and not."""
+        import anthropic
+
+        proxy = Proxy(self, make_config({"claude-ish": fake("claude-ish", "--tokens", "4")}))
+        client = anthropic.Anthropic(base_url=proxy.base, api_key="unused", max_retries=0)
+
+        def use_sdk() -> tuple[str, str, int]:
+            messages: Any = [{"role": "user", "content": "hello"}]
+            message = client.messages.create(model="claude-ish", max_tokens=64, messages=messages)
+            with client.messages.stream(
+                model="claude-ish", max_tokens=64, messages=messages
+            ) as stream:
+                streamed = stream.get_final_text()
+            count = client.messages.count_tokens(model="claude-ish", messages=messages)
+            client.close()
+            text = "".join(b.text for b in message.content if b.type == "text")
+            return text, streamed, count.input_tokens
+
+        text, streamed, tokens = await in_thread(use_sdk)
+        self.assertIn("Hello from claude-ish", text)
+        self.assertEqual(streamed, text)
+        self.assertGreater(tokens, 0)
+
+
+class StreamingTests(IntegrationCase):
+    async def test_no_buffering(self) -> None:
+        """
+        50 tokens paced 20 ms apart: the client has the first token before the
+        upstream has written the second.
+        """
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        await self.assert_served(proxy)  # started and warm
+        upstream = proxy.upstream_port("alpha")
+
+        def stream() -> tuple[int, int, float, float, int]:
+            before = fake_get(upstream, "/debug/stats")["frames"]
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {"model": "alpha", "stream": True, "fake_tokens": 50, "fake_token_delay": 0.02}
+            started = time.monotonic()
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            response = conn.getresponse()
+            first_at = frames_then = None
+            tokens = 0
+            while line := response.readline():
+                if b"(token " in line:
+                    tokens += 1
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        frames_then = fake_get(upstream, "/debug/stats")["frames"] - before
+            done = time.monotonic()
+            conn.close()
+            assert first_at is not None and frames_then is not None
+            return tokens, frames_then, first_at - started, done - started, response.status
+
+        tokens, frames_then, first, total, status = await in_thread(stream)
+        self.assertEqual((status, tokens), (200, 50))
+        # Frames written upstream when token 0 arrived: the role frame and token 0.
+        self.assertLessEqual(frames_then, 2)
+        self.assertGreater(total, 0.9)  # 50 x 20 ms
+        self.assertLess(first, total / 4)
+
+    async def test_disconnect_cancels_upstream(self) -> None:
+        """A client leaving mid-stream: the upstream sees its connection close within 100 ms."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        await self.assert_served(proxy)
+        upstream = proxy.upstream_port("alpha")
+
+        def leave_early() -> float:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {"model": "alpha", "stream": True, "fake_tokens": 500, "fake_token_delay": 0.02}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            response = conn.getresponse()
+            while b"(token 2)" not in response.readline():
+                pass
+            assert conn.sock is not None
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            return time.monotonic()
+
+        left_at = await in_thread(leave_early)
+
+        def wait_for_disconnect() -> list[dict[str, Any]]:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                seen: list[dict[str, Any]] = fake_get(upstream, "/debug/disconnects")
+                if seen:
+                    return seen
+                time.sleep(0.01)
+            return []
+
+        seen = await in_thread(wait_for_disconnect)
+        self.assertEqual(len(seen), 1, seen)
+        self.assertEqual(seen[0]["path"], "/v1/chat/completions")
+        self.assertLess(seen[0]["at"] - left_at, 0.1)
+        self.assertLess(seen[0]["frames_written"], 100)  # generation stopped early
+        status, _, running = await proxy.call("GET", "/running")
+        self.assertEqual(json.loads(running)["running"][0]["inFlight"], 0)  # lease released
+        await self.assert_served(proxy)
+
+
+class ErrorTests(IntegrationCase):
+    async def test_request_errors(self) -> None:
+        """Bad JSON 400, missing model 400, unknown model 404; others still served."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        status, _, body = await proxy.call("POST", "/v1/chat/completions", b"{not json")
+        self.assertIn(
+            "invalid JSON", self.assert_error(status, json.loads(body), 400, "bad_request")
+        )
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"messages": []})
+        self.assert_error(status, body, 400, "bad_request")
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "nope"})
+        self.assertEqual(self.assert_error(status, body, 404, "not_found"), "model not found: nope")
+        await self.assert_served(proxy)
+
+    async def test_start_failure(self) -> None:
+        """A model that exits during start-up: 502 with its output tail; others still served."""
+        proxy = Proxy(
+            self,
+            make_config(
+                {"alpha": fake("alpha"), "broken": fake("broken", "--exit-during-startup")}
+            ),
+        )
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "broken"})
+        message = self.assert_error(status, body, 502, "bad_gateway")
+        self.assertIn("failed to load model", message)
+        await self.assert_served(proxy)
+
+    async def test_health_timeout(self) -> None:
+        """A model never healthy within healthCheckTimeout: 504; others still served."""
+        config = make_config({"alpha": fake("alpha"), "stuck": fake("stuck", "--never-healthy")})
+        # 3 s, not 15: evolve() skips the loader's minimum (alpha still starts in time).
+        proxy = Proxy(self, attrs.evolve(config, health_check_timeout=3))
+        started = time.monotonic()
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "stuck"})
+        self.assert_error(status, body, 504, "gateway_timeout")
+        self.assertLess(time.monotonic() - started, 10)
+        await self.assert_served(proxy)
+
+    async def test_upstream_unreachable(self) -> None:
+        """A ready model whose server refuses connections: 502; others still served."""
+        dead_port = free_port()
+        proxy = Proxy(
+            self,
+            make_config(
+                {
+                    "alpha": fake("alpha"),
+                    "deaf": {
+                        "cmd": "sleep 60",
+                        "proxy": f"http://127.0.0.1:{dead_port}",
+                        "checkEndpoint": "none",
+                    },
+                }
+            ),
+        )
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "deaf"})
+        self.assertIn("unreachable", self.assert_error(status, body, 502, "bad_gateway"))
+        await self.assert_served(proxy)
+
+    async def test_body_too_large(self) -> None:
+        """Over maxBodySize: 413, even before a huge body is sent; others still served."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}, maxBodySize=4096))
+        big = json.dumps({"model": "alpha", "prompt": "x" * 5000}).encode()
+        status, _, body = await proxy.call("POST", "/v1/completions", big)
+        self.assert_error(status, json.loads(body), 413, "request_too_large")
+
+        def huge_upload() -> tuple[bytes, float]:
+            # Announce 10 GB, send nothing: the answer must come without the body.
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+                s.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
+                )
+                started = time.monotonic()
+                answer = b""
+                while b"}}" not in answer:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer, time.monotonic() - started
+
+        answer, took = await in_thread(huge_upload)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertLess(took, 1.0)
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])
+        self.assertEqual(error["error"]["code"], "request_too_large")
+        await self.assert_served(proxy)
+
+
+class RoutingTests(IntegrationCase):
+    async def test_multipart_and_query_models(self) -> None:
+        """Transcriptions route by the form field (file intact); voices by ?model=."""
+        proxy = Proxy(self, make_config({"whisper": fake("whisper", "--echo")}))
+        audio = bytes(range(256)) * 40
+        body = (
+            (
+                f"--{MULTIPART_BOUNDARY}\r\n"
+                'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                "Content-Type: audio/wav\r\n\r\n"
+            ).encode()
+            + audio
+            + (
+                f"\r\n--{MULTIPART_BOUNDARY}\r\n"
+                'Content-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+                f"--{MULTIPART_BOUNDARY}--\r\n"
+            ).encode()
+        )
+        status, _, answer = await proxy.call(
+            "POST",
+            "/v1/audio/transcriptions",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"},
+        )
+        self.assertEqual(status, 200, answer)
+        result = json.loads(answer)
+        self.assertEqual(result["served_by"], "whisper")
+        self.assertEqual(int(result["h_content_length"]), len(body))
+        self.assertIn(str(len(audio)), json.dumps(result))
+        status, _, answer = await proxy.call("GET", "/v1/audio/voices?model=whisper")
+        self.assertEqual((status, json.loads(answer)["served_by"]), (200, "whisper"))
+        status, _, answer = await proxy.call("GET", "/props?model=whisper")
+        self.assertEqual((status, json.loads(answer)["served_by"]), (200, "whisper"))
+
+    async def test_upstream_paths(self) -> None:
+        """/upstream: slash ids (longest prefix), redirects, query and escaping kept."""
+        proxy = Proxy(self, make_config({"org/alpha": fake("org-alpha"), "org": fake("org")}))
+        status, headers, _ = await proxy.call("GET", "/upstream/org/alpha?x=1")
+        self.assertEqual((status, headers["location"]), (301, "/upstream/org/alpha/?x=1"))
+        status, headers, _ = await proxy.call("POST", "/upstream/org/alpha", b"{}")
+        self.assertEqual((status, headers["location"]), (308, "/upstream/org/alpha/"))
+        status, headers, body = await proxy.call("GET", "/upstream/org/alpha/echo/a%2Fb?x=1")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["x-served-by"], "org-alpha")
+        echoed = json.loads(body)
+        self.assertEqual((echoed["path"], echoed["query"]), ("/echo/a%2Fb", "x=1"))
+        status, _, body = await proxy.call("GET", "/upstream/org/alpha/")
+        self.assertEqual(body, b"GET /")
+        status, headers, _ = await proxy.call("GET", "/upstream/org/health")
+        self.assertEqual((status, headers["x-served-by"]), (200, "org"))
+        status, _, body = await proxy.call("GET", "/upstream")
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["org", "org/alpha"])
+
+    async def test_model_list_and_cors(self) -> None:
+        """/v1/models is sorted with unlisted models hidden; CORS preflight answered."""
+        proxy = Proxy(
+            self,
+            make_config(
+                {
+                    "zeta": fake("zeta"),
+                    "alpha": fake("alpha", name="Alpha"),
+                    "secret": fake("secret", unlisted=True),
+                    "Beta": fake("Beta"),
+                }
+            ),
+        )
+        status, headers, body = await proxy.call(
+            "GET", "/v1/models", headers={"Origin": "http://webui.test"}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["access-control-allow-origin"], "http://webui.test")
+        listed = json.loads(body)
+        self.assertEqual(listed["object"], "list")
+        self.assertEqual([m["id"] for m in listed["data"]], ["Beta", "alpha", "zeta"])
+        status, headers, body = await proxy.call(
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={
+                "Origin": "http://webui.test",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, content-type")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        status, _, body = await proxy.call("GET", "/running")
+        self.assertEqual(json.loads(body), {"running": []})  # nothing was started
+
+    async def test_load_and_unload(self) -> None:
+        """Preload answers once ready; unload stops it."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        status, _, body = await proxy.call("POST", "/api/models/load/alpha")
+        self.assertEqual((status, json.loads(body)), (200, {"msg": "ok", "model": "alpha"}))
+        running = json.loads((await proxy.call("GET", "/running"))[2])["running"]
+        self.assertEqual([(r["model"], r["state"]) for r in running], [("alpha", "ready")])
+        status, _, body = await proxy.call("POST", "/api/models/unload/alpha")
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual(json.loads((await proxy.call("GET", "/running"))[2]), {"running": []})
+
+    async def test_concurrent_clients(self) -> None:
+        """Several streamed requests at once are each answered in full."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+
+        async def one(i: int) -> None:
+            status, _, body = await proxy.call(
+                "POST",
+                "/v1/chat/completions",
+                json.dumps(
+                    {"model": "alpha", "stream": True, "fake_tokens": 20, "fake_token_delay": 0.005}
+                ).encode(),
+            )
+            self.assertEqual(status, 200)
+            self.assertEqual(body.count(b"(token "), 20, i)
+            self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+
+        await gatherResults([Deferred.fromCoroutine(one(i)) for i in range(8)])
