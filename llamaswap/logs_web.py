@@ -22,9 +22,10 @@ import json
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -48,6 +49,8 @@ UI_FILES = {
 RECENT_REQUESTS = 200
 # Per-client bytes of SSE frames held while the client's socket is full.
 SSE_BUFFER_BYTES = 256 * 1024
+# How often /api/events looks for status changes no event announced.
+POLL_SECONDS = 1.0
 
 _STREAM_HEADERS = {
     b"content-type": b"text/plain; charset=utf-8",
@@ -267,23 +270,87 @@ class EventClient:
 
 
 class EventsResource(Resource):
-    """C{GET /api/events}: the UI's live feed (see docs/logs-and-ui.md)."""
+    """
+    C{GET /api/events}: the UI's live feed (see docs/logs-and-ui.md).
+
+    Model snapshots go out on every C{modelStatus} and C{request} event, and
+    also whenever a once-a-second look at the supervisor sees a change no
+    event announced (a lease released, a TTL countdown restarted).
+    """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, events: EventBus, supervisor: Supervisor, logs: LogHub) -> None:
+    def __init__(
+        self,
+        events: EventBus,
+        supervisor: Supervisor,
+        logs: LogHub,
+        clock: IReactorTime | None = None,
+    ) -> None:
         super().__init__()
         self._events = events
         self._supervisor = supervisor
         self._logs = logs
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
-        # One long-lived subscription keeps the recent-requests list for new clients.
-        events.subscribe(self._remember)
+        if clock is None:
+            from twisted.internet import reactor
 
-    def _remember(self, kind: str, data: dict[str, Any]) -> None:
+            clock = cast(IReactorTime, reactor)
+        self._clock = clock
+        self.clients: set[EventClient] = set()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
+        self._last_key: tuple[Any, ...] | None = None
+        self._poll = LoopingCall(self._look)
+        self._poll.clock = clock
+        # One long-lived subscription for all clients (the resource lives as
+        # long as the service).
+        events.subscribe(self._on_event)
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "request":
+            # Stamp it, so a UI connecting later shows when it happened.
+            data = {"time": round(self._clock.seconds(), 3), **data}
             self.recent.append(data)
+            self._broadcast(_frame("request", data))
+            # Its end may have released a lease and restarted a TTL.
+            self._broadcast_snapshot()
+        elif kind == "modelStatus":
+            self._broadcast_snapshot()
+
+    def _broadcast(self, frame: bytes) -> None:
+        for client in list(self.clients):
+            client.send(frame)
+
+    def _broadcast_snapshot(self) -> None:
+        if self.clients:
+            models = self.models()
+            self._last_key = self._key(models)
+            self._broadcast(_frame("modelStatus", models))
+
+    def _key(self, models: list[dict[str, Any]]) -> tuple[Any, ...]:
+        now = self._clock.seconds()
+        return tuple(
+            (
+                m["id"],
+                m["state"],
+                m["pid"],
+                m["in_flight"],
+                m["last_error"],
+                # The deadline, not the countdown: changes only when the TTL restarts.
+                None if m["ttl_remaining"] is None else round(now + m["ttl_remaining"]),
+            )
+            for m in models
+        )
+
+    def _look(self) -> None:
+        try:
+            models = self.models()
+            key = self._key(models)
+            if key != self._last_key:
+                self._last_key = key
+                self._broadcast(_frame("modelStatus", models))
+        except Exception:
+            self.log.failure("model status poll failed")
 
     def models(self) -> list[dict[str, Any]]:
         """The model list the UI shows: supervisor status plus config details."""
@@ -309,7 +376,19 @@ class EventsResource(Resource):
         return out
 
     def snapshot_frame(self) -> bytes:
-        return _frame("modelStatus", self.models())
+        models = self.models()
+        self._last_key = self._key(models)
+        return _frame("modelStatus", models)
+
+    def _add(self, client: EventClient) -> None:
+        self.clients.add(client)
+        if not self._poll.running:
+            self._poll.start(POLL_SECONDS, now=False)
+
+    def _remove(self, client: EventClient) -> None:
+        self.clients.discard(client)
+        if not self.clients and self._poll.running:
+            self._poll.stop()
 
     def render(self, request: Request) -> bytes | int:
         if request.method != b"GET":
@@ -331,16 +410,8 @@ class EventsResource(Resource):
                 client.send(_frame("logData", {"source": source, "lines": lines}))
         if self.recent:
             client.send(_frame("requests", list(self.recent)))
-
-        def on_event(kind: str, data: dict[str, Any]) -> None:
-            if kind == "modelStatus":
-                client.send(self.snapshot_frame())
-            elif kind == "request":
-                client.send(_frame("request", data))
-                # The request's end restarts its model's TTL: refresh the countdown.
-                client.send(self.snapshot_frame())
-
-        client.on_close(self._events.subscribe(on_event))
+        self._add(client)
+        client.on_close(lambda: self._remove(client))
         for source in (PROXY, UPSTREAM):
             client.on_close(self._logs.subscribe(source, _log_sender(client, source), client.close))
         finished.addBoth(client.detach)
@@ -358,9 +429,15 @@ def _log_sender(client: EventClient, source: str) -> Callable[[bytes], None]:
     return send
 
 
-def build_events_resource(events: EventBus, supervisor: Supervisor, logs: LogHub) -> IResource:
-    """The resource mounted at C{/api/events}."""
-    return EventsResource(events, supervisor, logs)
+def build_events_resource(
+    events: EventBus,
+    supervisor: Supervisor,
+    logs: LogHub,
+    *,
+    clock: IReactorTime | None = None,
+) -> IResource:
+    """The resource mounted at C{/api/events} (C{clock}: the global reactor by default)."""
+    return EventsResource(events, supervisor, logs, clock)
 
 
 # --- /ui -------------------------------------------------------------------------

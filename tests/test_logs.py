@@ -10,16 +10,20 @@ real ports on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from attrs import frozen
 from treq.testing import StubTreq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import (
     LogEvent,
@@ -36,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap.config import Config, ModelConfig
 from llamaswap.events import EventBus
+from llamaswap.http import make_http
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub, LogStream
 from llamaswap.logs_web import (
     SSE_BUFFER_BYTES,
@@ -43,6 +48,7 @@ from llamaswap.logs_web import (
     build_logs_resource,
     build_ui_resource,
 )
+from tests.fakeserver_helper import free_port
 
 MODELS = ("alpha", "org/beta")
 
@@ -589,10 +595,14 @@ class EventsTests(HubCase):
         hub, pub = self.start_hub()
         bus = EventBus()
         supervisor = FakeSupervisor(hub.config)
+        self.clock = Clock()
         root = Resource()
         api = Resource()
         root.putChild(b"api", api)
-        api.putChild(b"events", build_events_resource(bus, supervisor, hub))  # type: ignore[arg-type]
+        api.putChild(
+            b"events",
+            build_events_resource(bus, supervisor, hub, clock=self.clock),  # type: ignore[arg-type]
+        )
         proxy(pub).info("early")
         bus.publish("request", {"id": 1, "model": "alpha", "status": 200})
         channel, transport = connect(root)
@@ -655,21 +665,45 @@ class EventsTests(HubCase):
         self.assertEqual([e["type"] for e in after[-2:]], ["dropped", "modelStatus"])
         self.assertEqual(after[-2]["data"]["count"], 5000 - delivered)
 
+    def test_unannounced_changes_are_polled(self) -> None:
+        """
+        A status change no event announced (a lease released, a TTL restarted)
+        reaches the UI within a second; an unchanged status sends nothing.
+        """
+        _, supervisor, _, transport = self.open_events()
+        count = len(sse_events(transport.value()))
+        self.clock.advance(1)
+        self.assertEqual(len(sse_events(transport.value())), count)
+        supervisor.states["org/beta"] = "ready"
+        self.clock.advance(1)
+        new = sse_events(transport.value())[count:]
+        self.assertEqual([e["type"] for e in new], ["modelStatus"])
+        self.assertEqual(new[0]["data"][1]["state"], "ready")
+
     def test_disconnect_unsubscribes(self) -> None:
-        """A UI that leaves is dropped from the bus and the log streams."""
+        """A UI that leaves is dropped from the feed, the log streams and the poll."""
         hub, _ = self.start_hub()
         bus = EventBus()
-        resource = build_events_resource(bus, FakeSupervisor(hub.config), hub)  # type: ignore[arg-type]
+        clock = Clock()
+        resource = build_events_resource(
+            bus,
+            FakeSupervisor(hub.config),  # type: ignore[arg-type]
+            hub,
+            clock=clock,
+        )
         root = Resource()
         root.putChild(b"events", resource)
         channel, _ = connect(root)
         get(channel, "/events")
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 1)
-        self.assertEqual(len(bus._subscribers), 2)  # the recent-requests list + this client
+        self.assertEqual(len(resource.clients), 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
         channel.connectionLost(Failure(ConnectionError("gone")))
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 0)
         self.assertEqual(hub.stream(UPSTREAM).subscriber_count(), 0)
-        self.assertEqual(len(bus._subscribers), 1)
+        self.assertEqual(len(resource.clients), 0)  # type: ignore[attr-defined]
+        self.assertEqual(clock.getDelayedCalls(), [])
+        bus.publish("modelStatus", {"model": "alpha", "state": "ready", "pid": 1})
 
 
 class LogStreamUnitTests(SynchronousTestCase):
@@ -817,3 +851,91 @@ class ConcurrentStreamTests(TestCase):
         await sleeper.wait_for(lambda data: b" lines dropped]\n" in data)
         log.info("{line}", line="fresh", model="org/beta", stream="stdout")
         await sleeper.wait_for(lambda data: data.endswith(b"fresh\n\r\n"))
+
+
+# --- logToStdout under real twistd -----------------------------------------------
+
+# twistd has no __main__: run its entry point the way its script does.
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Output(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+class TwistdStdoutTests(TestCase):
+    """What C{twistd -n llamaswap} prints follows logToStdout."""
+
+    timeout = 90
+
+    async def run_twistd(self, mode: str) -> str:
+        """Start twistd, load a fake model, stop twistd; return its stdout."""
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        listen, model_port = free_port(), free_port()
+        config = folder / "config.yaml"
+        config.write_text(
+            f"logToStdout: {mode}\n"
+            "models:\n"
+            "  alpha:\n"
+            f"    cmd: ${{PYTHON}} -m llamaswap.fakeserver --port {model_port} --name alpha\n"
+            f"    proxy: http://127.0.0.1:{model_port}\n",
+            encoding="utf-8",
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(SOURCE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        output = Output()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            output,
+            sys.executable,
+            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llamaswap",
+             "--config", str(config), "--listen", f"tcp:{listen}:interface=127.0.0.1"],
+            env=env,
+            path=str(folder),
+        )  # fmt: skip
+
+        async def stop() -> None:
+            if process.pid is not None:
+                process.signalProcess("TERM")
+            await output.ended
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+        http, pool = make_http(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        base = f"http://127.0.0.1:{listen}"
+        for _ in range(200):  # up to ~20 s for twistd to listen
+            try:
+                response = await http.get(base + "/health")
+                await response.content()
+                break
+            except error.ConnectionRefusedError:
+                await deferLater(reactor, 0.1)  # type: ignore[arg-type]
+        response = await http.post(base + "/api/models/load/alpha")
+        self.assertEqual(response.code, 200, await response.content())
+        process.signalProcess("TERM")
+        await output.ended
+        return output.out.decode("utf-8", "replace")
+
+    async def test_proxy_mode(self) -> None:
+        """Default (proxy): llamaswap's lines, none of the model's output."""
+        out = await self.run_twistd("proxy")
+        self.assertIn("starting alpha", out)
+        self.assertNotIn("fakeserver alpha pid=", out)
+
+    async def test_upstream_mode(self) -> None:
+        """upstream: the model's output, none of llamaswap's own lines."""
+        out = await self.run_twistd("upstream")
+        self.assertIn("fakeserver alpha pid=", out)
+        self.assertNotIn("starting alpha", out)

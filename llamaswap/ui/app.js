@@ -126,7 +126,8 @@ function renderModels() {
   body.replaceChildren(...rows);
   $("models-empty").hidden = state.models.length > 0;
   const ready = state.models.filter((m) => m.state === "ready").length;
-  $("models-summary").textContent = `${state.models.length} models, ${ready} ready`;
+  const n = state.models.length;
+  $("models-summary").textContent = `${n} model${n === 1 ? "" : "s"}, ${ready} ready`;
   $("unload-all").disabled = state.busy.has("*");
   refreshModelSelect();
 }
@@ -186,7 +187,7 @@ function renderLogs() {
   $("log-model").disabled = stream === "proxy";
   const lines = visibleLogLines();
   view.textContent = lines.length ? lines.join("\n") + "\n" : "";
-  $("log-count").textContent = `${lines.length} lines`;
+  $("log-count").textContent = `${lines.length} line${lines.length === 1 ? "" : "s"}`;
   if ($("log-follow").checked) view.scrollTop = view.scrollHeight;
 }
 
@@ -214,7 +215,7 @@ function fmtTokens(usage) {
 
 function addRequests(list) {
   for (const request of list) {
-    request._seen = request._seen || new Date();
+    request._seen = request.time ? new Date(request.time * 1000) : new Date();
     state.requests.push(request);
   }
   if (state.requests.length > MAX_REQUESTS) {
@@ -239,7 +240,8 @@ function renderRequests() {
   });
   $("requests-body").replaceChildren(...rows);
   $("requests-empty").hidden = state.requests.length > 0;
-  $("requests-summary").textContent = `${state.requests.length} recent requests`;
+  const n = state.requests.length;
+  $("requests-summary").textContent = `${n} recent request${n === 1 ? "" : "s"}`;
 }
 
 // --- the live feed -----------------------------------------------------------

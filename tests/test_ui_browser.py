@@ -1,0 +1,228 @@
+"""
+The web UI in a real headless Chromium, against the real service.
+
+The proxy runs on the trial reactor (two demo models running the package's
+fake server); Playwright's synchronous API drives Debian's C{/usr/bin/chromium}
+from a worker thread (it must not run on the reactor thread). Skipped only
+when Chromium or the Playwright package is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from llamaswap.config import parse_config
+from llamaswap.tap import build_service
+from tests.fakeserver_helper import REPO_ROOT, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 30_000
+
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+SKIP: str | None = None
+if not os.path.exists(CHROMIUM):
+    SKIP = f"{CHROMIUM} is not installed (apt-get install chromium)"
+elif sync_playwright is None:
+    SKIP = "the playwright Python package is not installed (pip install playwright)"
+
+
+def demo_config(alpha_port: int, beta_port: int) -> str:
+    fake = "${PYTHON} -m llamaswap.fakeserver --tokens 3"
+    return f"""
+logToStdout: proxy
+models:
+  alpha:
+    cmd: {fake} --port {alpha_port} --name alpha
+    proxy: http://127.0.0.1:{alpha_port}
+    aliases: [first]
+    ttl: 120
+    description: The first demo model.
+  team/beta:
+    cmd: {fake} --port {beta_port} --name beta
+    proxy: http://127.0.0.1:{beta_port}
+    name: Beta
+"""
+
+
+def row(page: Page, model: str) -> Any:
+    return page.locator(f'#models-body tr[data-model="{model}"]')
+
+
+def drive_browser(base: str, shots: Path) -> dict[str, Any]:
+    """
+    The user's session, run in a worker thread. Returns what it saw; raises
+    (a Playwright TimeoutError) if the page never reaches an expected state.
+    """
+    seen: dict[str, Any] = {}
+    assert sync_playwright is not None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.set_default_timeout(WAIT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            outside: list[str] = []
+            page.on(
+                "request",
+                lambda r: None if r.url.startswith(base) else outside.append(r.url),
+            )
+
+            page.goto(base + "/ui/")
+            page.wait_for_selector("#conn.live")
+            alpha, beta = row(page, "alpha"), row(page, "team/beta")
+            alpha.wait_for()
+            beta.wait_for()
+            seen["initial"] = [
+                alpha.locator(".state").inner_text(),
+                beta.locator(".state").inner_text(),
+            ]
+            seen["aliases"] = alpha.locator(".alias").all_inner_texts()
+            seen["ttl_before"] = alpha.locator(".ttl").inner_text()
+            page.screenshot(path=str(shots / "1-models.png"))
+
+            # Load: the state goes to ready, live, without reloading the page.
+            alpha.locator("button.load").click()
+            alpha.locator(".state.state-ready").wait_for()
+            seen["ready_unload_enabled"] = alpha.locator("button.unload").is_enabled()
+            seen["beta_after_load"] = beta.locator(".state").inner_text()
+            page.screenshot(path=str(shots / "2-ready.png"))
+
+            # A request through the proxy shows up on the requests page, tokens included.
+            body = json.dumps(
+                {"model": "first", "messages": [{"role": "user", "content": "hi"}]}
+            ).encode()
+            request = urllib.request.Request(
+                base + "/v1/chat/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                seen["chat_status"] = response.status
+            # The request restarted the TTL: the countdown is shown.
+            page.wait_for_function(
+                "document.querySelector('#models-body tr[data-model=\"alpha\"] .ttl')"
+                ".textContent.endsWith('s left')"
+            )
+            seen["ttl_after"] = alpha.locator(".ttl").inner_text()
+            page.click('nav a[data-page="requests"]')
+            first_request = page.locator("#requests-body tr").first
+            first_request.wait_for()
+            seen["request_row"] = first_request.locator("td").all_inner_texts()
+            page.screenshot(path=str(shots / "3-requests.png"))
+
+            # Logs: the model's own output appears on the upstream stream.
+            page.click('nav a[data-page="logs"]')
+            page.locator(".segmented label", has_text="Upstream").click()
+            page.wait_for_function(
+                "document.getElementById('log-view').textContent"
+                ".includes('[alpha] fakeserver alpha')"
+            )
+            page.select_option("#log-model", "alpha")
+            page.fill("#log-filter", "listening on")
+            page.wait_for_function("document.getElementById('log-count').textContent === '1 line'")
+            seen["filtered_logs"] = page.locator("#log-view").inner_text()
+            page.locator(".segmented label", has_text="Proxy").click()
+            page.fill("#log-filter", "alpha")
+            page.wait_for_function(
+                "document.getElementById('log-view').textContent.includes('[INFO]')"
+            )
+            seen["proxy_logs"] = page.locator("#log-view").inner_text()
+            page.screenshot(path=str(shots / "4-logs.png"))
+
+            # Unload: back to stopped.
+            page.click('nav a[data-page="models"]')
+            alpha.locator("button.unload").click()
+            alpha.locator(".state.state-stopped").wait_for()
+            seen["load_enabled_again"] = alpha.locator("button.load").is_enabled()
+            page.screenshot(path=str(shots / "5-stopped.png"))
+            seen["page_errors"] = errors
+            seen["outside_requests"] = outside
+        finally:
+            browser.close()
+    return seen
+
+
+class BrowserUITests(TestCase):
+    timeout = 180
+    skip = SKIP
+
+    async def test_load_watch_logs_unload(self) -> None:
+        """
+        In Chromium: /ui/ lists both demo models; Load makes one ready, its
+        output appears on the logs page, a proxied request appears on the
+        requests page with its tokens, and Unload stops it again.
+        """
+        config = parse_config(
+            demo_config(free_port(), free_port()), base_dir=REPO_ROOT, source="browser-test"
+        )
+        service = build_service(config, reactor=reactor, listen="tcp:0:interface=127.0.0.1")
+        transitions: list[tuple[str, str]] = []
+        service.events.subscribe(
+            lambda kind, data: (
+                transitions.append((data["model"], data["state"]))
+                if kind == "modelStatus"
+                else None
+            )
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert service.http.port is not None
+        base = f"http://127.0.0.1:{service.http.port.getHost().port}"
+        # Screenshots for a human look: LLAMASWAP_UI_SHOTS=<dir> keeps them.
+        shots = Path(os.environ.get("LLAMASWAP_UI_SHOTS") or self.mktemp())
+        shots.mkdir(parents=True, exist_ok=True)
+
+        started = time.monotonic()
+        seen = await deferToThread(drive_browser, base, shots)
+        elapsed = time.monotonic() - started
+
+        self.assertEqual(seen["initial"], ["stopped", "stopped"])
+        self.assertEqual(seen["aliases"], ["first"])
+        self.assertEqual(seen["ttl_before"], "120s")
+        self.assertTrue(seen["ready_unload_enabled"])
+        self.assertEqual(seen["beta_after_load"], "stopped")
+        self.assertEqual(seen["chat_status"], 200)
+        self.assertRegex(seen["ttl_after"], r"^1[01][0-9]s left$|^120s left$")
+        # id, time, model, request, status, duration, tokens, bytes
+        self.assertEqual(seen["request_row"][2], "alpha")
+        self.assertEqual(seen["request_row"][3], "POST /v1/chat/completions")
+        self.assertEqual(seen["request_row"][4], "200")
+        self.assertRegex(seen["request_row"][6], r"^\d+ / 3$")
+        self.assertEqual(
+            seen["filtered_logs"].strip().splitlines(),
+            [line for line in seen["filtered_logs"].strip().splitlines() if "listening on" in line],
+        )
+        self.assertIn("[alpha] fakeserver alpha", seen["filtered_logs"])
+        self.assertIn("[INFO]", seen["proxy_logs"])
+        self.assertTrue(seen["load_enabled_again"])
+        self.assertEqual(seen["page_errors"], [])
+        self.assertEqual(seen["outside_requests"], [])
+        self.assertEqual(
+            [state for model, state in transitions if model == "alpha"],
+            ["starting", "ready", "stopping", "stopped"],
+        )
+        self.assertLess(elapsed, 120)
