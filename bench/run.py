@@ -200,6 +200,7 @@ class Ports:
     proxy: int = field(default_factory=free_port)
     nginx: int = field(default_factory=free_port)
     nginx_proxy: int = field(default_factory=free_port)
+    twisted_min: int = field(default_factory=free_port)
     paced: int = field(default_factory=free_port)
     swap_a: int = field(default_factory=free_port)
     swap_b: int = field(default_factory=free_port)
@@ -320,7 +321,20 @@ end
 """
 
 
-def wrk(port: int, lua: Path, conns: int, seconds: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, lua: Path, conns: int, seconds: int, pid: int | None = None) -> dict[str, float]:
+    """
+    One wrk run. With C{pid}, also that process's CPU time per request: a
+    figure that the other load on a shared machine disturbs much less than
+    req/s (it does not count time spent waiting for a core).
+    """
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     cmd = [
         "wrk",
         "-t1",
@@ -337,7 +351,9 @@ def wrk(port: int, lua: Path, conns: int, seconds: int) -> dict[str, float]:
         if line.startswith("BENCHJSON "):
             raw = json.loads(line[len("BENCHJSON ") :])
             secs = raw["duration_us"] / 1e6
+            cpu = (cpu_seconds(pid) - cpu_before) if pid else float("nan")
             return {
+                "cpu_us_per_req": cpu / max(1, raw["requests"]) * 1e6,
                 "rps": raw["requests"] / secs,
                 "p50_ms": raw["p50_us"] / 1000,
                 "p99_ms": raw["p99_us"] / 1000,
@@ -540,6 +556,7 @@ class Bench:
         self.procs: list[Proc] = []
         self.results: dict[str, Any] = {}
         self.proxy: Proc | None = None
+        self.pids: dict[str, int] = {}  # system -> the process whose CPU time we count
         self.rounds: int = args.rounds
         self.dur: int = args.duration
         lua_body = chat_body("bench-nginx").decode().replace("'", "\\'")
@@ -551,6 +568,7 @@ class Bench:
         out = [("direct", self.ports.nginx), ("proxy", self.ports.proxy)]
         if reference and self.args.reference:
             out.append(("nginx-proxy", self.ports.nginx_proxy))
+            out.append(("twisted-min", self.ports.twisted_min))
         return out
 
     def spawn(self, name: str, cmd: list[str], **kw: Any) -> Proc:
@@ -569,6 +587,13 @@ class Bench:
         ).stop_signal = signal.SIGQUIT
         if not wait_http(self.ports.nginx, "/health", time.monotonic() + 10):
             raise RuntimeError(f"nginx did not start: {(self.tmp / 'nginx-error.log').read_text()}")
+        if self.args.reference:
+            minimal = [PY, str(ROOT / "bench" / "minimal_relay.py")]
+            minimal += ["--port", str(self.ports.twisted_min)]
+            minimal += ["--upstream", f"http://{HOST}:{self.ports.nginx}"]
+            self.pids["twisted-min"] = self.spawn("twisted-min", minimal).pid
+            if not wait_http(self.ports.twisted_min, "/health", time.monotonic() + 10):
+                raise RuntimeError("bench/minimal_relay.py did not start")
         cfg = self.tmp / "llamaswap.yaml"
         cfg.write_text(proxy_config(self.ports))
         cmd = [PY, "-m", "twisted", "-n", "--pidfile="]
@@ -577,6 +602,11 @@ class Bench:
         self.proxy = self.spawn("proxy", cmd)
         if not wait_http(self.ports.proxy, "/v1/models", time.monotonic() + 30):
             raise RuntimeError("proxy did not start:\n" + self.proxy_log_tail())
+        self.pids["proxy"] = self.proxy.pid
+        with contextlib.suppress(OSError, ValueError):
+            master = self.procs[0].pid
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+            self.pids["direct"] = int(children[0])  # the one nginx worker
         log(f"proxy pid {self.proxy.pid} on port {self.ports.proxy}, nginx on {self.ports.nginx}")
 
     def proxy_log_tail(self, n: int = 30) -> str:
@@ -618,13 +648,14 @@ class Bench:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in self.systems()}
             for _ in range(self.rounds):
                 for name, port in self.systems():
+                    pid = self.pids.get(name)
                     if name == "proxy":
                         assert self.proxy is not None
                         with RssSampler(self.proxy.pid) as sampler:
-                            runs[name].append(wrk(port, self.lua, conns, self.dur))
+                            runs[name].append(wrk(port, self.lua, conns, self.dur, pid))
                         peak = max(peak, sampler.peak_kb)
                     else:
-                        runs[name].append(wrk(port, self.lua, conns, self.dur))
+                        runs[name].append(wrk(port, self.lua, conns, self.dur, pid))
             out[f"c={conns}"] = {name: summarise_wrk(r) for name, r in runs.items()}
             log(f"  c={conns}: " + fmt_s1(out[f"c={conns}"]))
         self.results["S1"] = out
@@ -878,6 +909,7 @@ def summarise_wrk(runs: list[dict[str, float]]) -> dict[str, Any]:
         "p50_ms": median([r["p50_ms"] for r in runs]),
         "p99_ms": median([r["p99_ms"] for r in runs]),
         "max_ms": max(r["max_ms"] for r in runs),
+        "cpu_us_per_req": median([r["cpu_us_per_req"] for r in runs]),
         "errors": sum(int(r["errors"]) for r in runs),
         "rounds_rps": [round(r["rps"]) for r in runs],
     }
@@ -917,74 +949,78 @@ def fmt_s2(row: dict[str, Any]) -> str:
     )
 
 
-def table(results: dict[str, Any]) -> str:
-    """The human summary: one line per measure, proxy against direct."""
-    rows: list[tuple[str, str, str, str, str]] = []
+REFERENCES = ("nginx-proxy", "twisted-min")
 
-    def add(what: str, direct: str, proxy: str, ratio: str, note: str = "") -> None:
-        rows.append((what, direct, proxy, ratio, note))
+
+def table(results: dict[str, Any]) -> str:
+    """
+    The human summary: one line per measure. "vs direct" is a ratio (x) for
+    rates and totals and a difference (ms) for latencies and gaps; the
+    reference columns show the same comparison for the reference proxies.
+    """
+    rows: list[list[str]] = []
+
+    def add(
+        what: str, row: dict[str, Any], key: str, fmt: str, cmp: Callable[[float, float], str]
+    ) -> None:
+        d = row["direct"][key]
+        cells = [what, format(d, fmt), format(row["proxy"][key], fmt), cmp(row["proxy"][key], d)]
+        for ref in REFERENCES:
+            v = row.get(ref, {}).get(key)
+            cells.append(f"{format(v, fmt)} ({cmp(v, d)})" if v is not None else "")
+        rows.append(cells)
+
+    def note(text: str) -> None:
+        rows.append([text, "", "", "", *("" for _ in REFERENCES)])
 
     for conc, row in results.get("S1", {}).items():
-        d, p = row["direct"], row["proxy"]
-        ref = row.get("nginx-proxy")
-        note = f"nginx-proxy {ref['rps'] / d['rps']:.2f}x" if ref else ""
-        if p["errors"]:
-            note += f" {p['errors']} ERRORS"
-        add(f"S1 {conc} req/s", f"{d['rps']:.0f}", f"{p['rps']:.0f}", x(p["rps"], d["rps"]), note)
-        add(
-            f"S1 {conc} p50 ms",
-            f"{d['p50_ms']:.2f}",
-            f"{p['p50_ms']:.2f}",
-            x(p["p50_ms"], d["p50_ms"]),
-        )
-        add(
-            f"S1 {conc} p99 ms",
-            f"{d['p99_ms']:.2f}",
-            f"{p['p99_ms']:.2f}",
-            x(p["p99_ms"], d["p99_ms"]),
-        )
+        add(f"S1 {conc} req/s", row, "rps", ".0f", x)
+        add(f"S1 {conc} p50 ms", row, "p50_ms", ".2f", plus)
+        add(f"S1 {conc} p99 ms", row, "p99_ms", ".2f", plus)
+        add(f"S1 {conc} CPU us/req", row, "cpu_us_per_req", ".0f", x)
+        if row["proxy"]["errors"]:
+            note(f"  !! S1 {conc}: proxy had {row['proxy']['errors']} errors")
     for case, row in results.get("S2", {}).items():
-        d, p = row["direct"], row["proxy"]
-        bad = f"{p['bad_streams']} bad streams" if p["bad_streams"] else ""
-        add(f"S2 {case} ttfb p50 ms", f"{d['ttfb_p50_ms']:.2f}", f"{p['ttfb_p50_ms']:.2f}",
-            plus(p["ttfb_p50_ms"], d["ttfb_p50_ms"]), bad)  # fmt: skip
-        for k in ("gap_p50_ms", "gap_p99_ms", "gap_max_ms"):
-            add(f"S2 {case} {k[:-3].replace('_', ' ')} ms", f"{d[k]:.2f}", f"{p[k]:.2f}",
-                plus(p[k], d[k]))  # fmt: skip
-        add(f"S2 {case} total p50 ms", f"{d['total_p50_ms']:.1f}", f"{p['total_p50_ms']:.1f}",
-            x(p["total_p50_ms"], d["total_p50_ms"]))  # fmt: skip
+        add(f"S2 {case} ttfb p50 ms", row, "ttfb_p50_ms", ".2f", plus)
+        add(f"S2 {case} gap p50 ms", row, "gap_p50_ms", ".2f", plus)
+        add(f"S2 {case} gap p99 ms", row, "gap_p99_ms", ".2f", plus)
+        add(f"S2 {case} gap max ms", row, "gap_max_ms", ".2f", plus)
+        add(f"S2 {case} total p50 ms", row, "total_p50_ms", ".1f", x)
+        if row["proxy"]["bad_streams"]:
+            note(f"  !! S2 {case}: {row['proxy']['bad_streams']} incomplete or failed streams")
     if "S3" in results:
-        d, p = results["S3"]["direct"], results["S3"]["proxy"]
-        ref = results["S3"].get("nginx-proxy")
-        note = f"nginx-proxy {ref['ratio']:.2f}x" if ref else ""
-        add(f"S3 {BIG_MB} MB MB/s", f"{d['mb_s']:.0f}", f"{p['mb_s']:.0f}", x(p["mb_s"], d["mb_s"]),
-            note)  # fmt: skip
+        add(f"S3 {BIG_MB} MB response MB/s", results["S3"], "mb_s", ".0f", x)
     if "S4" in results:
         s4 = results["S4"]
-        add("S4 swapped request ms", f"{median(s4['direct_startup_s']) * 1000:.0f} (start-up)",
-            f"{median(s4['swap_request_s']) * 1000:.0f}", f"+{s4['overhead_ms']:.0f} ms",
-            f"max +{s4['overhead_max_ms']:.0f} ms")  # fmt: skip
+        row = {
+            "direct": {"ms": median(s4["direct_startup_s"]) * 1000},
+            "proxy": {"ms": median(s4["swap_request_s"]) * 1000},
+        }
+        add("S4 swap: start-up vs swapped request ms", row, "ms", ".0f", plus)
+        note(f"  S4 overhead (minus plain request) {s4['overhead_ms']:.0f} ms,"
+             f" worst {s4['overhead_max_ms']:.0f} ms")  # fmt: skip
     if "S5" in results:
         s5 = results["S5"]
-        for k in ("idle_start_kb", "load_peak_kb", "idle_end_kb"):
+        for k, label in (("idle_start_kb", "idle"), ("load_peak_kb", "peak under S1"),
+                         ("idle_end_kb", "idle at end")):  # fmt: skip
             if k in s5:
-                add(f"S5 RSS {k[:-3].replace('_', ' ')} MB", "", f"{s5[k] / 1024:.1f}", "")
+                rows.append([f"S5 proxy RSS {label} MB", "", f"{s5[k] / 1024:.1f}", "", "", ""])
     if "S6" in results:
         s6 = results["S6"]
-        add(f"S6 c=8 req/s, {LISTENERS} log listeners", f"{s6['without']['rps']:.0f} (none)",
-            f"{s6['with_listeners']['rps']:.0f}", f"{s6['ratio']:.2f}x",
-            f"{s6['bytes_per_request_per_listener']:.0f} B/req/listener")  # fmt: skip
-    header = ("measure", "direct", "proxy", "proxy vs direct", "note")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+        row = {"direct": s6["without"], "proxy": s6["with_listeners"]}
+        add(f"S6 c=8 req/s: none vs {LISTENERS} log listeners", row, "rps", ".0f", x)
+        note(f"  S6 each listener got {s6['bytes_per_request_per_listener']:.0f} B per request")
+    header = ["measure", "direct", "proxy", "proxy vs direct", *REFERENCES]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def x(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
+    return f"{a / b:.2f}x" if b and a == a and b == b else "n/a"  # a == a: not NaN
 
 
 def plus(a: float, b: float) -> str:
@@ -1058,7 +1094,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-reference",
         dest="reference",
         action="store_false",
-        help="skip nginx-as-reverse-proxy, the reference point for S1-S3",
+        help="skip the reference proxies in S1-S3 (nginx as a reverse proxy, and "
+        "bench/minimal_relay.py, the smallest Twisted relay)",
     )
     p.add_argument("--only", nargs="+", choices=["S1", "S2", "S3", "S4", "S6"])
     p.add_argument(
