@@ -181,7 +181,7 @@ class LogHub(Service):
         self.config = config
         self.events = events
         self._publisher = publisher if publisher is not None else globalLogPublisher
-        self._level = _LEVELS.get(config.log_level, LogLevel.info)
+        self._level = _LEVELS.get(config.log_level.lower(), LogLevel.info)
         self._mode = config.log_to_stdout
         limit = config.log_history_bytes
         self.streams: dict[str, LogStream] = {
