@@ -12,7 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # The default factory logs "Starting/Stopping factory" for every upstream
+    # connection (each health poll!), flooding the proxy log.
+    noisy = False
 
 
 def make_http(
@@ -20,6 +26,7 @@ def make_http(
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """Return a treq client and the pool to close when done."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 16  # idle sockets kept per upstream; not a concurrency cap
     # llama-server (cpp-httplib) closes idle keep-alive sockets after 5 s: stay below.
     pool.cachedConnectionTimeout = 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -45,7 +45,27 @@ class Options(usage.Options):
         try:
             self["parsed"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from e
+            raise ConfigUsageError(str(e)) from e
+
+
+class ConfigUsageError(SystemExit):
+    """
+    A bad configuration, reported as one line on stderr with exit status 1.
+
+    twistd answers a C{UsageError} with its whole option summary before the
+    message, burying the one line that matters; a C{SystemExit} carrying the
+    message is printed alone, still before any daemonizing or pidfile.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"llamaswap: {message}")
+        self.message = message
+
+
+async def _await_maybe(result: object) -> None:
+    """Await C{result} if it is a Deferred (Twisted APIs return one or None)."""
+    if isinstance(result, Deferred):
+        await result
 
 
 class HTTPService(Service):
@@ -65,12 +85,12 @@ class HTTPService(Service):
         self._endpoint.listen(self._factory).addCallbacks(self._listening, failures.append)
         if failures:
             failures[0].raiseException()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         if self.port is None:
             self.privilegedStartService()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -78,11 +98,11 @@ class HTTPService(Service):
         self.log.info("llamaswap listening on {address}", address=address)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)
+        return Deferred.fromCoroutine(_await_maybe(port.stopListening()))
 
 
 class LlamaSwapService(MultiService):
@@ -92,7 +112,7 @@ class LlamaSwapService(MultiService):
     """
 
     def __init__(self, config: Config, *, listen: str, reactor: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         from llamaswap.logs import LogHub
         from llamaswap.resources import build_root
         from llamaswap.site import LlamaSwapSite
@@ -119,20 +139,19 @@ class LlamaSwapService(MultiService):
             events=self.events,
             reactor=reactor,
         )
-        self.http = HTTPService(serverFromString(reactor, listen), site)
+        self.http = HTTPService(serverFromString(reactor, listen), site)  # type: ignore[no-untyped-call]
         # Start order: logs first (capture everything), then models, then HTTP.
-        self.logs.setServiceParent(self)
-        self.supervisor.setServiceParent(self)
-        self.http.setServiceParent(self)
+        for child in (self.logs, self.supervisor, self.http):
+            child.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
+        Service.stopService(self)  # type: ignore[no-untyped-call]
 
         async def stop_in_order() -> None:
             await self.http.stopService()
-            await maybeDeferred(self.supervisor.stopService)
-            await self._pool.closeCachedConnections()
-            await maybeDeferred(self.logs.stopService)
+            await _await_maybe(self.supervisor.stopService())
+            await _await_maybe(self._pool.closeCachedConnections())  # type: ignore[no-untyped-call]
+            self.logs.stopService()
 
         return Deferred.fromCoroutine(stop_in_order())
 
