@@ -48,6 +48,14 @@ def _set_parent_death_signal(sig: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _guard(server: int, grace: float) -> None:
     """Kill the server's process group once llamaswap's end of stdin closes."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -63,15 +71,15 @@ def _guard(server: int, grace: float) -> None:
     while True:
         watched = [0] if pidfd is None else [0, pidfd]
         ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 1.0)
-        if pidfd is not None and pidfd in ready:
-            return  # the server is gone: nothing left to guard
-        if pidfd is None:
-            try:
-                os.kill(server, 0)
-            except ProcessLookupError:
-                return
         if 0 in ready and not os.read(0, 4096):
             break  # EOF: llamaswap died without stopping us
+        gone = pidfd in ready if pidfd is not None else not _exists(server)
+        if gone:
+            # The server is gone. If llamaswap died too (its parent-death signal
+            # may be why), its end of stdin is closed already: act on that.
+            if select.select([0], [], [], 0)[0] and not os.read(0, 4096):
+                break
+            return  # llamaswap lives and deals with any leftovers
     os.killpg(0, signal.SIGTERM)
     if pidfd is not None:
         select.select([pidfd], [], [], grace)

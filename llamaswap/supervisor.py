@@ -82,10 +82,17 @@ class _Waiter:
         self.model = model
         self.allowed = allowed
         self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
+        self.done = False  # served, failed or withdrawn: skipped, then dropped from the queue
 
-    def conflicts_with(self, other: _Waiter) -> bool:
-        """Whether serving one would stop the other's model."""
-        return self.model.id not in other.allowed or other.model.id not in self.allowed
+    @property
+    def key(self) -> tuple[str, frozenset[str]]:
+        """Waiters with equal keys want exactly the same thing."""
+        return (self.model.id, self.allowed)
+
+
+def _conflict(one: tuple[str, frozenset[str]], other: tuple[str, frozenset[str]]) -> bool:
+    """Whether serving one waiter would stop the other's model."""
+    return one[0] not in other[1] or other[0] not in one[1]
 
 
 class Supervisor(Service):
@@ -166,7 +173,9 @@ class Supervisor(Service):
         self._shutting_down = True
         queued, self._queue = self._queue, []
         for waiter in queued:
-            waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
+            if not waiter.done:
+                waiter.done = True
+                waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
         stops = [proc.stop() for proc in self._procs.values()]
 
         async def wait() -> None:
@@ -199,7 +208,7 @@ class Supervisor(Service):
         model = self.config.models[target.model_id]
         limit = model.concurrency_limit
         if limit > 0:
-            queued = sum(1 for w in self._queue if w.model.id == model.id)
+            queued = sum(1 for w in self._queue if w.model.id == model.id and not w.done)
             if self._procs[model.id].in_flight + queued >= limit:
                 return fail(
                     TooManyRequests(
@@ -269,8 +278,8 @@ class Supervisor(Service):
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """The caller cancelled: forget the waiter (its Deferred gets CancelledError)."""
-        if waiter in self._queue:
-            self._queue.remove(waiter)
+        if not waiter.done:
+            waiter.done = True
             self._walk()
 
     def _walk(self) -> None:
@@ -289,17 +298,21 @@ class Supervisor(Service):
             self._walking = False
 
     def _walk_once(self) -> None:
-        blocked: list[_Waiter] = []  # earlier waiters still waiting for a swap
+        self._queue = [w for w in self._queue if not w.done]
+        # What earlier waiters still waiting for a swap want (distinct wishes only).
+        blocked: dict[tuple[str, frozenset[str]], bool] = {}
         for waiter in list(self._queue):
-            if waiter not in self._queue:
+            if waiter.done:
                 continue  # served or failed by something this walk triggered
             proc = self._procs[waiter.model.id]
             evict = [p for m, p in self._procs.items() if p.occupied and m not in waiter.allowed]
             if proc.state is State.READY and not evict:
                 self._grant(waiter, proc)
                 continue
-            conflict = any(waiter.conflicts_with(earlier) for earlier in blocked)
-            blocked.append(waiter)
+            key = waiter.key
+            if key in blocked:
+                continue  # the first waiter with this wish took the step for all
+            blocked[key] = conflict = any(_conflict(key, other) for other in blocked)
             if not conflict:
                 self._advance(waiter, proc, evict)
 
@@ -326,15 +339,15 @@ class Supervisor(Service):
 
     def _start_failed(self, failure: Failure, proc: ModelProcess) -> None:
         """Fail every request waiting for this model with the start's error."""
-        failed = [w for w in self._queue if w.model.id == proc.model.id]
+        failed = [w for w in self._queue if w.model.id == proc.model.id and not w.done]
         for waiter in failed:
-            self._queue.remove(waiter)
+            waiter.done = True
         for waiter in failed:
             waiter.deferred.errback(failure)
         self._walk()
 
     def _grant(self, waiter: _Waiter, proc: ModelProcess) -> None:
-        self._queue.remove(waiter)
+        waiter.done = True
         proc.request_started()
 
         def release() -> None:

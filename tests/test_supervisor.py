@@ -265,6 +265,36 @@ class SwapTests(SynchronousTestCase):
         self.assertEqual(h.spawned(), ["a", "c", "b"])
         self.assertEqual(h.max_running, 1)
 
+    def test_repeated_wishes_keep_their_place(self) -> None:
+        """b, c, c queued behind a busy a: b goes first, both c's after b."""
+        h = Harness(yaml_for("a", "b", "c"))
+        lease = self.ready(h, "a")
+        b, c1, c2 = h.sup.acquire("b"), h.sup.acquire("c"), h.sup.acquire("c")
+        lease.release()
+        h.tick()
+        b_lease = self.successResultOf(b)
+        self.assertEqual(h.spawned(), ["a", "b"])
+        self.assertNoResult(c1)
+        self.assertNoResult(c2)
+        b_lease.release()
+        h.tick()
+        self.successResultOf(c1)
+        self.successResultOf(c2)
+        self.assertEqual(h.max_running, 1)
+
+    def test_many_waiters(self) -> None:
+        """A thousand queued requests are served by one start, quickly."""
+        h = Harness(yaml_for("a", "b"))
+        lease = self.ready(h, "a")
+        waiting = [h.sup.acquire("b") for _ in range(1000)]
+        lease.release()
+        h.tick()
+        leases = [self.successResultOf(d) for d in waiting]
+        self.assertEqual(h.sup.status("b").in_flight, 1000)
+        for each in leases:
+            each.release()
+        self.assertEqual(h.spawned(), ["a", "b"])
+
     def test_cancelled_queued_request_triggers_no_load(self) -> None:
         """A client that left while queued does not cause a swap."""
         h = Harness(yaml_for("a", "b"))

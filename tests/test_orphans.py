@@ -1,0 +1,362 @@
+"""
+Integration tests for the supervisor with real child processes on real ports:
+swaps with the fake upstream (C{python -m llamaswap.fakeserver}), the stop
+sequence against real signals, and no orphans, even after C{kill -9} of a
+running C{twistd llamaswap}. Liveness is checked by pid in C{/proc}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
+
+from llamaswap.config import parse_config
+from llamaswap.errors import StartFailed
+from llamaswap.events import EventBus
+from llamaswap.http import make_http
+from llamaswap.supervisor import Supervisor
+from tests.fakeserver_helper import REPO_ROOT, free_port
+
+PY = sys.executable
+FAKE = f"{PY} -m llamaswap.fakeserver --quiet"
+# The children run in a temporary folder: make the checkout importable there.
+ENV = f'env: ["PYTHONPATH={REPO_ROOT}"]'
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a process, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie is dead: it only waits to be reaped)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def live_pids(match: Callable[[tuple[str, int, int]], bool]) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[0] != "Z" and match(stat):
+                found.append(int(entry))
+    return found
+
+
+def group(pgid: int) -> list[int]:
+    """Live members of process group C{pgid}."""
+    return live_pids(lambda stat: stat[2] == pgid)
+
+
+def children_of(pid: int) -> list[int]:
+    return live_pids(lambda stat: stat[1] == pid)
+
+
+def command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.05)
+
+
+class SupervisorIntegrationTests(TestCase):
+    timeout = 120  # 20 real swaps; a loaded machine slows the fake server's start-up
+
+    def supervisor(self, yaml_text: str) -> tuple[Supervisor, EventBus]:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        config = parse_config(yaml_text, base_dir=base)
+        events = EventBus()
+        sup = Supervisor(config, reactor=reactor, events=events)
+        sup.startService()
+        self.addCleanup(sup.stopService)
+        return sup, events
+
+    async def test_alternate_two_models(self) -> None:
+        """
+        Alternating a and b 20 times: every answer comes from the right
+        model, and the previous server is gone (by pid) before the next runs.
+        """
+        port_a, port_b = free_port(), free_port()
+        sup, events = self.supervisor(
+            f"""
+healthCheckTimeout: 15
+models:
+  a:
+    cmd: {FAKE} --name a --port {port_a}
+    proxy: http://127.0.0.1:{port_a}
+    {ENV}
+  b:
+    cmd: {FAKE} --name b --port {port_b}
+    proxy: http://127.0.0.1:{port_b}
+    {ENV}
+"""
+        )
+        running: set[str] = set()
+        overlap: list[set[str]] = []
+
+        def track(kind: str, data: dict[str, Any]) -> None:
+            if data["state"] in ("stopped", "failed"):
+                running.discard(data["model"])
+            else:
+                running.add(data["model"])
+            if len(running) > 1:
+                overlap.append(set(running))
+
+        events.subscribe(track)
+        http, pool = make_http(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        previous: int | None = None
+        pids = set()
+        for i in range(20):
+            name = "ab"[i % 2]
+            lease = await sup.acquire(name)
+            try:
+                pid = sup.status(name).pid
+                assert pid is not None
+                self.assertFalse(previous is not None and alive(previous), "two servers")
+                self.assertEqual(group(previous) if previous else [], [])
+                response = await http.get(lease.url + "/pid")
+                answer = json.loads(await response.content())
+                self.assertEqual((answer["served_by"], answer["pid"]), (name, pid))
+            finally:
+                lease.release()
+            pids.add(pid)
+            previous = pid
+        self.assertEqual(len(pids), 20)
+        self.assertEqual(overlap, [])
+
+    async def test_grandchildren_of_a_shell_wrapper_are_reaped(self) -> None:
+        """Stopping a C{sh -c} wrapper also stops what it started (the group)."""
+        sup, _ = self.supervisor(
+            """
+models:
+  g:
+    cmd: sh -c 'sleep 300 & sleep 300; wait'
+    proxy: http://127.0.0.1:9
+    checkEndpoint: none
+    unloadTimeout: 5
+"""
+        )
+        lease = await sup.acquire("g")
+        lease.release()
+        pid = sup.status("g").pid
+        assert pid is not None
+
+        def sleeping() -> list[int]:
+            return [p for p in group(pid) if command(p).startswith("sleep")]
+
+        await wait_until(lambda: len(sleeping()) == 2, 5, "two sleeps")
+        sleeps = sleeping()
+        await sup.unload("g")
+        self.assertEqual(sup.status("g").state, "stopped")
+        self.assertEqual([p for p in [pid, *sleeps] if alive(p)], [])
+        self.assertEqual(group(pid), [])
+
+    async def test_sigterm_ignored_then_sigkill(self) -> None:
+        """A server deaf to SIGTERM is SIGKILLed after its unloadTimeout."""
+        port = free_port()
+        sup, _ = self.supervisor(
+            f"""
+models:
+  deaf:
+    cmd: {FAKE} --name deaf --port {port} --ignore-sigterm
+    proxy: http://127.0.0.1:{port}
+    {ENV}
+    unloadTimeout: 1
+"""
+        )
+        (await sup.acquire("deaf")).release()
+        pid = sup.status("deaf").pid
+        assert pid is not None
+        started = time.monotonic()
+        await sup.unload("deaf")
+        elapsed = time.monotonic() - started
+        self.assertFalse(alive(pid))
+        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertLess(elapsed, 4.0)
+
+    async def test_exit_during_startup_fails_fast(self) -> None:
+        """A server that dies while loading fails the request at once, with its output."""
+        port = free_port()
+        sup, _ = self.supervisor(
+            f"""
+healthCheckTimeout: 60
+models:
+  dies:
+    cmd: {FAKE} --name dies --port {port} --exit-during-startup 7
+    proxy: http://127.0.0.1:{port}
+    {ENV}
+"""
+        )
+        started = time.monotonic()
+        try:
+            await sup.acquire("dies")
+        except StartFailed as e:
+            self.assertIn("exit code 7", e.message)
+            self.assertIn("last output", e.message)
+        else:
+            self.fail("the start did not fail")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(sup.status("dies").state, "failed")
+
+    async def test_stop_service_reaps_everything(self) -> None:
+        """stopService fires only after the servers (and their guards) are gone."""
+        port_a, port_b = free_port(), free_port()
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        config = parse_config(
+            f"""
+models:
+  a:
+    cmd: {FAKE} --name a --port {port_a} --fork-grandchild
+    proxy: http://127.0.0.1:{port_a}
+    {ENV}
+  b:
+    cmd: {FAKE} --name b --port {port_b}
+    proxy: http://127.0.0.1:{port_b}
+    {ENV}
+profiles:
+  p: [a, b]
+""",
+            base_dir=base,
+        )
+        sup = Supervisor(config, reactor=reactor)
+        sup.startService()
+        try:
+            for name in ("p:a", "p:b"):
+                (await sup.acquire(name)).release()
+            pids = [sup.status(m).pid for m in ("a", "b")]
+            members = [p for pid in pids if pid is not None for p in group(pid)]
+            self.assertGreaterEqual(len(members), 5)  # 2 servers, 2 guards, 1 grandchild
+        finally:
+            await sup.stopService()
+        self.assertEqual([p for p in members if alive(p)], [])
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+        self.waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+        for item in list(self.waiting):
+            if item[0] in self.output:
+                self.waiting.remove(item)
+                item[1].callback(None)
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if text in self.output:
+            d.callback(None)
+        else:
+            self.waiting.append((text, d))
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+class KillNineTests(TestCase):
+    timeout = 60
+
+    async def test_kill_9_of_twistd_leaves_no_child(self) -> None:
+        """
+        C{kill -9} of a C{twistd llamaswap} running two profile models (one
+        with a grandchild, one behind C{sh -c}) leaves none of them running.
+        """
+        try:
+            import llamaswap.resources  # noqa: F401
+        except ImportError as e:
+            raise SkipTest(f"the web modules are not importable yet: {e}") from e
+        port_a, port_b = free_port(), free_port()
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        config_path = os.path.join(base, "config.yaml")
+        with open(config_path, "w") as f:
+            f.write(
+                f"""
+models:
+  a:
+    cmd: {FAKE} --name a --port {port_a} --fork-grandchild
+    proxy: http://127.0.0.1:{port_a}
+    {ENV}
+  b:
+    cmd: sh -c '{FAKE} --name b --port {port_b}; echo b ended'
+    proxy: http://127.0.0.1:{port_b}
+    {ENV}
+    unloadTimeout: 2
+profiles:
+  p: [a, b]
+"""
+            )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proto = _Collect()
+        args = [PY, "-m", "twisted", "--log-format=text", "llamaswap"]
+        args += ["--config", config_path, "--listen", "tcp:0:interface=127.0.0.1"]
+        transport = reactor.spawnProcess(proto, PY, args, env=env, path=base)
+        twistd = transport.pid
+        self.addCleanup(self._reap, transport, proto)
+        await proto.wait_for(b"llamaswap listening on").addTimeout(20, reactor)
+        listen = int(proto.output.split(b"port=")[1].split(b")")[0])
+        http, pool = make_http(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        for name in ("p:a", "p:b"):
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+            url = f"http://127.0.0.1:{listen}/v1/chat/completions"
+            response = await http.post(url, json=body)
+            answer = json.loads(await response.content())
+            self.assertEqual(response.code, 200, answer)
+            self.assertEqual(answer["served_by"], name[2:])
+
+        servers = children_of(twistd)
+        self.assertEqual(len(servers), 2, [command(p) for p in servers])
+        members = [p for pid in servers for p in group(pid)]
+        # a: server, guard, grandchild; b: sh, guard, server.
+        self.assertGreaterEqual(len(members), 6, [command(p) for p in members])
+
+        os.kill(twistd, signal.SIGKILL)
+        await proto.ended
+        try:
+            await wait_until(lambda: not any(alive(p) for p in members), 10, "the children")
+        except AssertionError:
+            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
+            raise AssertionError(f"survivors: {survivors}") from None
+        for pid in servers:
+            self.assertEqual(group(pid), [])
+
+    async def _reap(self, transport: Any, proto: _Collect) -> None:
+        if transport.pid is not None:
+            os.kill(transport.pid, signal.SIGKILL)
+        await proto.ended
