@@ -16,7 +16,9 @@ Child output arrives as events in namespace C{llamaswap.upstream.<model id>}
 with fields C{line}, C{model} and C{stream}.
 
 The observer runs inline on every log call in the process, so it is total: it
-never raises, never blocks (subscribers only buffer) and never logs.
+never raises, never blocks (subscribers only buffer) and never logs. Events
+logged from other threads are handed to the reactor thread first, because
+subscribers write to sockets.
 
 C{logToStdout} also decides what twistd's own log gets. twistd attaches its
 file observer to C{globalLogPublisher} before any service starts, so in
@@ -42,6 +44,7 @@ from twisted.logger import (
     formatEvent,
     globalLogPublisher,
 )
+from twisted.python import threadable
 from zope.interface import implementer
 
 from llamaswap.config import Config
@@ -285,6 +288,16 @@ class LogHub(Service):
 
     def __call__(self, event: LogEvent) -> None:
         """Sort C{event} into streams. Total: never raises, never logs."""
+        if threadable.ioThread is not None and not threadable.isInIOThread():
+            # Logged from a worker thread: subscribers write to sockets, which
+            # only the reactor thread may touch. Hop over, keeping the event.
+            try:
+                from twisted.internet import reactor
+
+                reactor.callFromThread(self, event)
+            except Exception:
+                self.internal_errors += 1
+            return
         if self._delivering:
             # A subscriber's write logged something: keep order, deliver after.
             self._pending.append(event)

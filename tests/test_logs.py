@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import (
     LogEvent,
     Logger,
@@ -939,3 +941,17 @@ class TwistdStdoutTests(TestCase):
         out = await self.run_twistd("upstream")
         self.assertIn("fakeserver alpha pid=", out)
         self.assertNotIn("starting alpha", out)
+
+
+class ThreadTests(TestCase):
+    async def test_events_from_threads_are_delivered_on_the_reactor_thread(self) -> None:
+        """A line logged from a worker thread reaches subscribers on the reactor thread."""
+        publisher = LogPublisher()
+        hub = LogHub(make_config(), publisher=publisher)
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        delivered: Deferred[int] = Deferred()
+        hub.subscribe(PROXY, lambda entry: delivered.callback(threading.get_ident()))
+        await deferToThread(proxy(publisher).info, "from a thread")
+        self.assertEqual(await delivered, threading.get_ident())
+        self.assertEqual(hub.history(PROXY), b"[INFO] from a thread\n")
