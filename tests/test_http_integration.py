@@ -107,6 +107,17 @@ def fake_get(port: int, path: str) -> Any:
         return json.loads(answer.read())
 
 
+def wait_for_disconnect(port: int) -> list[dict[str, Any]]:
+    """Poll a fake upstream (blocking) until it has seen a client leave (3 s at most)."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        seen: list[dict[str, Any]] = fake_get(port, "/debug/disconnects")
+        if seen:
+            return seen
+        time.sleep(0.01)
+    return []
+
+
 class IntegrationCase(TestCase):
     timeout = 60
 
@@ -129,7 +140,7 @@ class IntegrationCase(TestCase):
 
 class SDKTests(IntegrationCase):
     async def test_openai_sdk(self) -> None:
-        """The official openai SDK works unmodified: chat, streamed chat, completions, embeddings."""
+        """The openai SDK works unmodified: chat, streamed chat, completions, embeddings."""
         import openai
 
         proxy = Proxy(self, make_config({"alpha": fake("alpha", "--tokens", "5")}))
@@ -240,24 +251,58 @@ class StreamingTests(IntegrationCase):
             return time.monotonic()
 
         left_at = await in_thread(leave_early)
-
-        def wait_for_disconnect() -> list[dict[str, Any]]:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                seen: list[dict[str, Any]] = fake_get(upstream, "/debug/disconnects")
-                if seen:
-                    return seen
-                time.sleep(0.01)
-            return []
-
-        seen = await in_thread(wait_for_disconnect)
+        seen = await in_thread(lambda: wait_for_disconnect(upstream))
         self.assertEqual(len(seen), 1, seen)
         self.assertEqual(seen[0]["path"], "/v1/chat/completions")
         self.assertLess(seen[0]["at"] - left_at, 0.1)
         self.assertLess(seen[0]["frames_written"], 100)  # generation stopped early
-        status, _, running = await proxy.call("GET", "/running")
+        _, _, running = await proxy.call("GET", "/running")
         self.assertEqual(json.loads(running)["running"][0]["inFlight"], 0)  # lease released
         await self.assert_served(proxy)
+
+    async def test_disconnect_before_headers(self) -> None:
+        """A client leaving before the upstream answered: the upstream sees the close."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        await self.assert_served(proxy)
+        upstream = proxy.upstream_port("alpha")
+
+        def leave_while_waiting() -> float:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {"model": "alpha", "fake_delay": 5}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            deadline = time.monotonic() + 3
+            while fake_get(upstream, "/debug/stats")["active"] == 0:
+                assert time.monotonic() < deadline, "the request never reached the upstream"
+                time.sleep(0.01)
+            assert conn.sock is not None
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            return time.monotonic()
+
+        left_at = await in_thread(leave_while_waiting)
+        seen = await in_thread(lambda: wait_for_disconnect(upstream))
+        self.assertEqual(len(seen), 1, seen)
+        self.assertLess(seen[0]["at"] - left_at, 0.1)
+        await self.assert_served(proxy)
+
+    async def test_gzip_is_decoded(self) -> None:
+        """A gzip answer reaches the client decoded, without a stale Content-Length."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+
+        def fetch() -> tuple[int, dict[str, str], bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            conn.request("GET", "/upstream/alpha/gzip", headers={"Accept-Encoding": "gzip"})
+            response = conn.getresponse()
+            answer = response.status, {k.lower(): v for k, v in response.getheaders()}
+            body = response.read()
+            conn.close()
+            return *answer, body
+
+        status, headers, body = await in_thread(fetch)
+        self.assertEqual(status, 200)
+        self.assertNotIn("content-encoding", headers)
+        self.assertNotIn("content-length", headers)
+        self.assertEqual(json.loads(body)["served_by"], "alpha")
 
 
 class ErrorTests(IntegrationCase):
