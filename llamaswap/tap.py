@@ -139,7 +139,7 @@ class LlamaSwapService(MultiService):
             events=self.events,
             reactor=reactor,
         )
-        self.http = HTTPService(serverFromString(reactor, listen), site)  # type: ignore[no-untyped-call]
+        self.http = HTTPService(_endpoint(reactor, listen), site)
         # Start order: logs first (capture everything), then models, then HTTP.
         for child in (self.logs, self.supervisor, self.http):
             child.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -154,6 +154,18 @@ class LlamaSwapService(MultiService):
             self.logs.stopService()
 
         return Deferred.fromCoroutine(stop_in_order())
+
+
+def _endpoint(reactor: Any, listen: str) -> IStreamServerEndpoint:
+    """Parse C{--listen}; a bad string (or no socket from systemd) is one line, not a traceback."""
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, listen)  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        hint = ""
+        if listen.startswith("systemd:"):
+            hint = " (no socket passed: LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES must be set)"
+        raise ConfigUsageError(f"--listen {listen}: {e!r}{hint}") from e
+    return endpoint
 
 
 def build_service(
