@@ -285,6 +285,36 @@ class StreamingTests(IntegrationCase):
         self.assertLess(seen[0]["at"] - left_at, 0.1)
         await self.assert_served(proxy)
 
+    async def test_upstream_dies_mid_stream(self) -> None:
+        """The server dying mid-answer: the client sees a truncated stream, not a clean end."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        await self.assert_served(proxy)
+        upstream = proxy.upstream_port("alpha")
+
+        def read_until_cut() -> tuple[int, str]:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {"model": "alpha", "stream": True, "fake_tokens": 500, "fake_token_delay": 0.02}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            response = conn.getresponse()
+            while b"(token 1)" not in response.readline():
+                pass
+            try:
+                fake_get(upstream, "/exit")  # the server exits without answering
+            except OSError:
+                pass
+            try:
+                rest = response.read()
+            except http.client.IncompleteRead as e:
+                return response.status, f"incomplete after {len(e.partial)} more bytes"
+            finally:
+                conn.close()
+            return response.status, f"clean end after {len(rest)} more bytes"
+
+        status, outcome = await in_thread(read_until_cut)
+        self.assertEqual(status, 200)
+        self.assertTrue(outcome.startswith("incomplete"), outcome)
+        await self.assert_served(proxy)  # the next request restarts the model
+
     async def test_gzip_is_decoded(self) -> None:
         """A gzip answer reaches the client decoded, without a stale Content-Length."""
         proxy = Proxy(self, make_config({"alpha": fake("alpha")}))

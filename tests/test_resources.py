@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.errors import HealthTimeout, StartFailed
+from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.jsonweb import JSONResource
 from llamaswap.logs import LogHub
@@ -199,6 +199,13 @@ class ModelRouteTests(SynchronousTestCase):
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
         assert_error(self, response, 504, "gateway_timeout")
 
+    def test_concurrency_limit(self) -> None:
+        """A full model is a 429 with C{Retry-After: 1}."""
+        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        assert_error(self, response, 429, "concurrency_limit")
+        self.assertEqual(response.header("retry-after"), "1")
+
     def test_upstream_error_passed_through(self) -> None:
         """An upstream 4xx/5xx keeps its status, headers and body."""
         self.h.upstream.status = 400
@@ -263,6 +270,13 @@ class UpstreamRouteTests(SynchronousTestCase):
         self.assertEqual(response.status, 308)
         self.assertEqual(response.header("location"), "/upstream/alpha/")
         self.assertEqual(self.h.supervisor.acquired, [])
+
+    def test_head_is_relayed_as_head(self) -> None:
+        """HEAD through /upstream reaches the server as HEAD; no body comes back."""
+        response = self.h.client.request("HEAD", "/upstream/alpha/health")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.sent()["method"], "HEAD")
+        self.assertEqual(response.body, b"")
 
     def test_trailing_slash_reaches_root(self) -> None:
         """C{/upstream/<id>/} is the server's C{/}."""
@@ -344,6 +358,13 @@ class ManagementTests(SynchronousTestCase):
         """C{/health} is a plain C{OK}."""
         response = self.h.client.request("GET", "/health")
         self.assertEqual((response.status, response.body), (200, b"OK"))
+
+    def test_head_on_get_routes(self) -> None:
+        """HEAD on a GET route answers its headers (and length) without a body."""
+        response = self.h.client.request("HEAD", "/health")
+        self.assertEqual((response.status, response.header("content-length")), (200, "2"))
+        raw = self.h.client.start("HEAD", "/health").transport.value()
+        self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)  # headers only
 
     def test_running(self) -> None:
         """C{/running} lists models whose process exists, sorted, with their command."""
