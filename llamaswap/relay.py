@@ -64,6 +64,13 @@ _USAGE_TAIL = 16 * 1024  # bytes of the answer kept to find a final "usage" obje
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 
 
+_NON_ASCII = re.compile(rb"[^\x21-\x7e]")
+
+
+def _percent(match: re.Match[bytes]) -> bytes:
+    return b"%%%02X" % match.group()[0]
+
+
 class LeaseSource(Protocol):
     """What the relay needs from the supervisor."""
 
@@ -219,16 +226,16 @@ class Relay:
         try:
             request_info(request).model = lease.model.id
             body = body_for(lease.target)
-            method = request.method.decode("ascii")
-            has_body = body or request.requestHeaders.hasHeader(b"content-length")
+            framed = request.requestHeaders.hasHeader(
+                b"content-length"
+            ) or request.requestHeaders.hasHeader(b"transfer-encoding")
             try:
                 response: IResponse = await self._http.request(
-                    method,
-                    lease.url.encode("utf-8") + uri,
+                    request.method.decode("ascii"),
+                    lease.url.encode("utf-8") + _NON_ASCII.sub(_percent, uri),
                     headers=forward_headers(request),
-                    data=body
-                    if has_body or request.requestHeaders.hasHeader(b"transfer-encoding")
-                    else None,
+                    # Bytes: treq sends an exact Content-Length. No body stays no body.
+                    data=body if body or framed else None,
                     unbuffered=True,  # never keep a copy of a streamed answer
                     allow_redirects=False,  # a proxy relays 3xx, it does not follow them
                 )
