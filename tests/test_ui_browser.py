@@ -122,12 +122,6 @@ def drive_browser(base: str, shots: Path) -> dict[str, Any]:
             )
             with urllib.request.urlopen(request, timeout=30) as response:
                 seen["chat_status"] = response.status
-            # The request restarted the TTL: the countdown is shown.
-            page.wait_for_function(
-                "document.querySelector('#models-body tr[data-model=\"alpha\"] .ttl')"
-                ".textContent.endsWith('s left')"
-            )
-            seen["ttl_after"] = alpha.locator(".ttl").inner_text()
             page.click('nav a[data-page="requests"]')
             first_request = page.locator("#requests-body tr").first
             first_request.wait_for()
@@ -153,8 +147,18 @@ def drive_browser(base: str, shots: Path) -> dict[str, Any]:
             seen["proxy_logs"] = page.locator("#log-view").inner_text()
             page.screenshot(path=str(shots / "4-logs.png"))
 
-            # Unload: back to stopped.
             page.click('nav a[data-page="models"]')
+            # The request's lease is released: the TTL countdown runs again and
+            # nothing is in flight (read now that nothing else is happening).
+            page.wait_for_function(
+                "(() => { const r = document.querySelector("
+                "'#models-body tr[data-model=\"alpha\"]');"
+                " return r.querySelector('.ttl').textContent.endsWith('s left')"
+                " && r.querySelector('td.num').textContent === '0'; })()"
+            )
+            seen["ttl_after"] = alpha.locator(".ttl").inner_text()
+
+            # Unload: back to stopped.
             alpha.locator("button.unload").click()
             alpha.locator(".state.state-stopped").wait_for()
             seen["load_enabled_again"] = alpha.locator("button.load").is_enabled()
