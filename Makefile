@@ -35,6 +35,17 @@ test: trial typecheck lint
 clean:
 	rm -rf $(VENV) _trial_temp* build dist *.egg-info
 
+# Real llama.cpp server + tiny generated models for end-to-end tests (docs/llama-server.md).
+# Both live in $LLAMASWAP_CACHE (default ~/.cache/llamaswap), outside the repo, and are reused.
+.PHONY: models
+
+llama-server:
+	scripts/build_llama_server.sh
+
+models: $(VENV)/.installed
+	scripts/build_llama_server.sh --source-only >/dev/null
+	$(BIN)/python -m tests.gguf_models
+
 # Proxy vs direct benchmark (docs/performance.md); needs Debian's nginx and wrk. Not part of `make test`.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
