@@ -107,6 +107,15 @@ def fake_get(port: int, path: str) -> Any:
         return json.loads(answer.read())
 
 
+def _rss() -> int:
+    """This process's resident memory in bytes (the proxy runs in it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def wait_for_disconnect(port: int) -> list[dict[str, Any]]:
     """Poll a fake upstream (blocking) until it has seen a client leave (3 s at most)."""
     deadline = time.monotonic() + 3
@@ -231,6 +240,38 @@ class StreamingTests(IntegrationCase):
         self.assertLessEqual(frames_then, 2)
         self.assertGreater(total, 0.9)  # 50 x 20 ms
         self.assertLess(first, total / 4)
+
+    async def test_slow_client_pauses_upstream(self) -> None:
+        """
+        A client that stops reading a 200 MiB answer pauses the upstream: only
+        a few MiB are in flight (socket buffers), the proxy's memory does not
+        grow by the answer, and everything arrives once the client reads again.
+        """
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        await self.assert_served(proxy)
+        upstream = proxy.upstream_port("alpha")
+        size = 200 * 1024 * 1024
+
+        def stall_then_read() -> tuple[int, int, int]:
+            before = fake_get(upstream, "/debug/stats")["frames"]
+            rss_before = _rss()
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+                s.sendall(b"GET /upstream/alpha/big?mb=200 HTTP/1.1\r\nHost: x\r\n\r\n")
+                received = len(s.recv(65536))
+                time.sleep(1.0)  # not reading: the proxy must pause the upstream
+                in_flight = (fake_get(upstream, "/debug/stats")["frames"] - before) * 65536
+                grown = _rss() - rss_before
+                while chunk := s.recv(1 << 20):
+                    received += len(chunk)
+                    if received >= size:
+                        break
+            return in_flight, grown, received
+
+        in_flight, grown, received = await in_thread(stall_then_read)
+        self.assertLess(in_flight, 32 * 1024 * 1024)
+        self.assertLess(grown, 64 * 1024 * 1024)
+        self.assertGreaterEqual(received, size)
 
     async def test_disconnect_cancels_upstream(self) -> None:
         """A client leaving mid-stream: the upstream sees its connection close within 100 ms."""
