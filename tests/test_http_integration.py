@@ -22,6 +22,7 @@ import attrs
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -105,6 +106,11 @@ def fake_get(port: int, path: str) -> Any:
     """Ask a fake upstream directly (blocking)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
         return json.loads(answer.read())
+
+
+def response_tokens(response: http.client.HTTPResponse) -> int:
+    """Read a streamed chat answer to the end; count its tokens."""
+    return sum(1 for line in iter(response.readline, b"") if b"(token " in line)
 
 
 def _rss() -> int:
@@ -354,7 +360,43 @@ class StreamingTests(IntegrationCase):
         status, outcome = await in_thread(read_until_cut)
         self.assertEqual(status, 200)
         self.assertTrue(outcome.startswith("incomplete"), outcome)
-        await self.assert_served(proxy)  # the next request restarts the model
+        # Once the supervisor has seen the exit, the next request restarts the model.
+        for _ in range(300):
+            running = json.loads((await proxy.call("GET", "/running"))[2])["running"]
+            if not running:
+                break
+            await deferLater(reactor, 0.01)
+        await self.assert_served(proxy)
+
+    async def test_queued_client_leaving_starts_nothing(self) -> None:
+        """A request queued behind a busy model, abandoned by its client, loads nothing."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha"), "beta": fake("beta")}))
+        await self.assert_served(proxy)
+        upstream = proxy.upstream_port("alpha")
+
+        def long_alpha() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {"model": "alpha", "stream": True, "fake_tokens": 40, "fake_token_delay": 0.02}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            tokens = response_tokens(conn.getresponse())
+            conn.close()
+            return tokens
+
+        def abandoned_beta() -> None:
+            while fake_get(upstream, "/debug/stats")["active"] == 0:
+                time.sleep(0.005)  # alpha is now serving: beta must queue
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": "beta"}))
+            time.sleep(0.1)
+            assert conn.sock is not None
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+        tokens, _ = await gatherResults([in_thread(long_alpha), in_thread(abandoned_beta)])
+        self.assertEqual(tokens, 40)
+        await deferLater(reactor, 0.5)
+        running = json.loads((await proxy.call("GET", "/running"))[2])["running"]
+        self.assertEqual([(r["model"], r["state"]) for r in running], [("alpha", "ready")])
 
     async def test_gzip_is_decoded(self) -> None:
         """A gzip answer reaches the client decoded, without a stale Content-Length."""
