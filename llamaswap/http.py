@@ -9,9 +9,11 @@ tests and could bind to a different reactor.
 
 from __future__ import annotations
 
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 
@@ -32,4 +34,7 @@ def make_http(
     pool.cachedConnectionTimeout = 2
     pool.retryAutomatically = True  # idempotent methods only
     agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
-    return HTTPClient(agent), pool
+    # treq's client keeps one cookie jar for all traffic: a cookie set in one
+    # user's answer would ride along on everybody's next request. Store none.
+    no_cookies = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(agent, cookiejar=no_cookies), pool

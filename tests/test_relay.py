@@ -13,14 +13,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseFailed
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from llamaswap.events import EventBus
+from llamaswap.http import make_http
 from llamaswap.logs import LogHub
 from llamaswap.relay import copy_response_headers, find_usage, forward_headers
 from llamaswap.resources import build_root
@@ -314,3 +316,34 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(find_usage(b'{"a":1,"usage":{"x":{"y":2}}}'), {"x": {"y": 2}})
         self.assertIsNone(find_usage(b'..."usage": {"trunc'))
         self.assertIsNone(find_usage(b"no usage here"))
+
+
+class CookieSetter(Resource):
+    """Sets a cookie and reports the Cookie header it received."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Set-Cookie", b"session=user-a; Path=/")
+        return request.getHeader(b"cookie") or b"(none)"
+
+
+class UpstreamClientTests(TestCase):
+    async def test_no_cookie_shared_between_requests(self) -> None:
+        """A cookie an upstream sets is relayed, never replayed on later requests."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.web.server import Site
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Site(CookieSetter())
+        )
+        self.addCleanup(port.stopListening)
+        client, pool = make_http(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        url = f"http://127.0.0.1:{port.getHost().port}/"
+        first = await client.get(url)
+        self.assertEqual(first.headers.getRawHeaders(b"set-cookie"), [b"session=user-a; Path=/"])
+        self.assertEqual(await first.content(), b"(none)")
+        second = await client.get(url)
+        self.assertEqual(await second.content(), b"(none)")
