@@ -245,11 +245,17 @@ class Relay:
                 raise UpstreamUnreachable(
                     f"model {lease.model.id}: upstream server unreachable: {describe(e)}"
                 ) from e
-            await self._relay_response(request, response, lease.model.id)
+            reason, relayed = await self._relay_response(request, response)
         finally:
+            # Release before finishing: the end of the request is observed (access
+            # log, "request" event with a status snapshot) when finish() runs.
             lease.release()
+        self._end(request, reason, relayed, lease.model.id)
 
-    async def _relay_response(self, request: Request, response: IResponse, model_id: str) -> None:
+    async def _relay_response(
+        self, request: Request, response: IResponse
+    ) -> tuple[BaseException, BodyRelay]:
+        """Send status and headers, then stream the body; return how the body ended."""
         request.setResponseCode(response.code, response.phrase)
         copy_response_headers(response.headers, request.responseHeaders)
         if request.method == b"HEAD":
@@ -266,7 +272,16 @@ class Relay:
             request, keep_tail=b"json" in content_type or b"event-stream" in content_type
         )
         response.deliverBody(body)
-        reason = await body.done
+        return await body.done, body
+
+    def _end(
+        self,
+        request: Request,
+        reason: BaseException,
+        body: BodyRelay,
+        model_id: str,
+    ) -> None:
+        """Finish the client's response, or cut it if the upstream's was truncated."""
         if getattr(request, "channel", None) is None:
             return  # the client left; the upstream socket is closed
         request_info(request).usage = body.usage()

@@ -625,3 +625,17 @@ class RoutingTests(IntegrationCase):
             self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
 
         await gatherResults([Deferred.fromCoroutine(one(i)) for i in range(8)])
+
+    async def test_request_event_after_release(self) -> None:
+        """The "request" event of a finished request sees the model idle (lease released)."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        seen: list[tuple[int, int]] = []
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "request":
+                status = proxy.service.supervisor.status("alpha")
+                seen.append((data["status"], status.in_flight))
+
+        self.addCleanup(proxy.service.events.subscribe(on_event))
+        await self.assert_served(proxy)
+        self.assertEqual(seen, [(200, 0)])
