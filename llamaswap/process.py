@@ -38,7 +38,7 @@ from llamaswap.errors import HealthTimeout, StartFailed
 SESSION_WRAPPER = os.path.abspath(_session.__file__)
 
 TAIL_LINES = 20  # child output lines kept for error messages
-MAX_LINE_BYTES = 64 * 1024  # an unterminated line longer than this is cut
+MAX_LINE_BYTES = 16 * 1024  # longer lines are cut (log observers must cope with each line)
 # Health polling: fast at first, so readiness is noticed within ~50 ms, then
 # backing off gently for slow loaders.
 POLL_FAST = 0.05
@@ -86,9 +86,9 @@ class LineSplitter:
     def feed(self, data: bytes) -> None:
         *lines, rest = (self._partial + data).split(b"\n")
         for line in lines:
-            self._emit(_decode(line))
+            self._emit(_decode(_cut(line)))
         if len(rest) > MAX_LINE_BYTES:
-            self._emit(_decode(rest))  # an endless line must not eat our memory
+            self._emit(_decode(_cut(rest)))  # an endless line must not eat our memory
             rest = b""
         self._partial = rest
 
@@ -96,6 +96,12 @@ class LineSplitter:
         if self._partial:
             partial, self._partial = self._partial, b""
             self._emit(_decode(partial))
+
+
+def _cut(line: bytes) -> bytes:
+    if len(line) <= MAX_LINE_BYTES:
+        return line
+    return line[:MAX_LINE_BYTES] + b" [%d bytes cut]" % (len(line) - MAX_LINE_BYTES)
 
 
 def _decode(line: bytes) -> str:
@@ -604,6 +610,9 @@ class ModelProcess:
                 error = StartFailed(error.message + self._tail_text())
             self._finish_failed(error)
             return
+        self.log.info(
+            "{model} stopped ({status})", model=self.model.id, status=describe_exit(run.exit_reason)
+        )
         self._set_state(run.final, notify=False)
         _fire(self._stopped_waiters)
         self._notify()

@@ -526,7 +526,11 @@ class OutputTests(SynchronousTestCase):
         for _ in range(MAX_LINE_BYTES // 4096 + 2):
             h.child.output(chunk)
         self.assertTrue(h.proc.tail())
-        self.assertLessEqual(len(h.proc.tail()[0]), MAX_LINE_BYTES + 4096)
+        self.assertLessEqual(len(h.proc.tail()[0]), MAX_LINE_BYTES + 32)
+        self.assertTrue(h.proc.tail()[0].endswith("bytes cut]"))
+        h.child.output(b"y" * (MAX_LINE_BYTES * 3) + b"\nshort\n")
+        self.assertLessEqual(len(h.proc.tail()[-2]), MAX_LINE_BYTES + 32)
+        self.assertEqual(h.proc.tail()[-1], "short")
 
     def test_stop_deferred_never_fails(self) -> None:
         """stop() of a starting, failing model still just fires."""
