@@ -46,7 +46,10 @@ class ModelRequest:
         if self._json is not None:
             changed = dict(self._json)
             changed["model"] = name
-            return json.dumps(changed, ensure_ascii=False).encode("utf-8")
+            try:
+                return json.dumps(changed, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") somewhere: keep it escaped
+                return json.dumps(changed).encode("ascii")
         if self._span is not None:
             start, end = self._span
             return self.body[:start] + name.encode("utf-8") + self.body[end:]
@@ -63,12 +66,23 @@ def from_json(body: bytes) -> ModelRequest:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise BadRequest(f"invalid JSON: {e}") from e
+    except RecursionError:  # nested deeper than the interpreter's recursion limit
+        raise BadRequest("invalid JSON: nested too deeply") from None
     if not isinstance(document, dict):
         raise BadRequest(MISSING_MODEL)
     model = document.get("model")
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not model.strip() or not _encodable(model):
         raise BadRequest(MISSING_MODEL)
     return ModelRequest(model, body, document)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings with lone surrogates (C{"\\ud800"} is valid JSON, not a name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def content_type(header: bytes | None) -> tuple[str, dict[str, str]]:

@@ -233,7 +233,8 @@ class LlamaSwapSite(Site):
         """Emit the access log line, and a C{"request"} event for proxied requests."""
         info = request_info(request)
         method = request.method.decode("ascii", "replace")
-        path = request.path.decode("utf-8", "replace")
+        # path is None when the request line never arrived or did not parse.
+        path = "-" if request.path is None else request.path.decode("utf-8", "replace")
         sent = int(request.sentLength)
         client = request.getClientAddress()
         emit = _access_log.info if self.log_requests else _access_log.debug
