@@ -10,6 +10,7 @@ dotted path of the offending key, e.g. C{models.qwen.ttl: must be >= 0}.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shlex
@@ -31,6 +32,10 @@ DEFAULT_START_PORT = 5800
 DEFAULT_LOG_HISTORY_BYTES = 100 * 1024
 DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+# /upstream/<model>/<path> requests matching these never start a model (llama-swap's default).
+DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+# Request body keys filters may neither strip nor set: routing depends on them.
+PROTECTED_PARAMS = frozenset({"model"})
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
@@ -47,6 +52,32 @@ class ConfigError(Exception):
 
 def _mapping_proxy(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
+
+
+@frozen(kw_only=True)
+class Filters:
+    """
+    Edits applied to the JSON body of a model route before it is relayed.
+
+    C{strip_params} are removed, then C{set_params} are set, then the entry of
+    C{set_params_by_id} for the name the client requested. None of them touches
+    C{model}. Values are JSON-compatible (lists as tuples, mappings read-only).
+    """
+
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
+    set_params_by_id: Mapping[str, Mapping[str, Any]] = field(
+        factory=dict, converter=_mapping_proxy
+    )
+
+    def __bool__(self) -> bool:
+        return bool(self.strip_params or self.set_params or self.set_params_by_id)
+
+    def edits_for(self, requested: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The keys to strip and the keys to set for a request naming C{requested}."""
+        values = dict(self.set_params)
+        values.update(self.set_params_by_id.get(requested, {}))
+        return self.strip_params, values
 
 
 @frozen(kw_only=True)
@@ -70,6 +101,8 @@ class ModelConfig:
     metadata: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
     concurrency_limit: int = 0  # 0 = unlimited
     port: int | None = None
+    filters: Filters = Filters()
+    send_loading_state: bool = False  # the model's own setting, else the global one
 
 
 @frozen(kw_only=True)
@@ -100,6 +133,10 @@ class Config:
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     api_keys: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
+    send_loading_state: bool = False
+    upstream_ignore_paths: tuple[re.Pattern[str], ...] = field(
+        factory=lambda: tuple(re.compile(p) for p in DEFAULT_IGNORE_PATHS)
+    )
     base_dir: str = "."
     source: str = "<string>"
     warnings: tuple[str, ...] = ()
@@ -244,6 +281,8 @@ _TOP_KEYS = (
     "maxBodySize",
     "apiKeys",
     "hooks",
+    "sendLoadingState",
+    "upstream",
 )
 _MODEL_KEYS = (
     "cmd",
@@ -261,7 +300,10 @@ _MODEL_KEYS = (
     "metadata",
     "macros",
     "concurrencyLimit",
+    "filters",
+    "sendLoadingState",
 )
+_FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
 
 
 def _check_keys(where: str, raw: Mapping[str, Any], allowed: Iterable[str]) -> None:
@@ -510,6 +552,8 @@ def parse_config(
     start_port = _int("startPort", raw.get("startPort", DEFAULT_START_PORT), minimum=1)
     if start_port > 65535:
         raise ConfigError("startPort: must be <= 65535")
+    send_loading_state = _bool("sendLoadingState", raw.get("sendLoadingState", False))
+    ignore_paths = _read_upstream(raw.get("upstream"))
     builtin: dict[str, object] = {"PYTHON": shlex.quote(sys.executable)}
     macros = _read_macros("macros", raw.get("macros"), env, builtin)
 
@@ -532,7 +576,7 @@ def parse_config(
             raise ConfigError(f"{where}: no port left for ${{PORT}} (startPort {start_port})")
         return port
 
-    read: dict[str, ModelConfig] = {}
+    read: dict[str, tuple[ModelConfig, list[str]]] = {}
     for model_id in sorted(raw_models):
         read[model_id] = _read_model(
             model_id,
@@ -542,9 +586,11 @@ def parse_config(
             allocate_port=allocate_port,
             global_ttl=global_ttl,
             unload_timeout=unload_timeout,
+            send_loading_state=send_loading_state,
+            warnings=warnings,
         )
-    models = {model_id: read[model_id] for model_id in raw_models}
-    _check_aliases(models)
+    models = {model_id: read[model_id][0] for model_id in raw_models}
+    _check_aliases(models, {model_id: read[model_id][1] for model_id in raw_models})
 
     profiles: dict[str, tuple[str, ...]] = {}
     for name, members in _mapping("profiles", raw.get("profiles")).items():
@@ -602,6 +648,8 @@ def parse_config(
         ),
         api_keys=tuple(api_keys),
         preload=tuple(preload),
+        send_loading_state=send_loading_state,
+        upstream_ignore_paths=ignore_paths,
         base_dir=base_dir,
         source=source,
         warnings=tuple(warnings),
@@ -617,7 +665,10 @@ def _read_model(
     allocate_port: Callable[[str], int],
     global_ttl: int,
     unload_timeout: float,
-) -> ModelConfig:
+    send_loading_state: bool,
+    warnings: list[str],
+) -> tuple[ModelConfig, list[str]]:
+    """Read one model; also return where each of its aliases was declared."""
     where = f"models.{model_id}"
     raw = _mapping(where, spec)
     _check_keys(where, raw, _MODEL_KEYS)
@@ -714,7 +765,15 @@ def _read_model(
     metadata = _metadata_value(f"{where}.metadata", metadata_raw, local, plain)
     assert isinstance(metadata, Mapping)
 
-    return ModelConfig(
+    filters = _read_filters(f"{where}.filters", raw.get("filters"), local, plain, warnings)
+    # Names in setParamsByID are requestable: they become aliases (after the explicit ones).
+    alias_paths = [f"{where}.aliases[{i}]" for i in range(len(aliases))]
+    for key in filters.set_params_by_id:
+        if key != model_id and key not in aliases:
+            aliases.append(key)
+            alias_paths.append(f"{where}.filters.setParamsByID.{key}")
+
+    model = ModelConfig(
         id=model_id,
         cmd=cmd,
         cmd_line=cmd_line,
@@ -734,14 +793,108 @@ def _read_model(
             f"{where}.concurrencyLimit", raw.get("concurrencyLimit", 0), minimum=0
         ),
         port=port,
+        filters=filters,
+        send_loading_state=_bool(
+            f"{where}.sendLoadingState", raw.get("sendLoadingState", send_loading_state)
+        ),
+    )
+    return model, alias_paths
+
+
+def _read_upstream(value: object) -> tuple[re.Pattern[str], ...]:
+    """C{upstream.ignorePaths}: regular expressions, compiled (default: static files)."""
+    upstream = _mapping("upstream", value)
+    _check_keys("upstream", upstream, ("ignorePaths",))
+    if "ignorePaths" not in upstream:
+        return tuple(re.compile(p) for p in DEFAULT_IGNORE_PATHS)
+    patterns = []
+    for i, text in enumerate(_str_list("upstream.ignorePaths", upstream["ignorePaths"])):
+        try:
+            patterns.append(re.compile(text))
+        except re.error as e:
+            raise ConfigError(f"upstream.ignorePaths[{i}]: invalid regular expression: {e}") from e
+    return tuple(patterns)
+
+
+def _json_value(
+    where: str, value: object, macros: Mapping[str, object], expand: Callable[[str, str], str]
+) -> object:
+    """A filter value: macros expanded (as in metadata), and representable in JSON."""
+    expanded = _metadata_value(where, value, macros, expand)
+    try:
+        json.dumps(plain_json(expanded), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: not representable in JSON ({_type_name(value)})") from e
+    return expanded
+
+
+def _param_map(
+    where: str, value: object, macros: Mapping[str, object], expand: Callable[[str, str], str]
+) -> dict[str, object]:
+    params = {}
+    for key, item in _mapping(where, value).items():
+        path = _join(where, str(key))
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{path}: keys must be non-empty strings")
+        if key in PROTECTED_PARAMS:
+            raise ConfigError(f"{path}: {key!r} cannot be set by a filter (see useModelName)")
+        params[key] = _json_value(path, item, macros, expand)
+    return params
+
+
+def _read_filters(
+    where: str,
+    value: object,
+    macros: Mapping[str, object],
+    expand: Callable[[str, str], str],
+    warnings: list[str],
+) -> Filters:
+    raw = _mapping(where, value)
+    _check_keys(where, raw, _FILTER_KEYS)
+
+    strip_raw = raw.get("stripParams", "")
+    path = f"{where}.stripParams"
+    if isinstance(strip_raw, list):
+        names = _str_list(path, strip_raw)
+    else:
+        names = expand(path, _str(path, strip_raw)).split(",")
+    strip: set[str] = set()
+    for name in (n.strip() for n in names):
+        if name in PROTECTED_PARAMS:
+            warnings.append(f"{path}: {name!r} is never stripped; ignored")
+        elif name:
+            strip.add(name)
+
+    by_id: dict[str, dict[str, object]] = {}
+    for key, params in _mapping(f"{where}.setParamsByID", raw.get("setParamsByID")).items():
+        path = f"{where}.setParamsByID.{key}"
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"{path}: keys must be non-empty strings (requested model names)")
+        name = expand(path, key)
+        if name in by_id:
+            raise ConfigError(f"{path}: the name {name!r} is listed twice")
+        by_id[name] = _param_map(path, params, macros, expand)
+
+    return Filters(
+        strip_params=tuple(sorted(strip)),
+        set_params=_param_map(f"{where}.setParams", raw.get("setParams"), macros, expand),
+        set_params_by_id={k: MappingProxyType(v) for k, v in by_id.items()},
     )
 
 
-def _check_aliases(models: Mapping[str, ModelConfig]) -> None:
+def plain_json(value: Any) -> Any:
+    """A config value (read-only mappings, tuples) as plain JSON-ready dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return value
+
+
+def _check_aliases(models: Mapping[str, ModelConfig], paths: Mapping[str, list[str]]) -> None:
     owner: dict[str, str] = {}
     for model in models.values():
-        for i, alias in enumerate(model.aliases):
-            where = f"models.{model.id}.aliases[{i}]"
+        for alias, where in zip(model.aliases, paths[model.id], strict=True):
             if alias in models:
                 raise ConfigError(f"{where}: {alias!r} is already a model id")
             if alias in owner:

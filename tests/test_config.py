@@ -24,6 +24,7 @@ from llamaswap.config import (
     DEFAULT_MAX_BODY_SIZE,
     Config,
     ConfigError,
+    Filters,
     ModelConfig,
     Target,
     command_text,
@@ -93,6 +94,11 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.max_body_size, DEFAULT_MAX_BODY_SIZE)
         self.assertEqual(config.api_keys, ())
         self.assertEqual(config.preload, ())
+        self.assertFalse(config.send_loading_state)
+        self.assertEqual(
+            [p.pattern for p in config.upstream_ignore_paths],
+            [r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$"],
+        )
         self.assertEqual(dict(config.profiles), {})
         self.assertEqual(config.warnings, ())
         self.assertEqual(config.source, "<string>")
@@ -118,6 +124,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(dict(model.metadata), {})
         self.assertEqual(model.concurrency_limit, 0)
         self.assertIsNone(model.port)
+        self.assertEqual(model.filters, Filters())
+        self.assertFalse(model.filters)
+        self.assertFalse(model.send_loading_state)
 
     def test_every_key_set(self) -> None:
         """Every key, set to a non-default value, is read into the right field."""
@@ -134,6 +143,9 @@ class DefaultsTests(SynchronousTestCase):
             includeAliasesInList: true
             maxBodySize: 2048
             apiKeys: [sk-one, sk-two]
+            sendLoadingState: true
+            upstream:
+              ignorePaths: ['^/static/']
             hooks:
               on_startup:
                 preload: [fast]
@@ -156,6 +168,11 @@ class DefaultsTests(SynchronousTestCase):
                 metadata: {family: qwen, ctx: 8192}
                 macros: {binary: /opt/other-server}
                 concurrencyLimit: 4
+                sendLoadingState: false
+                filters:
+                  stripParams: top_k
+                  setParams: {temperature: 0.2}
+                  setParamsByID: {qwen-creative: {temperature: 1.1}}
             profiles:
               coding: [qwen]
             """
@@ -177,7 +194,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(model.cmd, ("/opt/other-server", "--port", "7000"))
         self.assertEqual(model.cmd_stop, ("kill", "-INT", "${PID}"))
         self.assertEqual(model.proxy, "http://127.0.0.1:7000/base")
-        self.assertEqual(model.aliases, ("gpt-4o", "fast"))
+        self.assertEqual(model.aliases, ("gpt-4o", "fast", "qwen-creative"))
         self.assertEqual(model.check_endpoint, "/ready")
         self.assertEqual(model.ttl, 30)
         self.assertEqual(model.unload_timeout, 4.0)
@@ -189,6 +206,15 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(dict(model.metadata), {"family": "qwen", "ctx": 8192})
         self.assertEqual(model.concurrency_limit, 4)
         self.assertEqual(model.port, 7000)
+        self.assertTrue(config.send_loading_state)
+        self.assertEqual([p.pattern for p in config.upstream_ignore_paths], ["^/static/"])
+        self.assertFalse(model.send_loading_state)
+        self.assertEqual(model.filters.strip_params, ("top_k",))
+        self.assertEqual(dict(model.filters.set_params), {"temperature": 0.2})
+        self.assertEqual(
+            {k: dict(v) for k, v in model.filters.set_params_by_id.items()},
+            {"qwen-creative": {"temperature": 1.1}},
+        )
 
     def test_global_ttl_is_the_model_default(self) -> None:
         """globalTTL applies to models without ttl (or ttl -1); an explicit 0 means never."""
@@ -363,7 +389,7 @@ class ValidationTests(ErrorAssertions):
         """Modern llama-swap keys we do not implement fail instead of being ignored."""
         self.assertConfigError("groups: {}\n" + textwrap.dedent(MINIMAL), "groups: unknown key")
         self.assertModelError(
-            "cmd: a\nproxy: http://h:1\nfilters: {}\n", "models.m.filters: unknown key"
+            "cmd: a\nproxy: http://h:1\ntimeouts: {}\n", "models.m.timeouts: unknown key"
         )
 
     def test_duplicate_keys_are_rejected(self) -> None:
@@ -472,6 +498,21 @@ class ValidationTests(ErrorAssertions):
             ),
             ("macros: [a]", "macros: must be a mapping, not a list"),
             ("profiles: [a]", "profiles: must be a mapping, not a list"),
+            ("sendLoadingState: 1", "sendLoadingState: must be true or false, not an integer"),
+            ("upstream: [a]", "upstream: must be a mapping, not a list"),
+            (
+                "upstream: {ignore: []}",
+                "upstream.ignore: unknown key (did you mean 'ignorePaths'?)",
+            ),
+            (
+                "upstream: {ignorePaths: '.*'}",
+                "upstream.ignorePaths: must be a list of strings, not a string",
+            ),
+            (
+                "upstream: {ignorePaths: ['ok', '(unclosed']}",
+                "upstream.ignorePaths[1]: invalid regular expression: "
+                "missing ), unterminated subpattern at position 0",
+            ),
             (
                 "healthCheckTimeout: 2024-01-01",
                 "healthCheckTimeout: must be an integer, not a date",
@@ -522,6 +563,10 @@ class ValidationTests(ErrorAssertions):
             (ok + "metadata: [a]\n", "models.m.metadata: must be a mapping, not a list"),
             (ok + "concurrencyLimit: -1\n", "models.m.concurrencyLimit: must be >= 0"),
             (ok + "macros: [a]\n", "models.m.macros: must be a mapping, not a list"),
+            (
+                ok + "sendLoadingState: 'no'\n",
+                "models.m.sendLoadingState: must be true or false, not a string",
+            ),
         ]
         for body, message in cases:
             self.assertModelError(body, message)
@@ -1099,6 +1144,185 @@ PROFILES = """
       coding: [qwen, llama, renamed]
       qwen2.5: [qwen]
 """
+
+
+class FiltersTests(ErrorAssertions):
+    """C{filters}: stripParams, setParams and setParamsByID (auto-aliases)."""
+
+    def test_strip_params(self) -> None:
+        """A comma list (or a YAML list), trimmed, de-duplicated and sorted; model is kept."""
+        config = parse(
+            """
+            models:
+              m:
+                cmd: a
+                proxy: http://h:1
+                filters: {stripParams: " top_k, model ,temperature,,top_k "}
+              n:
+                cmd: a
+                proxy: http://h:2
+                filters: {stripParams: [stream, seed]}
+            """
+        )
+        self.assertEqual(config.models["m"].filters.strip_params, ("temperature", "top_k"))
+        self.assertEqual(config.models["n"].filters.strip_params, ("seed", "stream"))
+        self.assertEqual(
+            config.warnings, ("models.m.filters.stripParams: 'model' is never stripped; ignored",)
+        )
+
+    def test_set_params_values(self) -> None:
+        """Any JSON value; macros expand as in metadata (an exact ${macro} keeps its type)."""
+        model = one_model(
+            """
+            cmd: a --port ${PORT}
+            macros: {ctx: 4096}
+            filters:
+              setParams:
+                n_ctx: ${ctx}
+                tag: ${MODEL_ID}-${PORT}
+                stop: ["</s>", 2]
+                chat_template_kwargs: {enable_thinking: false}
+                seed: null
+            """
+        )
+        self.assertEqual(
+            {k: v for k, v in model.filters.set_params.items() if k != "stop"},
+            {
+                "n_ctx": 4096,
+                "tag": "m-5800",
+                "chat_template_kwargs": {"enable_thinking": False},
+                "seed": None,
+            },
+        )
+        self.assertEqual(model.filters.set_params["stop"], ("</s>", 2))
+        self.assertTrue(model.filters)
+
+    def test_set_params_by_id_become_aliases(self) -> None:
+        """Each name (not the model's own id) is an alias, after the explicit ones."""
+        config = parse(
+            """
+            models:
+              qwen:
+                cmd: a
+                proxy: http://h:1
+                aliases: [q, qwen-hot]
+                filters:
+                  setParams: {temperature: 0.7}
+                  setParamsByID:
+                    qwen: {temperature: 0.5}
+                    qwen-hot: {temperature: 1.0}
+                    ${MODEL_ID}-cold: {temperature: 0.1, top_k: 5}
+            """
+        )
+        model = config.models["qwen"]
+        self.assertEqual(model.aliases, ("q", "qwen-hot", "qwen-cold"))
+        self.assertEqual(config.resolve("qwen-cold").model_id, "qwen")
+        self.assertEqual(model.filters.edits_for("qwen"), ((), {"temperature": 0.5}))
+        self.assertEqual(
+            model.filters.edits_for("qwen-cold"), ((), {"temperature": 0.1, "top_k": 5})
+        )
+        self.assertEqual(model.filters.edits_for("q"), ((), {"temperature": 0.7}))
+
+    def test_alias_conflicts(self) -> None:
+        """A setParamsByID name that is another model's id or alias is an error."""
+        base = """
+            models:
+              a: {cmd: a, proxy: "http://h:1", aliases: [shared]}
+              b:
+                cmd: b
+                proxy: http://h:2
+                filters:
+                  setParamsByID:
+        """
+        self.assertConfigError(
+            base + "            a: {x: 1}\n",
+            "models.b.filters.setParamsByID.a: 'a' is already a model id",
+        )
+        self.assertConfigError(
+            base + "            shared: {x: 1}\n",
+            "models.b.filters.setParamsByID.shared: 'shared' is already an alias of a",
+        )
+
+    def test_errors(self) -> None:
+        """Wrong shapes, protected keys and non-JSON values name their path."""
+        ok = "cmd: server\nproxy: http://h:1\n"
+        cases = [
+            ("filters: [a]", "models.m.filters: must be a mapping, not a list"),
+            (
+                "filters: {strip_params: a}",
+                "models.m.filters.strip_params: unknown key (did you mean 'stripParams'?)",
+            ),
+            (
+                "filters: {stripParams: 3}",
+                "models.m.filters.stripParams: must be a string, not an integer",
+            ),
+            (
+                "filters: {setParams: [a]}",
+                "models.m.filters.setParams: must be a mapping, not a list",
+            ),
+            (
+                "filters: {setParams: {model: x}}",
+                "models.m.filters.setParams.model: 'model' cannot be set by a filter "
+                "(see useModelName)",
+            ),
+            (
+                "filters: {setParams: {1: x}}",
+                "models.m.filters.setParams.1: keys must be non-empty strings",
+            ),
+            (
+                "filters: {setParams: {when: 2024-01-01}}",
+                "models.m.filters.setParams.when: not representable in JSON (a date)",
+            ),
+            (
+                "filters: {setParams: {t: .nan}}",
+                "models.m.filters.setParams.t: not representable in JSON (a number)",
+            ),
+            (
+                "filters: {setParams: {t: '${nope}'}}",
+                "models.m.filters.setParams.t: unknown macro ${nope}",
+            ),
+            (
+                "filters: {setParamsByID: {x: {model: y}}}",
+                "models.m.filters.setParamsByID.x.model: 'model' cannot be set by a filter "
+                "(see useModelName)",
+            ),
+            (
+                "filters: {setParamsByID: {x: 1}}",
+                "models.m.filters.setParamsByID.x: must be a mapping, not an integer",
+            ),
+            (
+                "filters: {setParamsByID: {'${PORT}': {}}}",
+                "models.m.filters.setParamsByID.${PORT}: uses ${PORT} but cmd does not",
+            ),
+            (
+                "filters: {setParamsByID: {'${MODEL_ID}': {a: 1}, m: {a: 2}}}",
+                "models.m.filters.setParamsByID.m: the name 'm' is listed twice",
+            ),
+        ]
+        for body, message in cases:
+            self.assertModelError(ok + body + "\n", message)
+
+
+class SendLoadingStateTests(SynchronousTestCase):
+    def test_model_overrides_global(self) -> None:
+        """Each model takes the global sendLoadingState unless it sets its own."""
+        config = parse(
+            """
+            sendLoadingState: true
+            models:
+              a: {cmd: a, proxy: "http://h:1"}
+              b: {cmd: b, proxy: "http://h:2", sendLoadingState: false}
+            """
+        )
+        self.assertEqual([m.send_loading_state for m in config.models.values()], [True, False])
+        self.assertTrue(
+            one_model("cmd: a\nproxy: http://h:1\nsendLoadingState: true\n").send_loading_state
+        )
+
+    def test_ignore_paths_may_be_empty(self) -> None:
+        """C{upstream.ignorePaths: []} turns the check off."""
+        config = parse("upstream: {ignorePaths: []}\n" + textwrap.dedent(MINIMAL))
+        self.assertEqual(config.upstream_ignore_paths, ())
 
 
 class ProfileTests(ErrorAssertions):
