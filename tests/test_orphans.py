@@ -256,10 +256,12 @@ profiles:
                 (await sup.acquire(name)).release()
             pids = [sup.status(m).pid for m in ("a", "b")]
             members = [p for pid in pids if pid is not None for p in group(pid)]
-            self.assertGreaterEqual(len(members), 5)  # 2 servers, 2 guards, 1 grandchild
+            # 2 servers, 2 guards, 1 grandchild
+            self.assertGreaterEqual(len(members), 5, [command(p) for p in members])
         finally:
             await sup.stopService()
-        self.assertEqual([p for p in members if alive(p)], [])
+        survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
+        self.assertEqual(survivors, [])
 
 
 class _Collect(ProcessProtocol):
