@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -27,12 +28,26 @@ from llamaswap.errors import StartFailed
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.supervisor import Supervisor
-from tests.fakeserver_helper import REPO_ROOT, free_port
+from tests.fakeserver_helper import REPO_ROOT
 
 PY = sys.executable
 FAKE = f"{PY} -m llamaswap.fakeserver --quiet"
 # The children run in a temporary folder: make the checkout importable there.
 ENV = f'env: ["PYTHONPATH={REPO_ROOT}"]'
+
+
+def free_ports(n: int) -> list[int]:
+    """C{n} distinct ports that were free a moment ago (held together while picked)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -105,7 +120,7 @@ class SupervisorIntegrationTests(TestCase):
         Alternating a and b 20 times: every answer comes from the right
         model, and the previous server is gone (by pid) before the next runs.
         """
-        port_a, port_b = free_port(), free_port()
+        port_a, port_b = free_ports(2)
         sup, events = self.supervisor(
             f"""
 healthCheckTimeout: 15
@@ -183,7 +198,7 @@ models:
 
     async def test_sigterm_ignored_then_sigkill(self) -> None:
         """A server deaf to SIGTERM is SIGKILLed after its unloadTimeout."""
-        port = free_port()
+        (port,) = free_ports(1)
         sup, _ = self.supervisor(
             f"""
 models:
@@ -206,7 +221,7 @@ models:
 
     async def test_exit_during_startup_fails_fast(self) -> None:
         """A server that dies while loading fails the request at once, with its output."""
-        port = free_port()
+        (port,) = free_ports(1)
         sup, _ = self.supervisor(
             f"""
 healthCheckTimeout: 60
@@ -230,7 +245,7 @@ models:
 
     async def test_stop_service_reaps_everything(self) -> None:
         """stopService fires only after the servers (and their guards) are gone."""
-        port_a, port_b = free_port(), free_port()
+        port_a, port_b = free_ports(2)
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         config = parse_config(
@@ -301,7 +316,7 @@ class KillNineTests(TestCase):
             import llamaswap.resources  # noqa: F401
         except ImportError as e:
             raise SkipTest(f"the web modules are not importable yet: {e}") from e
-        port_a, port_b = free_port(), free_port()
+        port_a, port_b = free_ports(2)
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         config_path = os.path.join(base, "config.yaml")
