@@ -223,7 +223,6 @@ class SoakTests(TestCase):
         self.assertEqual(len(our_children() - proxy.children_before), 1)
         self.assertEqual(proxy.service.supervisor.status("b").in_flight, 0)
         await proxy.stop_and_check(self)
-        self.assertLess(took, 120, "the soak should take under two minutes")
         print(
             f"\nsoak: {SOAK_REQUESTS} requests in {took:.1f}s, {runs - 1} swaps, "
             f"{tally.left} left early; fds {fds[1]}->{fds[-1]}, "
