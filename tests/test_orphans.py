@@ -219,6 +219,33 @@ models:
         self.assertGreaterEqual(elapsed, 1.0)
         self.assertLess(elapsed, 4.0)
 
+    async def test_crash_while_ready_then_restart(self) -> None:
+        """A server that dies after answering is started again by the next request."""
+        (port,) = free_ports(1)
+        sup, _ = self.supervisor(
+            f"""
+models:
+  crashy:
+    cmd: {FAKE} --name crashy --port {port} --crash-after 1
+    proxy: http://127.0.0.1:{port}
+    {ENV}
+"""
+        )
+        http, pool = make_http(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        pids = []
+        for _ in range(2):
+            lease = await sup.acquire("crashy")
+            try:
+                response = await http.get(lease.url + "/pid")
+                pids.append(json.loads(await response.content())["pid"])
+            finally:
+                lease.release()
+            await wait_until(lambda: sup.status("crashy").state == "stopped", 10, "the crash")
+            self.assertIn("exited unexpectedly (exit code 1)", sup.status("crashy").last_error)
+        self.assertNotEqual(pids[0], pids[1])
+        self.assertFalse(alive(pids[0]))
+
     async def test_exit_during_startup_fails_fast(self) -> None:
         """A server that dies while loading fails the request at once, with its output."""
         (port,) = free_ports(1)
