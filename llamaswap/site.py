@@ -3,7 +3,8 @@
 # mypy: disable-error-code="no-untyped-call"
 """
 The HTTP server side: a L{Site} whose requests enforce the body limit early,
-never answer with twisted.web's HTML error pages, and log/publish themselves.
+never answer with twisted.web's HTML error pages (errors are ours: JSON unless
+C{Accept} asks for text or HTML), and log/publish themselves.
 
 twisted.web reads the whole request body (into memory, or a temp file above
 100 kB) before any resource runs, so a size limit in a resource comes too late
@@ -21,11 +22,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from llamaswap.errors import BodyTooLarge, ProxyError
+from llamaswap.errors import BodyTooLarge, ProxyError, error_body
 from llamaswap.events import EventBus
+from llamaswap.jsonweb import error_payload, request_accept
 
 # After answering 413 we keep reading (and discarding) this long before
 # aborting, so a client busy sending its body still gets to read the answer
@@ -110,14 +113,14 @@ class LlamaSwapRequest(Request):
             content.close()
         self.content = None
         error = BodyTooLarge(f"request body exceeds the limit of {self._limit} bytes")
-        body = error.body()
+        content_type, body = error_payload(error, request_accept(self))
         self.sentLength = len(body)
         transport: Any = channel.transport
         transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
+            b"Content-Type: %s\r\n"
             b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
+            b"Connection: close\r\n\r\n%s" % (content_type, len(body), body)
         )
         channel.persistent = False
         half_close = getattr(transport, "loseWriteConnection", None)
@@ -172,9 +175,9 @@ class LlamaSwapRequest(Request):
         return reason
 
     def _answer_error(self, error: ProxyError) -> None:
-        body = error.body()
+        content_type, body = error_payload(error, request_accept(self))
         self.setResponseCode(error.status)
-        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Type", content_type)
         self.setHeader(b"Content-Length", b"%d" % len(body))
         self.write(b"" if self.method == b"HEAD" else body)
         self.finish()
@@ -201,6 +204,43 @@ class LlamaSwapRequest(Request):
         self._site.request_ended(self, status, self._now() - self._started)
 
 
+class LlamaSwapChannel(HTTPChannel):
+    """
+    An C{HTTPChannel} whose own refusals are JSON too.
+
+    twisted.web answers requests it cannot parse (bad request line, bad
+    Content-Length, too many headers) with a bare C{400} and no body, and
+    drops a header line over C{MAX_LENGTH} without any answer. Clients then
+    see nothing they can parse; these overrides answer in OpenAI's shape.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuse(400, "Bad Request", "malformed HTTP request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(
+            431,
+            "Request Header Fields Too Large",
+            f"request line or header longer than {self.MAX_LENGTH} bytes",
+        )
+
+    def _refuse(self, status: int, phrase: str, message: str) -> None:
+        body = error_body(status, message)
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, phrase.encode("ascii"), len(body), body)
+        )
+        self.loseConnection()
+
+
+def _json_channel(site: Site) -> _GenericHTTPChannelProtocol:
+    # Site.protocol's default wraps a plain HTTPChannel the same way (it keeps
+    # the HTTP/2 negotiation hook); only the channel class differs.
+    return _GenericHTTPChannelProtocol(LlamaSwapChannel())
+
+
 class LlamaSwapSite(Site):
     """
     The proxy's L{Site}: builds L{LlamaSwapRequest}s with the configured body limit,
@@ -208,6 +248,7 @@ class LlamaSwapSite(Site):
     """
 
     requestFactory = LlamaSwapRequest
+    protocol = _json_channel
     displayTracebacks = False
 
     def __init__(
