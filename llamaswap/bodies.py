@@ -6,19 +6,24 @@ Three sources, as llama-swap has them: the JSON body's C{model} (whatever the
 Content-Type says, as long as the body parses as JSON), the multipart form field
 C{model} (audio transcriptions, image edits) and C{?model=} on GET routes.
 
-Bodies are replayed byte for byte unless the model name must change
-(C{useModelName}, C{profile:model}); only then is the JSON re-serialized or the
-one multipart field spliced, so everything else reaches the upstream untouched.
+Bodies are replayed byte for byte unless something must change: the model name
+(C{useModelName}, C{profile:model}) or the model's C{filters}. Then only the
+affected top-level members of the JSON object are cut out or spliced in (the rest
+keeps its bytes, spacing and order), or the one multipart field is spliced.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from email.message import Message
+from json import decoder as _json_decoder
 from typing import Any
 
 from attrs import frozen
 
+from llamaswap.config import PROTECTED_PARAMS, Filters, plain_json
 from llamaswap.errors import BadRequest
 
 MISSING_MODEL = "missing or invalid 'model' key"
@@ -39,21 +44,135 @@ class ModelRequest:
     _json: dict[str, Any] | None = None
     _span: tuple[int, int] | None = None  # multipart: where the field's value lives
 
-    def rewrite(self, name: str | None) -> bytes:
-        """Return the body with C{name} as the model (the original bytes if unchanged)."""
-        if name is None or name == self.model:
-            return self.body
-        if self._json is not None:
-            changed = dict(self._json)
-            changed["model"] = name
-            try:
-                return json.dumps(changed, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate ("\ud800") somewhere: keep it escaped
-                return json.dumps(changed).encode("ascii")
-        if self._span is not None:
+    @property
+    def stream(self) -> bool:
+        """Whether a JSON body asks for a streamed answer (C{"stream": true})."""
+        return self._json is not None and self._json.get("stream") is True
+
+    def rewrite(self, name: str | None, filters: Filters | None = None) -> bytes:
+        """
+        Return the body with C{name} as the model and C{filters} applied (JSON
+        bodies only): the original bytes if nothing changes.
+        """
+        if self._json is None:
+            if self._span is None or name is None or name == self.model:
+                return self.body
             start, end = self._span
             return self.body[:start] + name.encode("utf-8") + self.body[end:]
-        return self.body
+        edits: dict[str, Any] = {}
+        if filters:
+            strip, values = filters.edits_for(self.model)
+            edits.update((key, _DELETE) for key in strip if key in self._json)
+            edits.update(values)
+            for key in PROTECTED_PARAMS:  # the loader refuses them; never trust it alone
+                edits.pop(key, None)
+        if name is not None and name != self.model:
+            edits["model"] = name
+        if not edits:
+            return self.body
+        return edit_json_object(self.body, self._json, edits)
+
+
+# Marks a key to remove in L{edit_json_object}.
+_DELETE: Any = object()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+# The string scanner json.loads uses (not in typeshed): (text, after the quote) -> (str, end).
+_scanstring: Callable[[str, int], tuple[str, int]] = _json_decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _skip(text: str, pos: int) -> int:
+    """The index of the first non-whitespace character at or after C{pos}."""
+    match = _WHITESPACE.match(text, pos)
+    return match.end() if match else pos
+
+
+@frozen
+class _Member:
+    """Where one top-level member C{"key": value} sits in the JSON text."""
+
+    key: str
+    start: int  # the key's opening quote
+    key_end: int  # just after the key's closing quote
+    value_start: int
+    end: int  # just after the value
+
+
+def _scan_object(text: str) -> tuple[list[_Member], int] | None:
+    """The members of a top-level JSON object and where its C{}} is; None if unsure."""
+    pos = _skip(text, 0)
+    if not text.startswith("{", pos):
+        return None
+    pos = _skip(text, pos + 1)
+    members: list[_Member] = []
+    if text.startswith("}", pos):
+        return members, pos
+    while text.startswith('"', pos):
+        key, key_end = _scanstring(text, pos + 1)
+        colon = _skip(text, key_end)
+        if not text.startswith(":", colon):
+            return None
+        value_start = _skip(text, colon + 1)
+        _, end = _DECODER.raw_decode(text, value_start)
+        members.append(_Member(key, pos, key_end, value_start, end))
+        pos = _skip(text, end)
+        if text.startswith("}", pos):
+            return members, pos
+        if not text.startswith(",", pos):
+            return None
+        pos = _skip(text, pos + 1)
+    return None
+
+
+def _dump(value: Any) -> str:
+    text = json.dumps(plain_json(value), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): keep it escaped
+        text = json.dumps(plain_json(value))
+    return text
+
+
+def edit_json_object(body: bytes, document: Mapping[str, Any], edits: Mapping[str, Any]) -> bytes:
+    """
+    Set (or, for L{_DELETE}, remove) top-level keys of the JSON object C{body}.
+
+    Only the edited members change: every other byte (spacing, key order, number
+    formatting, escapes) is kept. New keys go at the end. C{document} is C{body}
+    parsed; it is re-serialized whole only for bodies that are not plain UTF-8.
+    """
+    scanned = None
+    if not body.startswith(b"\xef\xbb\xbf"):  # json.loads accepts a BOM; the scanner not
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            scanned = _scan_object(text)
+    if scanned is None:  # UTF-16/32 or a BOM: rebuild the document
+        changed = {k: v for k, v in document.items() if edits.get(k, None) is not _DELETE}
+        changed.update((k, v) for k, v in edits.items() if v is not _DELETE)
+        return _dump(changed).encode("utf-8")
+    members, close = scanned
+    kept: list[tuple[str, str]] = []  # (separator before it, member text)
+    previous_end = members[0].start if members else close
+    for member in members:
+        separator, previous_end = text[previous_end : member.start], member.end
+        if member.key not in edits:
+            kept.append((separator, text[member.start : member.end]))
+        elif edits[member.key] is not _DELETE:
+            head = text[member.start : member.value_start]
+            kept.append((separator, head + _dump(edits[member.key])))
+    present = {member.key for member in members}
+    colon = text[members[0].key_end : members[0].value_start] if members else ": "
+    comma = text[members[0].end : members[1].start] if len(members) > 1 else ", "
+    for key, value in edits.items():
+        if key not in present and value is not _DELETE:
+            kept.append((comma, _dump(key) + colon + _dump(value)))
+    prefix = text[: members[0].start] if members else text[:close]
+    suffix = text[members[-1].end :] if members else text[close:]
+    inner = "".join(sep + member if i else member for i, (sep, member) in enumerate(kept))
+    return (prefix + inner + suffix).encode("utf-8")
 
 
 def from_json(body: bytes) -> ModelRequest:

@@ -2,16 +2,18 @@
 # twisted.web's Request and Resource are unannotated; everything else stays strict.
 # mypy: disable-error-code="no-untyped-call"
 """
-twisted.web building blocks that only ever answer JSON.
+twisted.web building blocks whose errors are ours, never twisted.web's pages.
 
 twisted.web's own 404, 405 and 500 answers are HTML pages; an OpenAI client
 cannot parse them. Every node of our tree derives from L{JSONResource}: unknown
-children are a JSON 404, unknown methods a JSON 405 (with C{Allow}), and an
-exception escaping a C{render_*} method a JSON 500.
+children are a 404, unknown methods a 405 (with C{Allow}), and an exception
+escaping a C{render_*} method a 500, each rendered by L{error_payload}: OpenAI's
+JSON envelope unless the client's C{Accept} asks for plain text or HTML.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from typing import Any
 
@@ -25,6 +27,8 @@ from llamaswap.errors import ProxyError
 
 _log = Logger()
 JSON_TYPE = b"application/json"
+TEXT_TYPE = b"text/plain; charset=utf-8"
+HTML_TYPE = b"text/html; charset=utf-8"
 # The methods a JSONResource may implement, in the order Allow lists them.
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 
@@ -55,11 +59,57 @@ def respond_json(request: Request, obj: object, status: int = 200) -> bytes:
     return respond(request, status, json_bytes(obj))
 
 
+def _accepted(accept: bytes) -> set[bytes]:
+    """The media types an C{Accept} header allows (those with C{q=0} are refused)."""
+    types = set()
+    for item in accept.lower().split(b","):
+        media, *params = item.split(b";")
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition(b"=")
+            if name.strip() == b"q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 1.0
+        if media.strip() and quality > 0:
+            types.add(media.strip())
+    return types
+
+
+def error_payload(error: ProxyError, accept: bytes | None) -> tuple[bytes, bytes]:
+    """
+    C{(content type, body)} for an error, by the request's C{Accept}: JSON if it
+    names JSON (OpenAI and Anthropic SDKs send C{application/json}), else plain
+    text for C{text/plain}, else a small page for C{text/html} (a browser), else
+    JSON (C{*/*}, nothing, anything else).
+    """
+    types = _accepted(accept or b"")
+    if not any(t == JSON_TYPE or t.endswith(b"+json") for t in types):
+        if b"text/plain" in types:
+            return TEXT_TYPE, f"llamaswap: {error.message}\n".encode("utf-8", "replace")
+        if b"text/html" in types:
+            message = html.escape(error.message).replace("\n", "<br>")
+            page = (
+                f"<!doctype html><html><head><meta charset=utf-8><title>llamaswap: "
+                f"{error.status}</title></head><body><h1>llamaswap</h1><p>{message}</p>"
+                "</body></html>\n"
+            )
+            return HTML_TYPE, page.encode("utf-8", "replace")
+    return JSON_TYPE, error.body()
+
+
+def request_accept(request: Request) -> bytes:
+    """Every C{Accept} header of C{request}, joined."""
+    return b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+
+
 def respond_error(request: Request, error: ProxyError) -> bytes:
-    """Answer a L{ProxyError} in OpenAI's envelope (adds C{Retry-After} to a 429)."""
+    """Answer a L{ProxyError} (see L{error_payload}); adds C{Retry-After} to a 429."""
     if error.status == 429:
         request.setHeader(b"Retry-After", b"1")
-    return respond(request, error.status, error.body())
+    content_type, body = error_payload(error, request_accept(request))
+    return respond(request, error.status, body, content_type)
 
 
 def send_error(request: Request, error: ProxyError) -> None:
@@ -78,7 +128,7 @@ def send_error(request: Request, error: ProxyError) -> None:
 
 class JSONResource(Resource):
     """
-    A resource whose every answer, errors included, is JSON.
+    A resource whose errors are ours (JSON unless C{Accept} says otherwise).
 
     Subclasses define C{render_GET}, C{render_POST}... as usual, or C{render_any}
     for every method. HEAD is served by C{render_GET} when there is neither a

@@ -13,6 +13,11 @@ Cancellation: when the client leaves before the upstream answered, the pending
 C{acquire} (queued swap) or the treq request is cancelled; after the headers,
 the upstream socket is closed. Either way the lease is released, so TTLs and
 swaps see the model as idle again.
+
+Loading state (C{sendLoadingState}): a streamed chat request whose model is not
+ready at once is answered 200 C{text/event-stream} straight away, with progress
+frames (L{LoadingStream}) until the model is ready; the upstream's own events
+follow in the same response.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Any, Protocol
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -35,11 +41,11 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from llamaswap.config import Target
-from llamaswap.errors import ProxyError, UpstreamUnreachable
+from llamaswap.config import Config
+from llamaswap.errors import ModelNotFound, ProxyError, UpstreamUnreachable
 from llamaswap.jsonweb import send_error
 from llamaswap.site import request_info
-from llamaswap.supervisor import Lease
+from llamaswap.supervisor import Lease, ModelStatus
 
 HOP_BY_HOP = frozenset(
     {
@@ -72,12 +78,19 @@ def _percent(match: re.Match[bytes]) -> bytes:
 
 
 class LeaseSource(Protocol):
-    """What the relay needs from the supervisor."""
+    """What the relay (and the routes) need from the supervisor."""
+
+    config: Config
 
     def acquire(self, requested: str) -> Deferred[Lease]: ...
 
+    def status(self, model_id: str) -> ModelStatus: ...
 
-BodyFor = Callable[[Target], bytes]
+
+# The body to send for a lease (rewritten for its model), from the route.
+BodyFor = Callable[[Lease], bytes]
+LOADING_TICK = 0.75  # seconds between the "." frames of a loading stream
+_ERROR_BODY_LIMIT = 64 * 1024  # upstream error bytes kept to report after a loading stream
 
 
 def _end_to_end(headers: Headers, drop: frozenset[bytes]) -> Iterator[tuple[bytes, list[bytes]]]:
@@ -189,23 +202,115 @@ class BodyRelay(TwistedProtocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
+def sse_frame(data: bytes) -> bytes:
+    """One server-sent event carrying C{data} (a single line of JSON)."""
+    return b"data: " + data + b"\n\n"
+
+
+class LoadingStream:
+    """
+    The answer to a streamed chat request while its model loads: status 200 and
+    event-stream headers at once, then C{reasoning_content} deltas (the model's
+    name, a dot every L{LOADING_TICK} seconds, how long it took). Afterwards the
+    upstream's own events are appended (L{Relay}), or L{fail} ends it with an
+    error event.
+    """
+
+    def __init__(self, request: Request, model_id: str, clock: IReactorTime) -> None:
+        self._request = request
+        self._model_id = model_id
+        self._clock = clock
+        self._started = clock.seconds()
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        self.send(f"llamaswap loading model: {model_id}\n")
+        self._ticker = LoopingCall(self.send, ".")
+        self._ticker.clock = clock
+        self._ticker.start(LOADING_TICK, now=False)
+
+    def send(self, text: str) -> None:
+        """One C{chat.completion.chunk} whose delta carries C{text} as reasoning."""
+        chunk = {
+            "object": "chat.completion.chunk",
+            "model": self._model_id,
+            "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}],
+        }
+        self._write(sse_frame(json.dumps(chunk, ensure_ascii=False).encode("utf-8")))
+
+    def _write(self, data: bytes) -> None:
+        if getattr(self._request, "channel", None) is not None:
+            self._request.write(data)
+
+    def stop(self) -> None:
+        """No more dots (idempotent)."""
+        if self._ticker.running:
+            self._ticker.stop()
+
+    def ready(self) -> None:
+        """The model is ready: say how long it took."""
+        self.stop()
+        self.send(f"\nDone! ({self._clock.seconds() - self._started:.1f}s)\n\n")
+
+    def fail(self, error: bytes) -> None:
+        """End the stream with an error event (OpenAI's envelope) and C{[DONE]}."""
+        self.stop()
+        if getattr(self._request, "channel", None) is not None:
+            self._write(sse_frame(error) + sse_frame(b"[DONE]"))
+            self._request.finish()
+
+
+class _Collect(TwistedProtocol):
+    """Keeps the first C{limit} bytes of a response body (an upstream's error)."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = b""
+        self._limit = limit
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data = (self.data + data)[: self._limit]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self.done.callback(self.data)
+
+
+def _one_line_json(body: bytes) -> bytes | None:
+    """C{body} as compact JSON if it is a JSON object, else None."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return json.dumps(document).encode() if isinstance(document, dict) else None
+
+
 class Relay:
     """Proxies requests for a model to its server, through a supervisor lease."""
 
     log = Logger()
 
-    def __init__(self, supervisor: LeaseSource, http: HTTPClient) -> None:
-        self._supervisor = supervisor
+    def __init__(self, supervisor: LeaseSource, http: HTTPClient, clock: IReactorTime) -> None:
+        self.supervisor = supervisor
         self._http = http
+        self._clock = clock
 
     def proxy(
-        self, request: Request, requested: str, upstream_uri: bytes, body_for: BodyFor
+        self,
+        request: Request,
+        requested: str,
+        upstream_uri: bytes,
+        body_for: BodyFor,
+        *,
+        loading: bool = False,
     ) -> int:
         """
         Answer C{request} from the server of the model named C{requested}.
 
         C{upstream_uri} is the path and query to request on the model's server;
-        C{body_for(target)} gives the body to send (rewritten for the target).
+        C{body_for(lease)} gives the body to send (rewritten for the model).
+        C{loading}: the request may get a L{LoadingStream} while its model
+        loads, if the model's C{sendLoadingState} is on.
         Returns C{NOT_DONE_YET} for C{render_*} to return.
         """
         info = request_info(request)
@@ -213,19 +318,47 @@ class Relay:
         info.model = requested
         finished = request.notifyFinish()  # ask now: asked after the end it never fires
         exchange = Deferred.fromCoroutine(
-            self._exchange(request, upstream_uri, requested, body_for)
+            self._exchange(request, upstream_uri, requested, body_for, loading)
         )
         finished.addErrback(lambda _: exchange.cancel())  # the client left
         exchange.addErrback(self._failed, request)
         return NOT_DONE_YET
 
+    def _loading_model(self, requested: str) -> str | None:
+        """The id of the requested model if it wants loading streams."""
+        config = self.supervisor.config
+        try:
+            model = config.models[config.resolve(requested).model_id]
+        except ModelNotFound:
+            return None
+        return model.id if model.send_loading_state else None
+
     async def _exchange(
-        self, request: Request, uri: bytes, requested: str, body_for: BodyFor
+        self, request: Request, uri: bytes, requested: str, body_for: BodyFor, loading: bool
     ) -> None:
-        lease = await self._supervisor.acquire(requested)
+        acquired = self.supervisor.acquire(requested)
+        stream = None
+        # Only while the lease is not at hand: refusals (404, 429, 503) stay plain errors.
+        model_id = self._loading_model(requested) if loading and not acquired.called else None
+        if model_id is not None:
+            stream = LoadingStream(request, model_id, self._clock)
+        try:
+            lease = await acquired
+        except CancelledError:
+            raise
+        except Exception as e:
+            if stream is None:
+                raise
+            stream.fail(self._error_for(e, request).body())
+            return
+        finally:
+            if stream is not None:
+                stream.stop()
+        if stream is not None:
+            stream.ready()
         try:
             request_info(request).model = lease.model.id
-            body = body_for(lease.target)
+            body = body_for(lease)
             framed = request.requestHeaders.hasHeader(
                 b"content-length"
             ) or request.requestHeaders.hasHeader(b"transfer-encoding")
@@ -242,32 +375,68 @@ class Relay:
             except CancelledError:
                 raise
             except Exception as e:
-                raise UpstreamUnreachable(
+                error = UpstreamUnreachable(
                     f"model {lease.model.id}: upstream server unreachable: {describe(e)}"
-                ) from e
-            reason, relayed = await self._relay_response(request, response)
+                )
+                if stream is None:
+                    raise error from e
+                stream.fail(self._error_for(error, request).body())
+                return
+            if stream is not None and response.code >= 400:
+                await self._fail_stream(stream, response, lease.model.id)
+                return
+            reason, relayed = await self._relay_response(request, response, stream is None)
         finally:
             # Release before finishing: the end of the request is observed (access
             # log, "request" event with a status snapshot) when finish() runs.
             lease.release()
         self._end(request, reason, relayed, lease.model.id)
 
+    async def _fail_stream(self, stream: LoadingStream, response: IResponse, model: str) -> None:
+        """
+        The upstream refused a request whose loading stream already said 200:
+        pass its JSON error on as an event, or wrap whatever it said.
+        """
+        collect = _Collect(_ERROR_BODY_LIMIT)
+        response.deliverBody(collect)
+        body = await collect.done
+        event = _one_line_json(body)
+        if event is None:
+            text = body.decode("utf-8", "replace").strip()
+            event = ProxyError(
+                f"model {model}: upstream answered {response.code}: {text}", response.code
+            ).body()
+        stream.fail(event)
+
+    def _error_for(self, error: BaseException, request: Request) -> ProxyError:
+        """A L{ProxyError} as is; anything else is logged and becomes a 500."""
+        if isinstance(error, ProxyError):
+            return error
+        self.log.failure(
+            "proxying {uri} failed", Failure(error), uri=request.uri.decode("utf-8", "replace")
+        )
+        return ProxyError("internal error while proxying the request", 500)
+
     async def _relay_response(
-        self, request: Request, response: IResponse
+        self, request: Request, response: IResponse, head: bool = True
     ) -> tuple[BaseException, BodyRelay]:
-        """Send status and headers, then stream the body; return how the body ended."""
-        request.setResponseCode(response.code, response.phrase)
-        copy_response_headers(response.headers, request.responseHeaders)
-        if request.method == b"HEAD":
-            length = response.headers.getRawHeaders(b"content-length")
-            if length:
-                request.responseHeaders.setRawHeaders(b"Content-Length", length[:1])
-        elif isinstance(response.length, int) and response.code not in _NO_BODY_STATUSES:
-            request.setHeader(b"Content-Length", b"%d" % response.length)
+        """
+        Send status and headers (unless C{head} is false: a loading stream sent
+        them), then stream the body; return how the body ended.
+        """
         content_type = b",".join(response.headers.getRawHeaders(b"content-type", [])).lower()
-        if b"text/event-stream" in content_type:
-            request.setHeader(b"X-Accel-Buffering", b"no")
-        request.write(b"")  # status and headers now, before the first token
+        if head:
+            request.setResponseCode(response.code, response.phrase)
+            copy_response_headers(response.headers, request.responseHeaders)
+            if request.method == b"HEAD":
+                length = response.headers.getRawHeaders(b"content-length")
+                if length:
+                    request.responseHeaders.setRawHeaders(b"Content-Length", length[:1])
+            elif isinstance(response.length, int) and response.code not in _NO_BODY_STATUSES:
+                request.setHeader(b"Content-Length", b"%d" % response.length)
+            if b"text/event-stream" in content_type:
+                request.setHeader(b"X-Accel-Buffering", b"no")
+            request.write(b"")  # status and headers now, before the first token
         body = BodyRelay(
             request, keep_tail=b"json" in content_type or b"event-stream" in content_type
         )

@@ -50,6 +50,8 @@ JSON_ROUTES = (
     "/sdapi/v1/txt2img",
     "/sdapi/v1/img2img",
 )
+# JSON routes whose streamed requests may get a loading stream (sendLoadingState).
+LOADING_ROUTES = frozenset({"/v1/chat/completions"})
 # ... in the multipart field "model" (or JSON).
 FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 # ... in ?model= for GET (JSON body for POST).
@@ -167,11 +169,12 @@ def build_root(
     reactor: Any,
 ) -> IResource:
     """The whole HTTP API (see docs/api.md)."""
-    relay = Relay(supervisor, http)
+    relay = Relay(supervisor, http, reactor)
     root = Root(config.api_keys)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
-        mount(root, path, ModelRoute(relay))
+        # Loading streams only where llama-swap has them: OpenAI chat.
+        mount(root, path, ModelRoute(relay, loading=path in LOADING_ROUTES))
     for path in FORM_ROUTES:
         mount(root, path, FormModelRoute(relay))
     for path in QUERY_ROUTES:

@@ -14,11 +14,12 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.server import Request
 
 from llamaswap import bodies
-from llamaswap.config import Config, Target
+from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound, ProxyError
 from llamaswap.jsonweb import JSONResource, read_body, respond, respond_error, respond_json
 from llamaswap.relay import Relay
 from llamaswap.site import request_info
+from llamaswap.supervisor import Lease
 
 
 def request_uri(request: Request) -> bytes:
@@ -36,14 +37,20 @@ class ModelRoute(JSONResource):
     C{POST} with the model in the JSON body (any Content-Type, as long as the
     body parses as JSON). C{strip} removes a path prefix before forwarding
     (C{/v/chat/completions} reaches the upstream as C{/chat/completions}).
+    C{loading}: a streamed request (C{"stream": true}) may get a loading
+    stream while its model starts (C{sendLoadingState}).
+
+    The body is rewritten for the model: C{useModelName} or the profile prefix,
+    then the model's C{filters} (JSON bodies only).
     """
 
     multipart = False
 
-    def __init__(self, relay: Relay, *, strip: bytes = b"") -> None:
+    def __init__(self, relay: Relay, *, strip: bytes = b"", loading: bool = False) -> None:
         super().__init__()
         self._relay = relay
         self._strip = strip
+        self._loading = loading
 
     def upstream_uri(self, request: Request) -> bytes:
         uri = request_uri(request)
@@ -61,10 +68,16 @@ class ModelRoute(JSONResource):
         else:
             parsed = bodies.from_json(body)
 
-        def body_for(target: Target) -> bytes:
-            return parsed.rewrite(target.upstream_model)
+        def body_for(lease: Lease) -> bytes:
+            return parsed.rewrite(lease.target.upstream_model, lease.model.filters)
 
-        return self._relay.proxy(request, parsed.model, self.upstream_uri(request), body_for)
+        return self._relay.proxy(
+            request,
+            parsed.model,
+            self.upstream_uri(request),
+            body_for,
+            loading=self._loading and parsed.stream,
+        )
 
 
 class FormModelRoute(ModelRoute):
@@ -89,6 +102,9 @@ class UpstreamRoot(JSONResource):
 
     Model ids may contain C{/}: the longest leading run of path segments that
     names a model (id, alias or C{profile:model}) wins.
+
+    A path matching C{upstream.ignorePaths} (static files, by default) never
+    starts a model: while the model is not ready it is a 409.
     """
 
     isLeaf = True
@@ -123,10 +139,25 @@ class UpstreamRoot(JSONResource):
             request.setHeader(b"Location", location)
             status = 301 if request.method in (b"GET", b"HEAD") else 308
             return respond_json(request, {"location": location.decode("ascii", "replace")}, status)
-        uri = b"/" + b"/".join(segments[best:]) + (b"?" + query if query else b"")
+        rest = b"/" + b"/".join(segments[best:])
+        request_info(request).model = model  # for the access log, even if refused
+        self._refuse_ignored(model, unquote_to_bytes(rest).decode("utf-8", "replace"))
+        uri = rest + (b"?" + query if query else b"")
         request_info(request).proxied = True
         body = read_body(request)
         return self._relay.proxy(request, model, uri, lambda _: body)
+
+    def _refuse_ignored(self, requested: str, path: str) -> None:
+        """
+        @raise ProxyError: 409 if C{path} matches C{upstream.ignorePaths} while
+            the model is not ready (a page left open must not reload a model).
+        """
+        if any(p.search(path) for p in self._config.upstream_ignore_paths):
+            model_id = self._config.resolve(requested).model_id
+            if self._relay.supervisor.status(model_id).state != "ready":
+                raise ProxyError(
+                    f"model {model_id} is not loaded; path matches upstream.ignorePaths", 409
+                )
 
     def _index(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):

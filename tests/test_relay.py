@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, LoopingCall
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseFailed
@@ -21,12 +22,21 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from llamaswap.errors import StartFailed, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import LogHub
-from llamaswap.relay import copy_response_headers, find_usage, forward_headers
+from llamaswap.relay import LOADING_TICK, copy_response_headers, find_usage, forward_headers
 from llamaswap.resources import build_root
-from tests.webfakes import Exchange, FakeSupervisor, SiteClient, events_of, make_config
+from tests.webfakes import (
+    CONFIG,
+    Exchange,
+    FakeSupervisor,
+    Response,
+    SiteClient,
+    events_of,
+    make_config,
+)
 
 
 class FakeBodyTransport:
@@ -101,25 +111,41 @@ class FakeHTTP:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.config = make_config()
+    def __init__(self, text: str = CONFIG) -> None:
+        self.config = make_config(text)
         self.supervisor = FakeSupervisor(self.config)
         self.http = FakeHTTP()
         self.events = EventBus()
+        self.clock = Clock()
         root: Resource = build_root(  # type: ignore[assignment]
             self.config,
             supervisor=self.supervisor,  # type: ignore[arg-type]
             logs=LogHub(self.config, events=self.events),
             events=self.events,
             http=self.http,  # type: ignore[arg-type]
-            reactor=None,
+            reactor=self.clock,
         )
-        self.client = SiteClient(root, events=self.events)
+        self.client = SiteClient(root, events=self.events, clock=self.clock)
         self.requests = events_of(self.events, "request")
 
-    def chat(self, model: str = "alpha", **headers: str) -> Exchange:
-        body = json.dumps({"model": model, "stream": True}).encode()
-        return self.client.start("POST", "/v1/chat/completions", body, headers)
+    def chat(
+        self,
+        model: str = "alpha",
+        path: str = "/v1/chat/completions",
+        stream: bool = True,
+        **headers: str,
+    ) -> Exchange:
+        body = json.dumps({"model": model, "stream": stream}).encode()
+        return self.client.start("POST", path, body, headers)
+
+    def tick(self, n: int) -> None:
+        """Let C{n} loading ticks pass, one by one."""
+        for _ in range(n):
+            self.clock.advance(LOADING_TICK)
+
+    def ticking(self) -> bool:
+        """Whether a loading stream's dot timer is still scheduled."""
+        return any(isinstance(c.func, LoopingCall) for c in self.clock.getDelayedCalls())
 
 
 SSE = {"Content-Type": "text/event-stream"}
@@ -250,6 +276,154 @@ class FailureTests(SynchronousTestCase):
         upstream = self.h.http.answer(FakeResponse(200, SSE))
         upstream.end()
         self.assertEqual(other.response().status, 200)
+
+
+LOADING_CONFIG = CONFIG.replace("models:\n", "sendLoadingState: true\nmodels:\n", 1).replace(
+    "    useModelName: beta-upstream\n",
+    "    useModelName: beta-upstream\n    sendLoadingState: false\n",
+)
+
+
+def sse_events(response: Response) -> list[Any]:
+    """The C{data:} payloads of an event stream (JSON decoded, C{[DONE]} kept)."""
+    events = []
+    for frame in response.body.decode().split("\n\n"):
+        if frame.startswith("data: "):
+            data = frame[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def reasoning(response: Response) -> str:
+    """The C{reasoning_content} text of a loading stream so far."""
+    return "".join(
+        e["choices"][0]["delta"]["reasoning_content"]
+        for e in sse_events(response)
+        if isinstance(e, dict)
+        and "choices" in e
+        and "reasoning_content" in e["choices"][0]["delta"]
+    )
+
+
+class LoadingStateTests(SynchronousTestCase):
+    """C{sendLoadingState}: streamed chat requests for a model that is not ready."""
+
+    def setUp(self) -> None:
+        self.h = Harness(LOADING_CONFIG)
+        self.h.supervisor.hold = True
+
+    def test_progress_then_the_upstream_events(self) -> None:
+        """200 event stream at once, a dot per tick, "Done!", then the model's own events."""
+        exchange = self.h.chat("a1")
+        head = exchange.response()
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.header("content-type"), "text/event-stream")
+        self.assertEqual(head.header("cache-control"), "no-cache")
+        self.assertEqual(head.header("x-accel-buffering"), "no")
+        self.assertEqual(reasoning(head), "llamaswap loading model: alpha\n")
+        first = sse_events(head)[0]
+        self.assertEqual(first["object"], "chat.completion.chunk")
+        self.assertEqual(first["choices"][0]["index"], 0)
+        self.h.tick(3)
+        self.h.clock.advance(0.1)
+        self.assertEqual(reasoning(exchange.response()), "llamaswap loading model: alpha\n...")
+        self.h.supervisor.grant()
+        done = "llamaswap loading model: alpha\n...\nDone! (2.4s)\n\n"
+        self.assertEqual(reasoning(exchange.response()), done)
+        self.assertFalse(self.h.ticking())
+        self.h.tick(3)
+        self.assertEqual(reasoning(exchange.response()), done)
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
+        upstream.send(b"data: [DONE]\n\n")
+        upstream.end()
+        response = exchange.response()
+        self.assertTrue(response.complete)
+        events = sse_events(response)
+        self.assertEqual(events[-2], {"choices": [{"delta": {"content": "hi"}}]})
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        self.assertEqual(self.h.requests[0]["status"], 200)
+
+    def test_only_streamed_chat_for_a_model_not_ready(self) -> None:
+        """No loading stream without stream=true, on other routes, or for opted-out models."""
+        for exchange in (
+            self.h.chat(stream=False),
+            self.h.chat(path="/v/chat/completions"),
+            self.h.chat(path="/v1/completions"),
+            self.h.chat("beta"),
+        ):
+            self.assertEqual(exchange.transport.value(), b"")
+        self.h.supervisor.hold = False  # the model is ready: a lease at once
+        exchange = self.h.chat()
+        self.assertEqual(exchange.transport.value(), b"")  # waits for the upstream's headers
+        self.assertEqual(len(self.h.http.calls), 1)
+
+    def test_refusals_stay_plain_errors(self) -> None:
+        """A request refused at once (429, 404) gets its usual status, not a stream."""
+        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+        response = self.h.chat().response()
+        self.assertEqual(response.status, 429)
+        self.assertEqual(response.json()["error"]["code"], "concurrency_limit")
+        self.h.supervisor.error = None
+        self.assertEqual(self.h.chat("nope").response().status, 404)
+
+    def test_start_failure_ends_the_stream_with_an_error_event(self) -> None:
+        """The swap fails after the 200: an error event in OpenAI's envelope, then [DONE]."""
+        exchange = self.h.chat()
+        self.h.tick(1)
+        waiting, _ = self.h.supervisor.waiting.pop()
+        waiting.errback(StartFailed("model alpha exited during startup; last output: boom"))
+        response = exchange.response()
+        self.assertTrue(response.complete)
+        *_, error, done = sse_events(response)
+        self.assertEqual(reasoning(response), "llamaswap loading model: alpha\n.")
+        self.assertEqual(error["error"]["code"], "bad_gateway")
+        self.assertIn("boom", error["error"]["message"])
+        self.assertEqual(done, "[DONE]")
+        self.assertEqual(self.h.http.calls, [])
+        self.assertFalse(self.h.ticking())
+
+    def test_upstream_error_after_loading(self) -> None:
+        """The model answers 4xx/5xx after the 200: its JSON error (or ours) as an event."""
+        exchange = self.h.chat()
+        self.h.supervisor.grant()
+        upstream = self.h.http.answer(FakeResponse(400, {"Content-Type": "application/json"}))
+        upstream.send(b'{"error": {"message": "context too long",\n "code": 400}}')
+        upstream.end()
+        *_, error, done = sse_events(exchange.response())
+        self.assertEqual(error, {"error": {"message": "context too long", "code": 400}})
+        self.assertEqual(done, "[DONE]")
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+        exchange = self.h.chat()
+        self.h.supervisor.grant()
+        upstream = self.h.http.answer(FakeResponse(503, {"Content-Type": "text/plain"}))
+        upstream.send(b"Loading model")
+        upstream.end()
+        *_, error, done = sse_events(exchange.response())
+        self.assertEqual(error["error"]["code"], "service_unavailable")
+        self.assertEqual(
+            error["error"]["message"], "model alpha: upstream answered 503: Loading model"
+        )
+
+    def test_unreachable_after_loading(self) -> None:
+        """The model's server refuses the connection: a 502 error event."""
+        exchange = self.h.chat()
+        self.h.supervisor.grant()
+        self.h.http.calls[0].deferred.errback(ConnectionRefusedError("nobody home"))
+        *_, error, done = sse_events(exchange.response())
+        self.assertEqual((error["error"]["code"], done), ("bad_gateway", "[DONE]"))
+        self.assertTrue(exchange.response().complete)
+
+    def test_client_leaves_while_loading(self) -> None:
+        """Leaving during the loading stream withdraws the request and stops the dots."""
+        exchange = self.h.chat()
+        self.h.tick(1)
+        exchange.disconnect()
+        self.assertEqual(self.h.supervisor.cancelled, ["alpha"])
+        self.assertFalse(self.h.ticking())
+        self.assertEqual(self.h.http.calls, [])
 
 
 class HeaderTests(SynchronousTestCase):

@@ -26,6 +26,7 @@ from llamaswap.resources import build_root, mount
 from llamaswap.site import REFUSED_BODY_LINGER
 from tests.test_bodies import CT, multipart
 from tests.webfakes import (
+    CONFIG,
     FakeSupervisor,
     RecordingUpstream,
     Response,
@@ -39,8 +40,8 @@ from tests.webfakes import (
 class Harness:
     """Our root over a fake supervisor and a recording upstream."""
 
-    def __init__(self, **config_changes: Any) -> None:
-        self.config = make_config(**config_changes)
+    def __init__(self, text: str = CONFIG, **config_changes: Any) -> None:
+        self.config = make_config(text, **config_changes)
         self.supervisor = FakeSupervisor(self.config)
         self.upstream = RecordingUpstream()
         self.events = EventBus()
@@ -168,9 +169,24 @@ class ModelRouteTests(SynchronousTestCase):
         assert_error(self, self.h.client.request("GET", "/props"), 400, "bad_request")
 
     def test_versionless(self) -> None:
-        """C{/v/chat/completions} reaches the upstream as C{/chat/completions}."""
-        post_json(self.h.client, "/v/chat/completions", {"model": "alpha"})
-        self.assertEqual(self.h.sent()["uri"], "/chat/completions")
+        """Every C{/v/...} route reaches the upstream without C{/v} (query kept)."""
+        paths = [
+            "chat/completions",
+            "completions",
+            "embeddings",
+            "rerank",
+            "reranking",
+            "responses",
+            "messages",
+            "messages/count_tokens",
+        ]
+        for path in paths:
+            response = post_json(self.h.client, f"/v/{path}?x=1", {"model": "beta"})
+            self.assertEqual(response.status, 200, path)
+            sent = self.h.sent()
+            self.assertEqual(sent["uri"], f"/{path}?x=1")
+            self.assertEqual(json.loads(sent["body"])["model"], "beta-upstream")
+        self.assertEqual(self.h.supervisor.acquired, ["beta"] * len(paths))
 
     def test_bad_json(self) -> None:
         """A body that is not JSON: 400, nothing acquired."""
@@ -225,6 +241,143 @@ class ModelRouteTests(SynchronousTestCase):
         """C{/v1/chat/completions/} is a 404, as in llama-swap."""
         response = post_json(self.h.client, "/v1/chat/completions/", {"model": "alpha"})
         assert_error(self, response, 404, "not_found")
+
+
+FILTER_CONFIG = """
+models:
+  alpha:
+    cmd: fake --name alpha
+    proxy: http://127.0.0.1:9001
+    aliases: [a1]
+    filters:
+      stripParams: "top_k, model, stream"
+      setParams: {temperature: 0.5, stop: ["</s>"]}
+      setParamsByID:
+        alpha-hot: {temperature: 1.5}
+  beta:
+    cmd: fake --name beta
+    proxy: http://127.0.0.1:9002
+    useModelName: beta-upstream
+    filters: {setParams: {n_predict: 8}}
+"""
+
+
+class FilterTests(SynchronousTestCase):
+    """Per-model C{filters} edit the JSON body of model routes (never /upstream)."""
+
+    def setUp(self) -> None:
+        self.h = Harness(FILTER_CONFIG)
+
+    def test_strip_and_set(self) -> None:
+        """stripParams and setParams apply; the model and other bytes stay; length exact."""
+        raw = b'{"model": "alpha", "top_k": 40, "stream": true, "temperature": 0.9, "x": [1]}'
+        response = self.h.client.request("POST", "/v1/chat/completions", raw)
+        self.assertEqual(response.status, 200)
+        sent = self.h.sent()
+        self.assertEqual(
+            sent["body"], '{"model": "alpha", "temperature": 0.5, "x": [1], "stop": ["</s>"]}'
+        )
+        self.assertEqual(sent["headers"]["content-length"], [str(len(sent["body"]))])
+
+    def test_set_params_by_id_is_an_alias(self) -> None:
+        """A setParamsByID name routes to its model, which sees the name and its values."""
+        post_json(self.h.client, "/v1/completions", {"model": "alpha-hot", "prompt": "x"})
+        self.assertEqual(self.h.supervisor.acquired, ["alpha-hot"])
+        self.assertEqual(
+            json.loads(self.h.sent()["body"]),
+            {"model": "alpha-hot", "prompt": "x", "temperature": 1.5, "stop": ["</s>"]},
+        )
+        post_json(self.h.client, "/v1/completions", {"model": "a1", "prompt": "x"})
+        self.assertEqual(json.loads(self.h.sent()["body"])["temperature"], 0.5)
+
+    def test_with_use_model_name(self) -> None:
+        """Filters combine with useModelName's rewrite."""
+        post_json(self.h.client, "/v1/embeddings", {"model": "beta", "input": "x"})
+        self.assertEqual(
+            json.loads(self.h.sent()["body"]),
+            {"model": "beta-upstream", "input": "x", "n_predict": 8},
+        )
+
+    def test_not_on_upstream_or_forms(self) -> None:
+        """/upstream and multipart bodies are relayed untouched."""
+        raw = b'{"model": "alpha", "top_k": 1}'
+        self.h.client.request("POST", "/upstream/alpha/v1/chat/completions", raw)
+        self.assertEqual(self.h.sent()["body"], raw.decode())
+        form = multipart(("model", b"alpha", None), ("top_k", b"1", None))
+        self.h.client.request(
+            "POST", "/v1/audio/transcriptions", form, {"Content-Type": CT.decode()}
+        )
+        self.assertEqual(self.h.sent()["body"], form.decode())
+
+
+class ErrorFormatTests(SynchronousTestCase):
+    """Errors are JSON unless C{Accept} asks for plain text or HTML."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def unknown_model(self, accept: str) -> Response:
+        return post_json(self.h.client, "/v1/chat/completions", {"model": "gpt-9"}, Accept=accept)
+
+    def test_plain_text(self) -> None:
+        """C{Accept: text/plain}: C{llamaswap: <message>}."""
+        response = self.unknown_model("text/plain")
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.header("content-type"), "text/plain; charset=utf-8")
+        self.assertEqual(response.body, b"llamaswap: model not found: gpt-9\n")
+
+    def test_html(self) -> None:
+        """A browser's C{Accept} gets a small HTML page (message escaped)."""
+        response = self.h.client.request(
+            "GET",
+            "/v1/models/<b>",
+            headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"},
+        )
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.header("content-type"), "text/html; charset=utf-8")
+        self.assertIn(b"<h1>llamaswap</h1><p>model not found: &lt;b&gt;</p>", response.body)
+
+    def test_json_wins(self) -> None:
+        """JSON whenever the client accepts it, and by default."""
+        for accept in (
+            "application/json",
+            "text/html, application/json",
+            "text/plain, application/problem+json",
+            "*/*",
+            "text/event-stream",
+            "text/plain;q=0, */*",
+        ):
+            response = self.unknown_model(accept)
+            assert_error(self, response, 404, "not_found")
+        assert_error(self, post_json(self.h.client, "/v1/embeddings", {}), 400, "bad_request")
+
+    def test_every_error_source(self) -> None:
+        """405, 401, the async path, and the early 413 follow C{Accept} too."""
+        text = {"Accept": "text/plain"}
+        response = self.h.client.request("GET", "/v1/chat/completions", headers=text)
+        self.assertEqual(
+            (response.status, response.body), (405, b"llamaswap: method GET not allowed\n")
+        )
+        self.assertEqual(response.header("allow"), "POST")
+        keyed = Harness(api_keys=("k",))
+        response = keyed.client.request("GET", "/v1/models", headers=text)
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.body, b"llamaswap: unauthorized: invalid or missing API key\n")
+        self.h.supervisor.error = StartFailed("model alpha exited: boom")
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"}, **text)
+        self.assertEqual(
+            (response.status, response.body), (502, b"llamaswap: model alpha exited: boom\n")
+        )
+        small = Harness(max_body_size=1024)
+        exchange = small.client.open()
+        exchange.send(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n"
+            b"Content-Length: 5000\r\n\r\n"
+        )
+        response = exchange.response()
+        self.assertEqual(response.status, 413)
+        self.assertEqual(response.header("content-type"), "text/plain; charset=utf-8")
+        self.assertTrue(response.body.startswith(b"llamaswap: request body exceeds"))
 
 
 class UpstreamRouteTests(SynchronousTestCase):
@@ -287,6 +440,38 @@ class UpstreamRouteTests(SynchronousTestCase):
         """No prefix names a model: 404."""
         response = self.h.client.request("GET", "/upstream/nope/v1/models")
         assert_error(self, response, 404, "not_found")
+
+    def test_ignore_paths_refuse_to_load(self) -> None:
+        """A static-file path for a model that is not ready: 409, nothing started."""
+        for path in (
+            "/upstream/alpha/app.js",
+            "/upstream/a1/x/style.CSS.css",
+            "/upstream/alpha/f%2Ejson",
+        ):
+            response = self.h.client.request("GET", path)
+            message = assert_error(self, response, 409, "conflict")
+            self.assertEqual(
+                message, "model alpha is not loaded; path matches upstream.ignorePaths"
+            )
+        self.assertEqual(self.h.supervisor.acquired, [])
+        self.h.client.request("GET", "/upstream/alpha/v1/models?x=.js")  # the query is not the path
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+        self.h.supervisor.states["alpha"] = "ready"
+        response = self.h.client.request("GET", "/upstream/alpha/app.js?v=1")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.h.sent()["uri"], "/app.js?v=1")
+        self.h.supervisor.states["alpha"] = "starting"
+        assert_error(self, self.h.client.request("GET", "/upstream/alpha/app.js"), 409, "conflict")
+
+    def test_ignore_paths_configured(self) -> None:
+        """C{upstream.ignorePaths} replaces the default; C{[]} turns the check off."""
+        import re
+
+        h = Harness(upstream_ignore_paths=(re.compile("^/slots"),))
+        assert_error(self, h.client.request("GET", "/upstream/beta/slots/0"), 409, "conflict")
+        self.assertEqual(h.client.request("GET", "/upstream/beta/app.js").status, 200)
+        h = Harness(upstream_ignore_paths=())
+        self.assertEqual(h.client.request("GET", "/upstream/beta/app.js").status, 200)
 
     def test_index(self) -> None:
         """C{/upstream} lists listed models as JSON, or as HTML links for browsers."""
