@@ -639,3 +639,93 @@ class RoutingTests(IntegrationCase):
         self.addCleanup(proxy.service.events.subscribe(on_event))
         await self.assert_served(proxy)
         self.assertEqual(seen, [(200, 0)])
+
+
+class RequestShapingTests(IntegrationCase):
+    """sendLoadingState, filters, upstream.ignorePaths and error formats, end to end."""
+
+    async def test_loading_state_with_the_openai_sdk(self) -> None:
+        """A streamed chat to a cold model: loading reasoning at once, then the answer."""
+        import openai
+
+        proxy = Proxy(
+            self,
+            make_config(
+                {
+                    "slow": fake("slow", "--startup-delay", "1.6", sendLoadingState=True),
+                    "broken": fake("broken", "--exit-during-startup", sendLoadingState=True),
+                }
+            ),
+        )
+        client = openai.OpenAI(base_url=proxy.base + "/v1", api_key="unused", max_retries=0)
+
+        def use_sdk() -> tuple[float, str, str, str]:
+            messages: Any = [{"role": "user", "content": "hello"}]
+            started = time.monotonic()
+            stream = client.chat.completions.create(model="slow", messages=messages, stream=True)
+            first_at = 0.0
+            reasoning = content = ""
+            for chunk in stream:
+                first_at = first_at or time.monotonic() - started
+                delta = chunk.choices[0].delta if chunk.choices else None
+                if delta is not None:
+                    reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+                    content += delta.content or ""
+            try:
+                list(client.chat.completions.create(model="broken", messages=messages, stream=True))
+                error = ""
+            except openai.APIError as e:
+                error = e.message
+            client.close()
+            return first_at, reasoning, content, error
+
+        first_at, reasoning, content, error = await in_thread(use_sdk)
+        self.assertLess(first_at, 1.0)  # long before the model is ready
+        self.assertTrue(reasoning.startswith("llamaswap loading model: slow\n."), reasoning)
+        self.assertRegex(reasoning, r"\nDone! \(\d+\.\ds\)\n\n$")
+        self.assertIn("Hello from slow", content)
+        self.assertIn("failed to load model", error)
+
+    async def test_filters_reach_the_server(self) -> None:
+        """The server sees the filtered body with an exact Content-Length; /upstream does not."""
+        filters = {
+            "stripParams": "top_k, stream",
+            "setParams": {"temperature": 0.25},
+            "setParamsByID": {"alpha-hot": {"temperature": 1.5}},
+        }
+        proxy = Proxy(self, make_config({"alpha": fake("alpha", "--echo", filters=filters)}))
+        status, _, body = await proxy.post_json(
+            "/v1/chat/completions",
+            {"model": "alpha-hot", "top_k": 3, "messages": [{"role": "user", "content": "x"}]},
+        )
+        self.assertEqual(status, 200, body)
+        seen = json.loads(body["request_body"])
+        self.assertEqual(
+            seen,
+            {
+                "model": "alpha-hot",
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": 1.5,
+            },
+        )
+        self.assertEqual(body["h_content_length"], str(len(body["request_body"].encode())))
+        raw = b'{"model": "alpha", "top_k": 3}'
+        status, _, answer = await proxy.call("POST", "/upstream/alpha/v1/chat/completions", raw)
+        self.assertEqual(json.loads(answer)["request_body"], raw.decode())
+
+    async def test_ignore_paths_and_error_formats(self) -> None:
+        """A static path never loads a model (409); errors follow Accept."""
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        status, _, body = await proxy.call("GET", "/upstream/alpha/favicon.ico")
+        self.assertEqual(status, 409)
+        self.assertEqual(json.loads(body)["error"]["code"], "conflict")
+        self.assertEqual(json.loads((await proxy.call("GET", "/running"))[2]), {"running": []})
+        await self.assert_served(proxy)
+        status, _, body = await proxy.call("GET", "/upstream/alpha/echo/app.js")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["path"], "/echo/app.js")
+        status, headers, body = await proxy.call(
+            "POST", "/v1/chat/completions", b'{"model": "nope"}', {"Accept": "text/plain"}
+        )
+        self.assertEqual((status, body), (404, b"llamaswap: model not found: nope\n"))
+        self.assertEqual(headers["content-type"], "text/plain; charset=utf-8")
