@@ -49,3 +49,8 @@ models: $(VENV)/.installed
 # Proxy vs direct benchmark (docs/performance.md); needs Debian's nginx and wrk. Not part of `make test`.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# End-to-end tests against the real llama-server (tests/test_e2e_llama_server.py, about 15-30 s
+# once built; docs/llama-server.md). `make test` runs them too, or skips them without the binary.
+e2e: llama-server models
+	$(BIN)/python -m twisted.trial tests.test_e2e_llama_server
