@@ -456,6 +456,19 @@ class ErrorTests(IntegrationCase):
         self.assertLess(time.monotonic() - started, 10)
         await self.assert_served(proxy)
 
+    async def test_custom_check_endpoint(self) -> None:
+        """checkEndpoint is what is polled: /v1/models (200) serves, /status/503 times out."""
+        config = make_config(
+            {
+                "alpha": fake("alpha", checkEndpoint="/v1/models"),
+                "stuck": fake("stuck", checkEndpoint="/status/503"),  # /health would be 200
+            }
+        )
+        proxy = Proxy(self, attrs.evolve(config, health_check_timeout=3))
+        await self.assert_served(proxy)
+        status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "stuck"})
+        self.assert_error(status, body, 504, "gateway_timeout")
+
     async def test_upstream_unreachable(self) -> None:
         """A ready model whose server refuses connections: 502; others still served."""
         dead_port = free_port()
