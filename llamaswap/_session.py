@@ -39,6 +39,9 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 _EXEC_FAILED = 127
+# How long a guard whose server exited waits for llamaswap's end of stdin to
+# close before concluding that llamaswap is alive (see _guard).
+EOF_AFTER_SERVER_EXIT = 1.0
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -76,8 +79,11 @@ def _guard(server: int, grace: float) -> None:
         gone = pidfd in ready if pidfd is not None else not _exists(server)
         if gone:
             # The server is gone. If llamaswap died too (its parent-death signal
-            # may be why), its end of stdin is closed already: act on that.
-            if select.select([0], [], [], 0)[0] and not os.read(0, 4096):
+            # may be why), its end of stdin closes: act on that. The EOF can come
+            # a little *after* the death signal: the signal fires when the thread
+            # that spawned us exits, while our pipe closes only when llamaswap's
+            # last thread has (kill -9 of a process with a thread pool).
+            if select.select([0], [], [], EOF_AFTER_SERVER_EXIT)[0] and not os.read(0, 4096):
                 break
             return  # llamaswap lives and deals with any leftovers
     os.killpg(0, signal.SIGTERM)
