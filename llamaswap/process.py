@@ -22,12 +22,19 @@ import sys
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from attrs import define
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IProcessTransport,
+    IReactorTime,
+)
+from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,6 +53,10 @@ POLL_FAST_PERIOD = 3.0
 POLL_BACKOFF = 1.25
 POLL_MAX = 1.0
 PROBE_TIMEOUT = 2.0  # one health request (a server that accepts but never answers)
+# Before a spawn, a connection to the model's address is tried for this long: if
+# something accepts it, another server owns the port (and would answer our health
+# checks and requests). Refused or timed out: the port is free.
+PORT_CHECK_TIMEOUT = 1.0
 # After the server exited, how long anything it left holding our pipes may keep
 # "process ended" from firing before we close our ends ourselves.
 PIPE_GRACE = 5.0
@@ -150,6 +161,7 @@ class _Run:
     exit_reason: Failure | None = None
     started_at: float = 0.0
     poll_delay: float = POLL_FAST
+    port_check: Deferred[bool] | None = None
     deadline: IDelayedCall | None = None
     probe_call: IDelayedCall | None = None
     probe: Deferred[int] | None = None
@@ -165,9 +177,11 @@ class _Run:
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
-        probe, self.probe = self.probe, None
-        if probe is not None:
-            probe.cancel()
+        for name in ("probe", "port_check"):
+            pending = getattr(self, name)
+            setattr(self, name, None)
+            if pending is not None:
+                pending.cancel()
 
 
 class _StopCommand(ProcessProtocol):
@@ -326,6 +340,9 @@ class ModelProcess:
         """
         Start the server unless it is starting or ready already.
 
+        The spawn waits for a check that nothing else listens on the model's
+        address yet (L{port_in_use}); if something does, the start fails.
+
         @return: like L{when_ready}, for this start.
         @raise RuntimeError: while stopping (wait for L{when_stopped} first).
         """
@@ -337,18 +354,76 @@ class ModelProcess:
         self.last_error = None
         self._tail.clear()
         self._set_state(State.STARTING)
+        run = self._run = _Run(started_at=self._clock.seconds())
         try:
-            self._spawn()
+            args, env = self._command()
         except Exception as e:
-            self._run = None
-            self._finish_failed(StartFailed(f"failed to start model {self.model.id}: {e}"))
+            self._spawn_failed(e)
+            return ready
+        address = proxy_address(self.model.proxy)
+        if address is None:
+            self._launch(run, args, env)
+            return ready
+        check = port_in_use(self._reactor, *address, timeout=PORT_CHECK_TIMEOUT)
+        run.port_check = check
+        check.addCallbacks(
+            lambda in_use: self._port_checked(run, in_use, address, args, env),
+            lambda failure: None,  # cancelled: the start was aborted
+        )
         return ready
 
-    def _spawn(self) -> None:
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        """The wrapper's argv and the environment for the server."""
         model = self.model
         env = {**(os.environ if self._environ is None else self._environ), **model.env}
         exe = resolve_executable(model.cmd[0], env, self._base_dir)
-        run = _Run()
+        args = [
+            sys.executable,
+            "-I",
+            "-S",
+            SESSION_WRAPPER,
+            repr(float(model.unload_timeout)),
+            exe,
+            *model.cmd,
+        ]
+        return args, env
+
+    def _port_checked(
+        self,
+        run: _Run,
+        in_use: bool,
+        address: tuple[str, int],
+        args: list[str],
+        env: dict[str, str],
+    ) -> None:
+        run.port_check = None
+        if run is not self._run or self._state is not State.STARTING:
+            return
+        if not in_use:
+            self._launch(run, args, env)
+            return
+        host, port = address
+        self._run = None
+        self._finish_failed(
+            StartFailed(
+                f"cannot start model {self.model.id}: port {port} on {host} is already in use "
+                f"by another process; stop that process or give the model another port "
+                f"(proxy: {self.model.proxy})"
+            )
+        )
+
+    def _launch(self, run: _Run, args: list[str], env: dict[str, str]) -> None:
+        try:
+            self._spawn(run, args, env)
+        except Exception as e:
+            self._spawn_failed(e)
+
+    def _spawn_failed(self, error: Exception) -> None:
+        self._run = None
+        self._finish_failed(StartFailed(f"failed to start model {self.model.id}: {error}"))
+
+    def _spawn(self, run: _Run, args: list[str], env: dict[str, str]) -> None:
+        model = self.model
         run.proto = _ChildProtocol(
             self._child_line,
             lambda reason: self._exited(run, reason),
@@ -360,17 +435,7 @@ class ModelProcess:
             cmd=model.cmd_line,
             cwd=self._base_dir,
         )
-        args = [
-            sys.executable,
-            "-I",
-            "-S",
-            SESSION_WRAPPER,
-            repr(float(model.unload_timeout)),
-            exe,
-            *model.cmd,
-        ]
         run.started_at = self._clock.seconds()
-        self._run = run
         transport = self._reactor.spawnProcess(
             run.proto,
             sys.executable,
@@ -469,6 +534,13 @@ class ModelProcess:
         if self._state is State.STARTING:
             error = StartFailed(f"the start of model {self.model.id} was aborted (unloaded)")
             _fire(self._ready_waiters, error)
+            if run.transport is None:  # still checking the port: nothing to signal
+                run.cancel_timers()
+                self._run = None
+                self._set_state(State.STOPPED, notify=False)
+                _fire(self._stopped_waiters)
+                self._notify()
+                return done
         self._begin_stop(run, self.model.unload_timeout if grace is None else grace)
         return done
 
@@ -657,6 +729,63 @@ def resolve_executable(name: str, env: Mapping[str, str], base_dir: str) -> str:
     if found is None:
         raise FileNotFoundError(f"command not found: {name}")
     return os.path.abspath(found)
+
+
+def proxy_address(url: str) -> tuple[str, int] | None:
+    """The host and port of a model's C{proxy} URL (None if it has none)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname, port
+
+
+class _Hangup(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class _PortProbe(ClientFactory):
+    """Fires C{result} with whether a connection was accepted."""
+
+    def __init__(self) -> None:
+        self.connector: IConnector | None = None
+        self.result: Deferred[bool] = Deferred(self._cancel)
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        # Called once the connection is established: somebody listens.
+        if not self.result.called:
+            self.result.callback(True)
+        return _Hangup()
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.result.called:
+            self.result.callback(False)
+
+    def _cancel(self, _: Deferred[bool]) -> None:
+        if self.connector is not None:
+            try:
+                self.connector.stopConnecting()
+            except Exception:
+                pass  # connected or failed meanwhile
+
+
+def port_in_use(reactor: Any, host: str, port: int, *, timeout: float) -> Deferred[bool]:
+    """
+    Whether something accepts TCP connections on C{host:port}: a connection
+    is opened and closed at once. Refused, unreachable or no answer within
+    C{timeout} seconds: C{False}. Cancelling it stops the attempt.
+    """
+    probe = _PortProbe()
+    try:
+        probe.connector = reactor.connectTCP(host, port, probe, timeout=timeout)
+    except Exception:
+        return succeed(False)  # e.g. an unusable address: the health check will tell
+    return probe.result
 
 
 def _waiter(waiters: list[Deferred[None]]) -> Deferred[None]:

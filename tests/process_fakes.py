@@ -3,7 +3,9 @@ Fakes for unit-testing L{llamaswap.process} and L{llamaswap.supervisor}
 without real processes, sockets or time.
 
  - L{FakeProcessReactor}: a L{MemoryReactorClock} whose C{spawnProcess}
-   records a L{FakeChild} (cf. Twisted's C{test_procmon}).
+   records a L{FakeChild} (cf. Twisted's C{test_procmon}), and whose
+   C{connectTCP} (the port check before a spawn) is refused at once unless the
+   test says the port is taken, or that connections hang.
  - L{FakeKill}: the injected C{kill(pgid, sig)}; records signals and makes the
    matching child exit when it "dies" of that signal.
  - L{FakeHealth}: the injected HTTP client for health checks; each URL answers
@@ -16,6 +18,7 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import (
     ConnectionRefusedError,
@@ -23,9 +26,9 @@ from twisted.internet.error import (
     ProcessExitedAlready,
     ProcessTerminated,
 )
-from twisted.internet.interfaces import IProcessTransport, IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.interfaces import IConnector, IProcessTransport, IReactorProcess
+from twisted.internet.protocol import ClientFactory, ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -140,6 +143,30 @@ class FakeProcessReactor(MemoryReactorClock):
         self.children: list[FakeChild] = []
         self._next_pid = 1000
         self.spawn_error: Exception | None = None
+        self.taken_ports: set[int] = set()  # connections to these are accepted
+        self.hang_connects = False  # connections neither succeed nor fail
+        self.accepted: list[StringTransport] = []  # connections accepted on taken ports
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = 30,
+        bindAddress: Any = None,
+    ) -> IConnector:
+        connector: IConnector = super().connectTCP(host, port, factory, timeout, bindAddress)
+        if self.hang_connects:
+            return connector
+        if port in self.taken_ports:
+            protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+            assert protocol is not None
+            transport = StringTransport()
+            self.accepted.append(transport)
+            protocol.makeConnection(transport)
+        else:
+            factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        return connector
 
     def spawnProcess(
         self,

@@ -270,8 +270,53 @@ models:
         self.assertLess(time.monotonic() - started, 10)
         self.assertEqual(sup.status("dies").state, "failed")
 
+    async def test_port_in_use_fails_without_spawning(self) -> None:
+        """
+        Another process listens on the model's port: the start fails at once
+        with StartFailed naming the port, and nothing is spawned (its server
+        would have answered our health checks). Once the port is free, the
+        model starts.
+        """
+        (port,) = free_ports(1)
+        squatter = socket.create_server(("127.0.0.1", port))
+        self.addCleanup(squatter.close)
+        spawned: list[int] = []
+        spawn = reactor.spawnProcess
+
+        def recording_spawn(*args: Any, **kwargs: Any) -> Any:
+            transport = spawn(*args, **kwargs)
+            spawned.append(transport.pid)
+            return transport
+
+        self.patch(reactor, "spawnProcess", recording_spawn)
+        sup, _ = self.supervisor(
+            f"""
+models:
+  m:
+    cmd: {FAKE} --name m --port {port}
+    proxy: http://127.0.0.1:{port}
+    {ENV}
+"""
+        )
+        started = time.monotonic()
+        try:
+            await sup.acquire("m")
+        except StartFailed as e:
+            self.assertIn(f"port {port} on 127.0.0.1 is already in use", e.message)
+        else:
+            self.fail("the start did not fail")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(spawned, [])
+        self.assertEqual(sup.status("m").state, "failed")
+        squatter.close()
+        (await sup.acquire("m")).release()
+        self.assertEqual(len(spawned), 1)
+
     async def test_stop_service_reaps_everything(self) -> None:
-        """stopService fires only after the servers (and their guards) are gone."""
+        """
+        stopService fires only after the servers are gone; their guards and
+        grandchildren are gone too a moment later.
+        """
         port_a, port_b = free_ports(2)
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
@@ -302,8 +347,14 @@ profiles:
             self.assertGreaterEqual(len(members), 5, [command(p) for p in members])
         finally:
             await sup.stopService()
-        survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
-        self.assertEqual(survivors, [])
+        self.assertEqual([pid for pid in pids if pid is not None and alive(pid)], [])
+        # The guards are not our children: each exits on its own once it sees
+        # its server gone, a moment after stopService fired.
+        try:
+            await wait_until(lambda: not any(alive(p) for p in members), 3, "the guards")
+        except AssertionError:
+            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
+            raise AssertionError(f"survivors: {survivors}") from None
 
 
 class _Collect(ProcessProtocol):

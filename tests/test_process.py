@@ -12,8 +12,10 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import TimeoutError
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import HealthTimeout, StartFailed
@@ -22,11 +24,13 @@ from llamaswap.process import (
     PIPE_GRACE,
     POLL_FAST,
     POLL_MAX,
+    PORT_CHECK_TIMEOUT,
     PROBE_TIMEOUT,
     SESSION_WRAPPER,
     TAIL_LINES,
     ModelProcess,
     State,
+    proxy_address,
     resolve_executable,
 )
 from tests.process_fakes import FakeHealth, FakeKill, FakeProcessReactor, make_config
@@ -141,6 +145,77 @@ class SpawnTests(SynchronousTestCase):
         self.assertEqual(h.proc.state, State.FAILED)
         h.reactor.spawn_error = None
         h.start_ready()
+
+
+class PortCheckTests(SynchronousTestCase):
+    def test_spawns_only_once_the_port_is_known_free(self) -> None:
+        """
+        Before spawning, a connection to the proxy's host and port is tried
+        (timeout PORT_CHECK_TIMEOUT); the child is spawned only once it was
+        refused or timed out.
+        """
+        for outcome in (ConnectionRefusedError(), TimeoutError()):
+            h = Harness()
+            h.reactor.hang_connects = True
+            ready = h.proc.start()
+            self.assertEqual(h.proc.state, State.STARTING)
+            self.assertEqual(h.reactor.children, [])
+            self.assertIsNone(h.proc.pid)
+            [(host, port, factory, timeout, _)] = h.reactor.tcpClients
+            self.assertEqual((host, port, timeout), ("127.0.0.1", 5800, PORT_CHECK_TIMEOUT))
+            factory.clientConnectionFailed(h.reactor.connectors[0], Failure(outcome))
+            self.assertEqual(len(h.reactor.children), 1)
+            h.healthy()
+            h.reactor.advance(POLL_FAST)
+            self.successResultOf(ready)
+
+    def test_port_in_use_fails_the_start_without_spawning(self) -> None:
+        """
+        Something already accepts connections on the model's port (it would
+        answer our health checks and requests): the start fails at once with
+        StartFailed naming the port; nothing is spawned; the test connection
+        is closed. Once the port is free, the next start works.
+        """
+        h = Harness()
+        h.reactor.taken_ports.add(5800)
+        ready = h.proc.start()
+        message = self.failureResultOf(ready, StartFailed).value.message
+        self.assertIn("port 5800 on 127.0.0.1 is already in use by another process", message)
+        self.assertEqual(h.reactor.children, [])
+        self.assertEqual(h.proc.state, State.FAILED)
+        self.assertEqual(h.states, ["starting", "failed"])
+        self.assertIn("already in use", h.proc.last_error or "")
+        self.assertTrue(h.reactor.accepted[0].disconnecting)
+        self.assertEqual(h.health.calls, [])
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        h.reactor.taken_ports.clear()
+        h.start_ready()
+        self.assertEqual(len(h.reactor.children), 1)
+
+    def test_stop_during_the_port_check(self) -> None:
+        """Unloading while the port is being checked aborts the start; no spawn follows."""
+        h = Harness()
+        h.reactor.hang_connects = True
+        ready = h.proc.start()
+        stopped = h.proc.stop()
+        self.assertIn("aborted", self.failureResultOf(ready, StartFailed).value.message)
+        self.successResultOf(stopped)
+        self.assertEqual(h.proc.state, State.STOPPED)
+        self.assertEqual(h.states, ["starting", "stopped"])
+        self.assertTrue(h.reactor.connectors[0].stoppedConnecting)
+        [(_, _, factory, _, _)] = h.reactor.tcpClients
+        factory.clientConnectionFailed(h.reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.assertEqual(h.reactor.children, [])
+        self.assertEqual(h.kill.sent, [])
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_proxy_address(self) -> None:
+        """The checked address is the proxy URL's host and port (default 80/443)."""
+        self.assertEqual(proxy_address("http://127.0.0.1:5800"), ("127.0.0.1", 5800))
+        self.assertEqual(proxy_address("http://localhost"), ("localhost", 80))
+        self.assertEqual(proxy_address("https://gpu-box/v1"), ("gpu-box", 443))
+        self.assertEqual(proxy_address("http://[::1]:8080"), ("::1", 8080))
+        self.assertIsNone(proxy_address("http://host:99999"))
 
 
 class HealthTests(SynchronousTestCase):

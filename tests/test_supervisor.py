@@ -9,7 +9,9 @@ import signal
 import sys
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import (
@@ -173,6 +175,20 @@ class AcquireTests(SynchronousTestCase):
         self.successResultOf(third)
         self.assertEqual(len(h.reactor.children), 2)
         self.assertIsNone(h.sup.status("a").last_error)
+
+    def test_port_in_use_fails_every_waiter(self) -> None:
+        """Another server owns the model's port: every waiter gets StartFailed (502)."""
+        h = Harness(yaml_for("a"))
+        h.reactor.hang_connects = True
+        first, second = h.sup.acquire("a"), h.sup.acquire("a")
+        [(host, port, factory, _, _)] = h.reactor.tcpClients  # one check for both
+        factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(StringTransport())
+        for d in (first, second):
+            failure = self.failureResultOf(d, StartFailed)
+            self.assertEqual(failure.value.status, 502)
+            self.assertIn("port 5800 on 127.0.0.1 is already in use", failure.value.message)
+        self.assertEqual(h.reactor.children, [])
+        self.assertEqual(h.published, [("a", "starting"), ("a", "failed")])
 
     def test_health_timeout_fails_waiters(self) -> None:
         """No 200 within healthCheckTimeout: HealthTimeout for every waiter."""
