@@ -243,10 +243,12 @@ class ModelProcess:
         self._run: _Run | None = None
         self._ready_waiters: list[Deferred[None]] = []
         self._stopped_waiters: list[Deferred[None]] = []
+        self._change_waiters: list[Deferred[None]] = []
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._ttl_call: IDelayedCall | None = None
         self.in_flight = 0
         self.last_error: str | None = None
+        self.starts = 0  # numbers each start: tells this server from a later one
 
     # --- public view -----------------------------------------------------
 
@@ -301,6 +303,18 @@ class ModelProcess:
             return succeed(None)
         return _waiter(self._stopped_waiters)
 
+    def when_changed(self, timeout: float) -> Deferred[None]:
+        """
+        Fire at the next state transition, or after C{timeout} seconds,
+        whichever comes first.
+
+        @return: a Deferred of its own; never errbacks; cancelling it only
+            withdraws this waiter.
+        """
+        d = _waiter(self._change_waiters)
+        timer = self._clock.callLater(timeout, _fire_one, self._change_waiters, d)
+        return d.addBoth(_cancel_call, timer)
+
     # --- requests and TTL ------------------------------------------------
 
     def request_started(self) -> None:
@@ -353,6 +367,7 @@ class ModelProcess:
         ready = _waiter(self._ready_waiters)
         self.last_error = None
         self._tail.clear()
+        self.starts += 1
         self._set_state(State.STARTING)
         run = self._run = _Run(started_at=self._clock.seconds())
         try:
@@ -710,6 +725,7 @@ class ModelProcess:
             self._notify()
 
     def _notify(self) -> None:
+        _fire(self._change_waiters)
         if self._on_change is not None:
             self._on_change(self)
 
@@ -796,6 +812,18 @@ def _waiter(waiters: list[Deferred[None]]) -> Deferred[None]:
     d: Deferred[None] = Deferred(cancel)
     waiters.append(d)
     return d
+
+
+def _fire_one(waiters: list[Deferred[None]], d: Deferred[None]) -> None:
+    if d in waiters:
+        waiters.remove(d)
+        d.callback(None)
+
+
+def _cancel_call(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result
 
 
 def _fire(waiters: list[Deferred[None]], error: Exception | None = None) -> None:

@@ -38,6 +38,11 @@ from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.process import ModelProcess, State
 
+# How long a request whose connection was refused waits for the supervisor to
+# notice its server's exit (normally a few ms: the kernel closes the server's
+# sockets just before it tells us about the exit) before trying once more.
+REFUSED_WAIT = 0.5
+
 
 @frozen(kw_only=True)
 class ModelStatus:
@@ -55,17 +60,44 @@ class ModelStatus:
 class Lease:
     """The right to send requests to a ready model until L{release}."""
 
-    def __init__(self, model: ModelConfig, target: Target, release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        target: Target,
+        release: Callable[[], None],
+        refused: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
         self.model = model
         self.target = target
         self.url = model.proxy
         self._release: Callable[[], None] | None = release
+        self._refused = refused
 
     def release(self) -> None:
         """End this lease (idempotent): the in-flight count drops, the TTL starts."""
         release, self._release = self._release, None
         if release is not None:
             release()
+
+    def connection_refused(self) -> Deferred[bool]:
+        """
+        Report that the server refused a connection (so nothing was sent).
+
+        A server that just crashed refuses connections a moment before the
+        supervisor has reaped it and marked the model stopped; a new lease
+        taken in that moment would be on the dead server again.
+
+        @return: a Deferred that fires with C{True} once it is worth releasing
+            this lease and acquiring a new one (once): when the model has left
+            the state it was in when the lease was granted (its exit noticed:
+            the next acquire starts it again), or after L{REFUSED_WAIT}
+            seconds if it is still ready (a server that is alive but not
+            listening yet). C{False} at once if this lease is not on a server
+            the supervisor runs. Cancelling it stops the wait.
+        """
+        if self._refused is None:
+            return succeed(False)
+        return self._refused().addCallback(lambda _: True)
 
 
 class _Waiter:
@@ -349,9 +381,19 @@ class Supervisor(Service):
     def _grant(self, waiter: _Waiter, proc: ModelProcess) -> None:
         waiter.done = True
         proc.request_started()
+        start = proc.starts
 
         def release() -> None:
             proc.request_finished()
             self._walk()
 
-        waiter.deferred.callback(Lease(waiter.model, waiter.target, release))
+        def refused() -> Deferred[None]:
+            if proc.state is not State.READY or proc.starts != start:
+                return succeed(None)  # the server's end was noticed already
+            self.log.info(
+                "{model}: connection refused while ready; waiting for news of its server",
+                model=proc.model.id,
+            )
+            return proc.when_changed(REFUSED_WAIT)
+
+        waiter.deferred.callback(Lease(waiter.model, waiter.target, release, refused))

@@ -355,6 +355,34 @@ class HealthTests(SynchronousTestCase):
         h.start_ready()
         self.assertEqual(len(h.reactor.children), 1)
 
+    def test_when_changed_fires_at_the_next_transition_or_the_timeout(self) -> None:
+        """when_changed: the next state change, else the timeout; cancellable."""
+        h = Harness()
+        h.start_ready()
+        changed = h.proc.when_changed(10)
+        timed_out = h.proc.when_changed(1)
+        cancelled = h.proc.when_changed(10)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        h.reactor.advance(1)
+        self.successResultOf(timed_out)
+        self.assertNoResult(changed)
+        h.child.exit(code=1)
+        self.successResultOf(changed)
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_starts_are_numbered(self) -> None:
+        """Each start gets a new number, so a lease can tell its server from the next."""
+        h = Harness()
+        self.assertEqual(h.proc.starts, 0)
+        h.start_ready()
+        self.assertEqual(h.proc.starts, 1)
+        h.proc.start()  # already ready: no new start
+        self.assertEqual(h.proc.starts, 1)
+        h.child.exit(code=1)
+        h.start_ready()
+        self.assertEqual(h.proc.starts, 2)
+
     def test_when_ready_while_stopped_fails(self) -> None:
         """Nobody waits for a start that is not happening."""
         h = Harness()

@@ -23,7 +23,7 @@ from llamaswap.errors import (
 )
 from llamaswap.events import EventBus
 from llamaswap.process import POLL_FAST
-from llamaswap.supervisor import Lease, ModelStatus, Supervisor
+from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor
 from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
 
 PY = sys.executable
@@ -387,6 +387,71 @@ class SwapTests(SynchronousTestCase):
         self.assertEqual(h.sup.status("a").ttl_remaining, 10)
         h.reactor.advance(10)
         self.assertEqual(h.state("a"), "stopped")
+
+
+class RefusedTests(SynchronousTestCase):
+    """Lease.connection_refused: the server refused a connection (a crash not yet noticed?)."""
+
+    def ready(self, h: Harness, model_id: str = "a") -> Lease:
+        d = h.sup.acquire(model_id)
+        h.healthy()
+        h.tick()
+        return self.successResultOf(d)
+
+    def test_crash_not_yet_noticed(self) -> None:
+        """
+        The server died but its exit was not processed yet: the wait ends when
+        it is, and the next acquire starts a new server.
+        """
+        h = Harness(yaml_for("a"))
+        lease = self.ready(h)
+        waiting = lease.connection_refused()
+        self.assertNoResult(waiting)
+        h.child_of("a").exit(code=1)
+        self.assertIs(self.successResultOf(waiting), True)
+        lease.release()
+        again = h.sup.acquire("a")
+        h.tick()
+        self.assertEqual(self.successResultOf(again).model.id, "a")
+        self.assertEqual(len(h.reactor.children), 2)
+
+    def test_crash_already_noticed(self) -> None:
+        """The model left the state the lease was granted in: no wait at all."""
+        h = Harness(yaml_for("a"))
+        lease = self.ready(h)
+        h.child_of("a").exit(code=1)
+        self.assertIs(self.successResultOf(lease.connection_refused()), True)
+        # Even once the model is ready again, the lease is on the dead server.
+        lease.release()
+        self.ready(h)
+        self.assertIs(self.successResultOf(lease.connection_refused()), True)
+
+    def test_alive_but_refusing(self) -> None:
+        """Still ready: the wait ends after REFUSED_WAIT; nothing is stopped."""
+        h = Harness(yaml_for("a"))
+        lease = self.ready(h)
+        waiting = lease.connection_refused()
+        h.reactor.advance(REFUSED_WAIT - 0.01)
+        self.assertNoResult(waiting)
+        h.reactor.advance(0.01)
+        self.assertIs(self.successResultOf(waiting), True)
+        self.assertEqual(h.state("a"), "ready")
+        self.assertEqual(h.kill.sent, [])
+
+    def test_cancelled_wait_leaves_nothing_behind(self) -> None:
+        """A client that leaves during the wait cancels it: no timer is left."""
+        h = Harness(yaml_for("a"))
+        lease = self.ready(h)
+        waiting = lease.connection_refused()
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual([c for c in h.reactor.getDelayedCalls() if c.active()], [])
+
+    def test_lease_without_a_supervised_server(self) -> None:
+        """A lease made without a refusal hook (a fake, a peer) says: do not retry."""
+        model = make_config(yaml_for("a")).models["a"]
+        lease = Lease(model, make_config(yaml_for("a")).resolve("a"), lambda: None)
+        self.assertIs(self.successResultOf(lease.connection_refused()), False)
 
 
 class ProfileTests(SynchronousTestCase):
