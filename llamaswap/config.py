@@ -106,6 +106,35 @@ class ModelConfig:
 
 
 @frozen(kw_only=True)
+class PeerConfig:
+    """
+    Another server (typically another llamaswap or llama-swap) whose models are
+    relayed to as they are: no local process, no swap. Its models are requested
+    as C{<peer id>/<model>}, or by the bare name when no local model or alias has
+    it and no other peer lists it.
+    """
+
+    id: str
+    proxy: str  # base URL without a trailing slash; the request path is appended
+    models: tuple[str, ...]
+    api_key: str | None = None  # sent as Authorization: Bearer and x-api-key
+    filters: Filters = Filters()
+
+
+@frozen(kw_only=True)
+class PeerTarget:
+    """A requested name that resolved to a peer's model."""
+
+    peer: PeerConfig
+    model: str  # the name the peer knows it by (the body's "model" upstream)
+
+    @property
+    def fqn(self) -> str:
+        """The qualified name, C{<peer id>/<model>}."""
+        return f"{self.peer.id}/{self.model}"
+
+
+@frozen(kw_only=True)
 class Target:
     """What a requested model name resolves to."""
 
@@ -121,6 +150,7 @@ class Config:
 
     models: Mapping[str, ModelConfig] = field(converter=_mapping_proxy)
     profiles: Mapping[str, tuple[str, ...]] = field(factory=dict, converter=_mapping_proxy)
+    peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     log_requests: bool = False
     log_level: str = "info"
@@ -177,6 +207,32 @@ class Config:
                 upstream_model=model.use_model_name or rest,
             )
         raise ModelNotFound(f"model not found: {requested}")
+
+    def find_peer(self, requested: str) -> PeerTarget | None:
+        """
+        The peer model C{requested} names, or None if it names none (or a local one).
+
+        Order: local model ids and aliases, then C{<peer>/<model>}, then the
+        C{profile:model} reading, then a bare name listed by exactly one peer.
+
+        @raise ModelNotFound: a bare name several peers list (ambiguous).
+        """
+        if not self.peers or self.find_model(requested) is not None:
+            return None
+        peer_id, sep, name = requested.partition("/")
+        peer = self.peers.get(peer_id) if sep else None
+        if peer is not None and name in peer.models:
+            return PeerTarget(peer=peer, model=name)
+        try:
+            self.resolve(requested)
+            return None  # a profile:model
+        except ModelNotFound:
+            pass
+        offering = [p for p in self.peers.values() if requested in p.models]
+        if len(offering) > 1:
+            choices = ", ".join(f"{p.id}/{requested}" for p in offering)
+            raise ModelNotFound(f"model {requested} is served by several peers; ask for {choices}")
+        return PeerTarget(peer=offering[0], model=requested) if offering else None
 
 
 # --- YAML ------------------------------------------------------------------
@@ -283,6 +339,7 @@ _TOP_KEYS = (
     "hooks",
     "sendLoadingState",
     "upstream",
+    "peers",
 )
 _MODEL_KEYS = (
     "cmd",
@@ -609,6 +666,8 @@ def parse_config(
             raise ConfigError(f"{where}: lists the same model twice")
         profiles[name] = tuple(ids)
 
+    peers = _read_peers(raw.get("peers"), models, macros, env, warnings)
+
     hooks = _mapping("hooks", raw.get("hooks"))
     _check_keys("hooks", hooks, ("on_startup",))
     on_startup = _mapping("hooks.on_startup", hooks.get("on_startup"))
@@ -616,6 +675,9 @@ def parse_config(
     preload: list[str] = []
     for i, name in enumerate(_str_list("hooks.on_startup.preload", on_startup.get("preload"))):
         found_model = next((m for m in models.values() if name in (m.id, *m.aliases)), None)
+        if found_model is None and _names_peer_model(peers, name):
+            warnings.append(f"hooks.on_startup.preload[{i}]: {name!r} is a peer's model; skipped")
+            continue
         if found_model is None:
             raise ConfigError(f"hooks.on_startup.preload[{i}]: unknown model {name!r}")
         preload.append(found_model.id)
@@ -630,6 +692,7 @@ def parse_config(
     return Config(
         models=models,
         profiles=profiles,
+        peers=peers,
         health_check_timeout=hct,
         log_requests=_bool("logRequests", raw.get("logRequests", False)),
         log_level=_choice("logLevel", raw.get("logLevel", "info"), LOG_LEVELS),
@@ -900,3 +963,75 @@ def _check_aliases(models: Mapping[str, ModelConfig], paths: Mapping[str, list[s
             if alias in owner:
                 raise ConfigError(f"{where}: {alias!r} is already an alias of {owner[alias]}")
             owner[alias] = model.id
+
+
+# --- peers -------------------------------------------------------------------
+
+_PEER_KEYS = ("proxy", "models", "apiKey", "filters")
+
+
+def _names_peer_model(peers: Mapping[str, PeerConfig], name: str) -> bool:
+    peer_id, sep, rest = name.partition("/")
+    if sep and peer_id in peers and rest in peers[peer_id].models:
+        return True
+    return any(name in peer.models for peer in peers.values())
+
+
+def _read_peers(
+    value: object,
+    models: Mapping[str, ModelConfig],
+    macros: Mapping[str, object],
+    environ: Mapping[str, str],
+    warnings: list[str],
+) -> dict[str, PeerConfig]:
+    """C{peers}: each peer's URL, model names, API key and filters."""
+    taken = {}  # local names a qualified peer model name must not shadow
+    for model in models.values():
+        taken[model.id] = "a model id"
+        taken.update((alias, f"an alias of {model.id}") for alias in model.aliases)
+
+    def expand(path: str, text: str) -> str:
+        return _expand(path, _substitute_env(path, text, environ), macros, frozenset())
+
+    peers = {}
+    for peer_id, spec in _mapping("peers", value).items():
+        where = _join("peers", str(peer_id))
+        if not isinstance(peer_id, str) or not peer_id.strip() or "/" in peer_id:
+            raise ConfigError(f"{where}: peer ids must be non-empty strings without '/'")
+        raw = _mapping(where, spec)
+        _check_keys(where, raw, _PEER_KEYS)
+        if "proxy" not in raw:
+            raise ConfigError(f"{where}.proxy: required (the peer's base URL)")
+        proxy = expand(f"{where}.proxy", _str(f"{where}.proxy", raw["proxy"])).strip()
+        if not re.match(r"https?://[^/]+", proxy):
+            raise ConfigError(f"{where}.proxy: must be an http:// or https:// URL")
+        if "models" not in raw:
+            raise ConfigError(f"{where}.models: required (the names the peer serves)")
+        names = _str_list(f"{where}.models", raw["models"])
+        if not names:
+            raise ConfigError(f"{where}.models: list at least one model")
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise ConfigError(f"{where}.models[{i}]: must not be empty")
+            fqn = f"{peer_id}/{name}"
+            if fqn in taken:
+                raise ConfigError(f"{where}.models[{i}]: {fqn!r} is already {taken[fqn]}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.models: lists the same model twice")
+        api_key = None
+        if raw.get("apiKey") is not None:
+            path = f"{where}.apiKey"
+            api_key = _substitute_env(path, _str(path, raw["apiKey"]), environ)
+            if not api_key or any(c.isspace() for c in api_key):
+                raise ConfigError(f"{path}: must be non-empty and contain no spaces")
+        filters_raw = _mapping(f"{where}.filters", raw.get("filters"))
+        if "setParamsByID" in filters_raw:
+            raise ConfigError(f"{where}.filters.setParamsByID: not available for peers")
+        peers[peer_id] = PeerConfig(
+            id=peer_id,
+            proxy=proxy.rstrip("/"),
+            models=tuple(names),
+            api_key=api_key,
+            filters=_read_filters(f"{where}.filters", filters_raw, macros, expand, warnings),
+        )
+    return peers

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from llamaswap.config import Config, ModelConfig
+from llamaswap.config import Config, ModelConfig, PeerConfig
 from llamaswap.errors import ModelNotFound
 from llamaswap.jsonweb import (
     JSON_TYPE,
@@ -50,7 +50,8 @@ def _model_id_from(request: Request) -> str:
 class ModelList(JSONResource):
     """
     C{GET /v1/models} (and C{/models}): OpenAI's list format, sorted by id,
-    unlisted models hidden, aliases added with C{includeAliasesInList}.
+    unlisted models hidden, aliases added with C{includeAliasesInList}, peers'
+    models as C{<peer>/<model>}.
     C{GET /v1/models/<id>} answers one record.
     """
 
@@ -75,7 +76,21 @@ class ModelList(JSONResource):
                     self._record(model, alias, created, loaded, alias=True)
                     for alias in model.aliases
                 )
+        for peer in self._config.peers.values():
+            records.extend(self._peer_record(peer, name, created) for name in peer.models)
         return sorted(records, key=lambda r: str(r["id"]).encode("utf-8"))
+
+    @staticmethod
+    def _peer_record(peer: PeerConfig, name: str, created: int) -> dict[str, Any]:
+        # No "status": whether the peer has it loaded is the peer's business.
+        meta = {"type": "peer", "peerID": peer.id, "model": name}
+        return {
+            "id": f"{peer.id}/{name}",
+            "object": "model",
+            "created": created,
+            "owned_by": peer.id,
+            "meta": {"llamaswap": meta},
+        }
 
     def _record(
         self, model: ModelConfig, record_id: str, created: int, loaded: bool, alias: bool = False

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
@@ -44,6 +44,7 @@ from zope.interface import implementer
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound, ProxyError, UpstreamUnreachable
 from llamaswap.jsonweb import send_error
+from llamaswap.peers import PeerLease
 from llamaswap.site import request_info
 from llamaswap.supervisor import Lease, ModelStatus
 
@@ -286,7 +287,7 @@ def _one_line_json(body: bytes) -> bytes | None:
 
 
 class Relay:
-    """Proxies requests for a model to its server, through a supervisor lease."""
+    """Proxies requests for a model to its server (through a supervisor lease) or to a peer."""
 
     log = Logger()
 
@@ -324,6 +325,16 @@ class Relay:
         exchange.addErrback(self._failed, request)
         return NOT_DONE_YET
 
+    def acquire(self, requested: str) -> Deferred[Lease]:
+        """A lease for the model C{requested} names: a peer's at once, else the supervisor's."""
+        try:
+            peer = self.supervisor.config.find_peer(requested)
+        except ModelNotFound as e:
+            return fail(e)
+        if peer is not None:
+            return succeed(PeerLease(peer))
+        return self.supervisor.acquire(requested)
+
     def _loading_model(self, requested: str) -> str | None:
         """The id of the requested model if it wants loading streams."""
         config = self.supervisor.config
@@ -336,7 +347,7 @@ class Relay:
     async def _exchange(
         self, request: Request, uri: bytes, requested: str, body_for: BodyFor, loading: bool
     ) -> None:
-        acquired = self.supervisor.acquire(requested)
+        acquired = self.acquire(requested)
         stream = None
         # Only while the lease is not at hand: refusals (404, 429, 503) stay plain errors.
         model_id = self._loading_model(requested) if loading and not acquired.called else None
@@ -362,11 +373,14 @@ class Relay:
             framed = request.requestHeaders.hasHeader(
                 b"content-length"
             ) or request.requestHeaders.hasHeader(b"transfer-encoding")
+            headers = forward_headers(request)
+            if isinstance(lease, PeerLease):
+                lease.authorize(headers)
             try:
                 response: IResponse = await self._http.request(
                     request.method.decode("ascii"),
                     lease.url.encode("utf-8") + _NON_ASCII.sub(_percent, uri),
-                    headers=forward_headers(request),
+                    headers=headers,
                     # Bytes: treq sends an exact Content-Length. No body stays no body.
                     data=body if body or framed else None,
                     unbuffered=True,  # never keep a copy of a streamed answer

@@ -1639,3 +1639,151 @@ class ExampleConfigTests(SynchronousTestCase):
         """Out of the box no API key is required (the README's curl works as is)."""
         self.assertEqual(self.config.api_keys, ())
         self.assertEqual(self.config.warnings, ())
+
+
+PEERS = """
+    models:
+      local:
+        cmd: server --port 9000
+        proxy: http://127.0.0.1:9000
+        aliases: [shared-alias]
+      shared:
+        cmd: server --port 9001
+        proxy: http://127.0.0.1:9001
+    peers:
+      gpu:
+        proxy: http://10.0.0.5:8080/
+        models: [qwen, shared, both, "org/model"]
+        apiKey: ${env.GPU_KEY}
+        filters:
+          stripParams: top_k
+          setParams: {temperature: 0.5}
+      cpu:
+        proxy: https://cpu.example
+        models: [both, small]
+"""
+
+
+class PeerTests(ErrorAssertions):
+    """C{peers}: validation with dotted paths, and how names resolve to peers."""
+
+    def setUp(self) -> None:
+        self.config = parse(PEERS, {"GPU_KEY": "sk-gpu"})
+
+    def test_read(self) -> None:
+        """URL without trailing slash, models in order, key from the environment, filters."""
+        gpu = self.config.peers["gpu"]
+        self.assertEqual(gpu.proxy, "http://10.0.0.5:8080")
+        self.assertEqual(gpu.models, ("qwen", "shared", "both", "org/model"))
+        self.assertEqual(gpu.api_key, "sk-gpu")
+        self.assertEqual(gpu.filters.strip_params, ("top_k",))
+        self.assertEqual(dict(gpu.filters.set_params), {"temperature": 0.5})
+        self.assertIsNone(self.config.peers["cpu"].api_key)
+
+    def test_resolution_order(self) -> None:
+        """Qualified names, unique bare names; local ids and aliases win; ambiguity is a 404."""
+
+        def found(name: str) -> tuple[str, str] | None:
+            target = self.config.find_peer(name)
+            return None if target is None else (target.fqn, target.model)
+
+        self.assertEqual(found("gpu/qwen"), ("gpu/qwen", "qwen"))
+        self.assertEqual(found("qwen"), ("gpu/qwen", "qwen"))
+        self.assertEqual(found("gpu/org/model"), ("gpu/org/model", "org/model"))
+        self.assertEqual(found("org/model"), ("gpu/org/model", "org/model"))
+        self.assertEqual(found("cpu/both"), ("cpu/both", "both"))
+        self.assertEqual(found("gpu/shared"), ("gpu/shared", "shared"))
+        self.assertIsNone(found("shared"))  # the local model
+        self.assertIsNone(found("local"))
+        self.assertIsNone(found("gpu/unknown"))
+        self.assertIsNone(found("nothing"))
+        error = self.assertRaises(ModelNotFound, self.config.find_peer, "both")
+        self.assertEqual(
+            error.message, "model both is served by several peers; ask for gpu/both, cpu/both"
+        )
+        # Peers are not local models: the supervisor's resolve knows nothing of them.
+        self.assertRaises(ModelNotFound, self.config.resolve, "gpu/qwen")
+
+    def test_profile_reading_before_bare_peer_names(self) -> None:
+        """C{profile:model} is read before a bare peer name that looks like it."""
+        config = parse(
+            """
+            models:
+              a: {cmd: s, proxy: "http://127.0.0.1:1"}
+            profiles:
+              p: [a]
+            peers:
+              far: {proxy: "http://far", models: ["p:a", "x:y"]}
+            """
+        )
+        self.assertIsNone(config.find_peer("p:a"))
+        self.assertEqual(config.resolve("p:a").model_id, "a")
+        target = config.find_peer("x:y")
+        assert target is not None
+        self.assertEqual(target.fqn, "far/x:y")
+
+    def test_collisions(self) -> None:
+        """A qualified peer name may not be a model id or an alias."""
+        local = """
+            models:
+              gpu/qwen: {cmd: s, proxy: "http://127.0.0.1:1"}
+              other: {cmd: s, proxy: "http://127.0.0.1:2", aliases: [gpu/llama]}
+            peers:
+              gpu: {proxy: "http://gpu", models: [%s]}
+        """
+        self.assertConfigError(
+            local % "qwen", "peers.gpu.models[0]: 'gpu/qwen' is already a model id"
+        )
+        self.assertConfigError(
+            local % "mistral, llama",
+            "peers.gpu.models[1]: 'gpu/llama' is already an alias of other",
+        )
+
+    def test_errors(self) -> None:
+        """Every field is checked, and each error names its dotted path."""
+
+        def check(peer: str, message: str) -> None:
+            text = textwrap.dedent(MINIMAL) + "peers:\n  " + peer + "\n"
+            self.assertConfigError(text, "peers." + message)
+
+        ok = "proxy: 'http://x', models: [a]"
+        check("p: {models: [a]}", "p.proxy: required (the peer's base URL)")
+        check("p: {proxy: 'ftp://x', models: [a]}", "p.proxy: must be an http:// or https:// URL")
+        check("p: {proxy: 'http://x'}", "p.models: required (the names the peer serves)")
+        check("p: {proxy: 'http://x', models: []}", "p.models: list at least one model")
+        check(
+            "p: {proxy: 'http://x', models: a}", "p.models: must be a list of strings, not a string"
+        )
+        check("p: {proxy: 'http://x', models: [a, '']}", "p.models[1]: must not be empty")
+        check("p: {proxy: 'http://x', models: [a, a]}", "p.models: lists the same model twice")
+        check(f"a/b: {{{ok}}}", "a/b: peer ids must be non-empty strings without '/'")
+        check(f"p: {{{ok}, apiKey: 'a b'}}", "p.apiKey: must be non-empty and contain no spaces")
+        check(
+            f"p: {{{ok}, apiKey: '${{env.NOPE}}'}}",
+            "p.apiKey: environment variable 'NOPE' is not set",
+        )
+        check(f"p: {{{ok}, timeouts: {{}}}}", "p.timeouts: unknown key")
+        check(
+            f"p: {{{ok}, filters: {{setParamsByID: {{}}}}}}",
+            "p.filters.setParamsByID: not available for peers",
+        )
+        check(
+            f"p: {{{ok}, filters: {{setParams: {{model: x}}}}}}",
+            "p.filters.setParams.model: 'model' cannot be set by a filter (see useModelName)",
+        )
+        check("p: [a]", "p: must be a mapping, not a list")
+
+    def test_preload_skips_peer_models(self) -> None:
+        """A peer's model in preload is skipped with a warning (nothing to start)."""
+        config = parse(
+            PEERS + "    hooks: {on_startup: {preload: [gpu/qwen, small, local]}}\n",
+            {"GPU_KEY": "k"},
+        )
+        self.assertEqual(config.preload, ("local",))
+        self.assertEqual(
+            config.warnings,
+            (
+                "hooks.on_startup.preload[0]: 'gpu/qwen' is a peer's model; skipped",
+                "hooks.on_startup.preload[1]: 'small' is a peer's model; skipped",
+            ),
+        )

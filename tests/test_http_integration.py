@@ -29,7 +29,7 @@ from twisted.trial.unittest import TestCase
 from llamaswap.config import Config, parse_config
 from llamaswap.http import make_http
 from llamaswap.tap import LlamaSwapService, build_service
-from tests.fakeserver_helper import REPO_ROOT, free_port
+from tests.fakeserver_helper import REPO_ROOT, free_port, start_fakeserver
 
 T = TypeVar("T")
 MULTIPART_BOUNDARY = "llamaswapTestBoundary"
@@ -742,3 +742,71 @@ class RequestShapingTests(IntegrationCase):
         )
         self.assertEqual((status, body), (404, b"llamaswap: model not found: nope\n"))
         self.assertEqual(headers["content-type"], "text/plain; charset=utf-8")
+
+
+class PeerTests(IntegrationCase):
+    async def test_peer_is_a_real_server(self) -> None:
+        """
+        A fake server plays the peer: it sees its own model name and the peer's
+        key (not the client's), streams arrive unbuffered, no local process
+        starts, and a peer that is down is a 502 while others are served.
+        """
+        server, port = start_fakeserver(
+            "--name", "remote", "--echo", "--expect-model", "llama", "--tokens", "3"
+        )
+        self.addCleanup(server.stop)
+        peers = {
+            "remote": {"proxy": f"http://127.0.0.1:{port}", "models": ["llama"], "apiKey": "sk-p"},
+            "gone": {"proxy": f"http://127.0.0.1:{free_port()}", "models": ["x"]},
+        }
+        proxy = Proxy(self, make_config({"alpha": fake("alpha")}, peers=peers))
+        chat = {"model": "remote/llama", "messages": [{"role": "user", "content": "hi"}]}
+        status, _, raw = await proxy.call(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(chat).encode(),
+            {"Content-Type": "application/json", "Authorization": "Bearer mine"},
+        )
+        self.assertEqual(status, 200, raw)
+        answer = json.loads(raw)
+        self.assertEqual((answer["served_by"], answer["model"]), ("remote", "llama"))
+        self.assertEqual(json.loads(answer["request_body"])["model"], "llama")
+        self.assertEqual(answer["request_headers"]["authorization"], "Bearer sk-p")
+        self.assertEqual(answer["request_headers"]["x-api-key"], "sk-p")
+        self.assertEqual(proxy.service.supervisor.status("alpha").state, "stopped")
+
+        def stream() -> tuple[int, list[str], int, float, float]:
+            before = fake_get(port, "/debug/stats")["frames"]
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = {**chat, "stream": True, "fake_tokens": 30, "fake_token_delay": 0.02}
+            started = time.monotonic()
+            conn.request("POST", "/v1/chat/completions", json.dumps(body))
+            response = conn.getresponse()
+            models, frames_then, first_at = [], -1, 0.0
+            while line := response.readline():
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    models.append(event["model"])
+                    if b"(token " in line and not first_at:
+                        first_at = time.monotonic()
+                        frames_then = fake_get(port, "/debug/stats")["frames"] - before
+            done = time.monotonic()
+            conn.close()
+            return response.status, models, frames_then, first_at - started, done - started
+
+        status, models, frames_then, first, total = await in_thread(stream)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(models), {"llama"})
+        self.assertGreaterEqual(len(models), 31)  # role, 30 tokens, finish
+        self.assertLessEqual(frames_then, 2)  # the role frame and token 0: nothing buffered
+        self.assertLess(first, total / 4)
+
+        status, _, body = await proxy.post_json("/v1/completions", {"model": "x", "prompt": "p"})
+        self.assertIn(
+            "gone/x: upstream server unreachable",
+            self.assert_error(status, body, 502, "bad_gateway"),
+        )
+        await self.assert_served(proxy)
+        status, _, listing = await proxy.call("GET", "/v1/models")
+        ids = [m["id"] for m in json.loads(listing)["data"]]
+        self.assertEqual(ids, ["alpha", "gone/x", "remote/llama"])

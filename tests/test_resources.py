@@ -770,3 +770,134 @@ class RequestLogTests(SynchronousTestCase):
         self.assertEqual(lines[0]["log_level"], LogLevel.info)
         self.assertEqual((lines[0]["model"], lines[0]["status"]), ("alpha", 200))
         self.assertEqual(lines[2]["path"], "/health")
+
+
+PEER_CONFIG = (
+    CONFIG
+    + """
+peers:
+  remote:
+    proxy: http://peer.test:8080/base/
+    models: [llama, alpha, "org/big"]
+    apiKey: sk-peer
+    filters:
+      setParams: {temperature: 0.25}
+  open:
+    proxy: http://open.test
+    models: [small, llama]
+"""
+)
+
+
+class PeerTests(SynchronousTestCase):
+    """Peers' models: relayed to the peer's URL without a lease, listed in /v1/models."""
+
+    def setUp(self) -> None:
+        self.h = Harness(PEER_CONFIG)
+
+    def test_qualified_name_is_relayed(self) -> None:
+        """The peer gets the same path and query under its URL, its own name and its key."""
+        response = post_json(
+            self.h.client,
+            "/v1/chat/completions?x=1",
+            {"model": "remote/llama", "stream": False},
+            Authorization="Bearer client-key",
+            **{"x-api-key": "client-key"},
+        )
+        self.assertEqual(response.status, 200, response.body)
+        sent = self.h.sent()
+        self.assertEqual(sent["uri"], "/base/v1/chat/completions?x=1")
+        self.assertEqual(sent["headers"]["host"], ["peer.test:8080"])
+        body = json.loads(sent["body"])
+        self.assertEqual(body, {"model": "llama", "stream": False, "temperature": 0.25})
+        self.assertEqual(sent["headers"]["content-length"], [str(len(sent["body"]))])
+        self.assertEqual(sent["headers"]["authorization"], ["Bearer sk-peer"])
+        self.assertEqual(sent["headers"]["x-api-key"], ["sk-peer"])
+        # No local process is involved.
+        self.assertEqual((self.h.supervisor.acquired, self.h.supervisor.released), ([], []))
+
+    def test_bare_name_and_no_key(self) -> None:
+        """A bare name one peer lists goes there; without apiKey no credential is sent."""
+        response = post_json(
+            self.h.client, "/v1/completions", {"model": "small"}, Authorization="Bearer mine"
+        )
+        self.assertEqual(response.status, 200, response.body)
+        sent = self.h.sent()
+        self.assertEqual(sent["headers"]["host"], ["open.test"])
+        self.assertEqual(sent["uri"], "/v1/completions")
+        self.assertEqual(json.loads(sent["body"]), {"model": "small"})
+        self.assertNotIn("authorization", sent["headers"])
+        self.assertNotIn("x-api-key", sent["headers"])
+
+    def test_local_names_win(self) -> None:
+        """A local model id shadows the bare name a peer lists; ambiguity is a 404."""
+        post_json(self.h.client, "/v1/completions", {"model": "alpha"})
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+        self.assertEqual(self.h.sent()["headers"]["host"], ["127.0.0.1:9001"])
+        post_json(self.h.client, "/v1/completions", {"model": "remote/alpha"})
+        self.assertEqual(self.h.sent()["headers"]["host"], ["peer.test:8080"])
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+        message = assert_error(
+            self,
+            post_json(self.h.client, "/v1/completions", {"model": "llama"}),
+            404,
+            "not_found",
+        )
+        self.assertEqual(
+            message, "model llama is served by several peers; ask for remote/llama, open/llama"
+        )
+        self.assertEqual(len(self.h.upstream.requests), 2)
+
+    def test_model_names_with_slashes_and_query_routes(self) -> None:
+        """C{remote/org/big} is the peer's C{org/big}; C{?model=} routes reach peers too."""
+        post_json(self.h.client, "/v1/embeddings", {"model": "remote/org/big"})
+        self.assertEqual(json.loads(self.h.sent()["body"])["model"], "org/big")
+        response = self.h.client.request("GET", "/v1/audio/voices?model=open/small")
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.h.sent()["uri"], "/v1/audio/voices?model=open/small")
+        self.assertEqual(self.h.sent()["headers"]["host"], ["open.test"])
+
+    def test_listed(self) -> None:
+        """/v1/models lists C{<peer>/<model>} owned by the peer, typed C{peer}."""
+        data = self.h.client.request("GET", "/v1/models").json()["data"]
+        self.assertEqual(
+            [m["id"] for m in data],
+            [
+                "alpha",
+                "author",
+                "author/model",
+                "beta",
+                "open/llama",
+                "open/small",
+                "remote/alpha",
+                "remote/llama",
+                "remote/org/big",
+            ],
+        )
+        record = next(m for m in data if m["id"] == "remote/org/big")
+        self.assertEqual(
+            record,
+            {
+                "id": "remote/org/big",
+                "object": "model",
+                "created": 1_700_000_000,
+                "owned_by": "remote",
+                "meta": {"llamaswap": {"type": "peer", "peerID": "remote", "model": "org/big"}},
+            },
+        )
+        one = self.h.client.request("GET", "/v1/models/open/small").json()
+        self.assertEqual(one["owned_by"], "open")
+
+    def test_errors_and_events(self) -> None:
+        """Peer answers pass through as they are; each request is one event named by FQN."""
+        seen = events_of(self.h.events, "request")
+        self.h.upstream.status = 503
+        self.h.upstream.answer = b'{"error": "busy"}'
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "remote/llama"})
+        self.assertEqual((response.status, response.body), (503, b'{"error": "busy"}'))
+        self.assertEqual([(e["model"], e["status"]) for e in seen], [("remote/llama", 503)])
+
+    def test_not_on_upstream_routes(self) -> None:
+        """C{/upstream} reaches local models only: a peer's model there is a 404."""
+        response = self.h.client.request("GET", "/upstream/remote/llama/health")
+        assert_error(self, response, 404, "not_found")
