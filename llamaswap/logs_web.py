@@ -32,8 +32,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from llamaswap.config import Config
-from llamaswap.errors import error_body
+from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
+from llamaswap.jsonweb import respond_error
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub
 
 if TYPE_CHECKING:
@@ -60,10 +61,9 @@ _STREAM_HEADERS = {
 }
 
 
-def _json_error(request: Request, status: int, message: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return error_body(status, message)
+def _error(request: Request, status: int, message: str) -> bytes:
+    # JSON, or text/HTML when Accept asks for it: as on every other route.
+    return respond_error(request, ProxyError(message, status))
 
 
 def _has_query_key(request: Request, key: bytes) -> bool:
@@ -149,13 +149,13 @@ class LogsResource(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            return _json_error(request, 405, "method not allowed")
+            return _error(request, 405, "method not allowed")
         segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         if segments in ([], [""]):
             return self._history(request)
         if segments[0] == "stream":
             return self._stream(request, "/".join(segments[1:]))
-        return _json_error(request, 404, "not found: " + (request.path or b"").decode())
+        return _error(request, 404, "not found: " + (request.path or b"").decode())
 
     def _history(self, request: Request) -> bytes:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
@@ -170,9 +170,7 @@ class LogsResource(Resource):
     def _stream(self, request: Request, name: str) -> bytes | int:
         stream_name = self._logs.resolve(name)
         if stream_name is None:
-            return _json_error(
-                request, 400, "invalid logger. Use 'proxy', 'upstream' or a model's ID"
-            )
+            return _error(request, 400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
         for header, value in _STREAM_HEADERS.items():
             request.setHeader(header, value)
         if request.method == b"HEAD":
@@ -393,7 +391,7 @@ class EventsResource(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method != b"GET":
             request.setHeader(b"allow", b"GET")
-            return _json_error(request, 405, "method not allowed")
+            return _error(request, 405, "method not allowed")
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
@@ -454,7 +452,7 @@ class UIResource(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            return _json_error(request, 405, "method not allowed")
+            return _error(request, 405, "method not allowed")
         segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         if not segments:
             request.redirect(b"/ui/")
@@ -462,12 +460,12 @@ class UIResource(Resource):
         name = "/".join(segments) or "index.html"
         if name not in UI_FILES:
             if "." in segments[-1]:
-                return _json_error(request, 404, f"not found: /ui/{name}")
+                return _error(request, 404, f"not found: /ui/{name}")
             name = "index.html"
         try:
             body = (UI_DIR / name).read_bytes()
         except OSError:
-            return _json_error(request, 404, f"not found: /ui/{name}")
+            return _error(request, 404, f"not found: /ui/{name}")
         request.setHeader(b"content-type", UI_FILES[name])
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")

@@ -518,6 +518,28 @@ class LogStreamTests(HubCase):
         response = self.successResultOf(stub.post("http://x/logs/stream"))
         self.assertEqual(response.code, 405)
 
+    def test_errors_follow_accept(self) -> None:
+        """Errors are JSON by default, text or HTML when C{Accept} asks, as on other routes."""
+        hub, _ = self.start_hub()
+        stub = StubTreq(logs_root(hub))
+
+        def error(path: str, accept: str) -> tuple[int, list[bytes], bytes]:
+            response = self.successResultOf(stub.get("http://x" + path, headers={"Accept": accept}))
+            body = self.successResultOf(response.content())
+            return response.code, response.headers.getRawHeaders(b"content-type"), body
+
+        code, kind, body = error("/logs/stream/nope", "text/plain")
+        self.assertEqual((code, kind), (400, [b"text/plain; charset=utf-8"]))
+        self.assertEqual(
+            body, b"llamaswap: invalid logger. Use 'proxy', 'upstream' or a model's ID\n"
+        )
+        code, kind, body = error("/logs/nothing", "application/json, text/plain")
+        self.assertEqual((code, kind), (404, [b"application/json"]))
+        self.assertEqual(json.loads(body)["error"]["code"], "not_found")
+        code, kind, body = error("/ui/missing.js", "text/html")
+        self.assertEqual((code, kind), (404, [b"text/html; charset=utf-8"]))
+        self.assertIn(b"<p>not found: /ui/missing.js</p>", body)
+
 
 class UIResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
