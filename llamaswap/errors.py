@@ -22,6 +22,7 @@ _KINDS: dict[int, tuple[str, str]] = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
+    501: ("server_error", "not_implemented"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
     504: ("server_error", "gateway_timeout"),

@@ -151,7 +151,14 @@ class JSONResource(Resource):
         return methods
 
     def render(self, request: Request) -> bytes | int:
-        method = request.method.decode("ascii", "replace").upper()
+        method = request.method.decode("ascii", "replace")
+        if request.method not in _METHODS:
+            # Methods are case-sensitive (RFC 9110): "get" is not GET, and is
+            # neither served nor relayed; nor is anything else we do not know.
+            message = f"method {method} not implemented"
+            if request.method.upper() in _METHODS:
+                message += f" (methods are case-sensitive: {method.upper()})"
+            return respond_error(request, ProxyError(message, 501))
         handler = getattr(self, f"render_{method}", None) or getattr(self, "render_any", None)
         if handler is None and method == "HEAD":
             handler = getattr(self, "render_GET", None)

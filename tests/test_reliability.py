@@ -7,7 +7,7 @@ like a user would: raw sockets and C{http.client} in a thread
 (C{deferToThread}), so the proxy keeps running in the test's reactor meanwhile.
 
  - L{BadInputTests}: a property-based test (hypothesis) sends well over 1,000
-   malformed requests over TCP; each must get a 4xx JSON error in OpenAI's
+   malformed requests over TCP; each must get a 4xx (or 501) JSON error in OpenAI's
    shape, no model may start, and a normal request still works afterwards.
  - L{UpstreamFaultTests}: upstream servers that die mid-stream, never become
    healthy, ignore SIGTERM, exit at start-up, or find their port taken.
@@ -54,6 +54,7 @@ MAX_BODY = 4096  # a small maxBodySize, so "absurd" lengths are cheap to produce
 # and LineReceiver.MAX_LENGTH for one line): beyond them the request never reaches us.
 HEAD_LIMIT = 16384
 MAX_HEADERS = 500
+KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 
 
 # --- processes ---------------------------------------------------------------
@@ -687,15 +688,22 @@ def unknown_path(draw: st.DrawFn, config: Config) -> Malformed:
 
 @st.composite
 def unknown_method(draw: st.DrawFn, config: Config) -> Malformed:
-    """A method a model route does not take (made-up ones included): 405 with Allow."""
+    """
+    A method a model route does not take: 405 with Allow for one we know (GET
+    on a POST route), 501 for made-up ones and other spellings of known ones
+    (methods are case-sensitive: "post" is not POST).
+    """
     method = draw(
-        st.sampled_from([b"GET", b"PUT", b"DELETE", b"PATCH", b"TRACE", b"HEAD", b"PROPFIND"])
-        | st.from_regex(rb"\A[A-Z]{1,12}\Z")
+        st.sampled_from(
+            [b"GET", b"PUT", b"DELETE", b"PATCH", b"TRACE", b"HEAD", b"PROPFIND", b"post", b"get"]
+        )
+        | st.from_regex(rb"\A[A-Za-z]{1,12}\Z")
     )
     assume(method not in (b"POST", b"OPTIONS"))
     path = draw(st.sampled_from(JSON_PATHS + FORM_PATHS))
     body = json.dumps(chat_body("alpha")).encode()  # valid, but the method is not
-    return Malformed("unknown method", http_request(method, path, body=body), 405)
+    expect = 405 if method in KNOWN_METHODS else 501
+    return Malformed("unknown method", http_request(method, path, body=body), expect)
 
 
 @st.composite
@@ -799,8 +807,9 @@ class BadInputTests(TestCase):
         Over 1,000 malformed requests (broken JSON, wrong types for C{model},
         huge headers, invalid UTF-8, truncated multipart, absurd
         Content-Length, unknown paths and methods, broken HTTP framing), each
-        on its own connection: each gets its 4xx JSON error in OpenAI's shape
-        (or, where HTTP allows no answer, a clean close). No model starts,
+        on its own connection: each gets its JSON error in OpenAI's shape (a
+        4xx, or 501 for a method nobody implements; where HTTP allows no
+        answer, a clean close). No model starts,
         and a normal request is served afterwards.
         """
         config = bad_input_config()

@@ -734,6 +734,30 @@ class NoHTMLTests(SynchronousTestCase):
         response = h.client.request("POST", "/plain", b"")
         assert_error(self, response, 405, "method_not_allowed")
 
+    def test_unknown_and_lowercase_methods_are_501(self) -> None:
+        """
+        HTTP methods are case-sensitive: C{get /v1/models} is not a GET. It,
+        and methods nobody implements, are JSON 501s on every route, with a
+        hint for a lower-case spelling; nothing is relayed or started.
+        """
+        h = Harness()
+        for method, path in (
+            ("get", "/v1/models"),
+            ("get", "/health"),
+            ("post", "/v1/chat/completions"),
+            ("options", "/v1/models"),
+            ("get", "/upstream/alpha/health"),
+            ("BREW", "/v1/models"),
+            ("TRACE", "/upstream/alpha/"),
+        ):
+            response = h.client.request(method, path, b'{"model": "alpha"}')
+            message = assert_error(self, response, 501, "not_implemented")
+            self.assertTrue(message.startswith(f"method {method} not implemented"), message)
+            if method.islower():
+                self.assertIn(f"case-sensitive: {method.upper()}", message)
+        self.assertEqual(h.supervisor.acquired, [])
+        self.assertEqual(h.client.request("GET", "/v1/models").status, 200)
+
     def test_unknown_paths(self) -> None:
         """Unknown paths at every level are JSON 404s."""
         h = Harness()
