@@ -3,11 +3,12 @@
 llamaswap benchmark: the proxy against a direct connection to the same upstream.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/run.py --help``). One run
-starts nginx (fast upstream: a fixed JSON answer, a static SSE file, a 20 MB
-file), the proxy as a real ``twistd`` process, and llamaswap's fake server
-(paced tokens, slow start-up), then measures every scenario for the proxy and
-for the direct connection *interleaved*, round by round, so that both see the
-same machine state. It prints a table with ratios to direct and writes the raw
+starts the proxy as a real ``twistd`` process, which starts its model servers
+itself: nginx (a fast upstream: a fixed JSON answer, a static SSE file, a 20 MB
+file) and llamaswap's fake server (paced tokens, slow start-up). Every
+scenario is measured for the proxy and for a direct connection to the same
+upstream *interleaved*, round by round, so that both see the same machine
+state. It prints a table with ratios to direct and writes the raw
 figures to ``bench/results/<timestamp>.json``. See docs/performance.md.
 
 Scenarios: S1 small chat requests (wrk), S2 SSE streams (2,000 events from
@@ -200,6 +201,7 @@ class Ports:
     proxy: int = field(default_factory=free_port)
     nginx: int = field(default_factory=free_port)
     nginx_proxy: int = field(default_factory=free_port)
+    nginx_logged: int = field(default_factory=free_port)
     twisted_min: int = field(default_factory=free_port)
     paced: int = field(default_factory=free_port)
     swap_a: int = field(default_factory=free_port)
@@ -225,23 +227,24 @@ def write_upstream_files(tmp: Path) -> None:
             f.write(block)
 
 
-def nginx_conf(tmp: Path, ports: Ports, reference: bool) -> str:
+def nginx_conf(tmp: Path, name: str, port: int, reference_port: int | None) -> str:
     """
-    One worker (the machine has 2 cores for everything). The chat location
-    answers every POST with the same JSON; ``X-Bench: sse|big`` selects the
-    static SSE or 20 MB file instead, so that all payloads reach the proxy as
-    the same model on the same path (no swaps between scenarios).
+    The upstream, which the proxy itself starts and supervises as the model's
+    server (as it would llama-server). One worker: the machine has 2 cores for
+    everything. The chat location answers every POST with the same JSON;
+    ``X-Bench: sse|big`` selects the static SSE or 20 MB file instead, so
+    that all payloads reach the proxy as the same model on the same path (no
+    swaps between scenarios). With C{reference_port}, a second server block
+    is nginx as a reverse proxy in front of itself: what a C proxy costs here.
     """
     user = "user root;" if os.geteuid() == 0 else ""
     answer = CHAT_ANSWER.replace("'", "\\'")
     ref = ""
-    if reference:
-        # nginx as a reverse proxy in front of itself: a reference point for
-        # what a C proxy costs on this machine.
+    if reference_port:
         ref = f"""
-  upstream bench_up {{ server {HOST}:{ports.nginx}; keepalive 64; }}
+  upstream bench_up {{ server {HOST}:{port}; keepalive 64; }}
   server {{
-    listen {HOST}:{ports.nginx_proxy};
+    listen {HOST}:{reference_port};
     location / {{
       proxy_pass http://bench_up;
       proxy_http_version 1.1;
@@ -252,20 +255,20 @@ def nginx_conf(tmp: Path, ports: Ports, reference: bool) -> str:
     return f"""{user}
 worker_processes 1;
 daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  client_body_temp_path {tmp}/ng-body;
-  proxy_temp_path {tmp}/ng-proxy;
-  fastcgi_temp_path {tmp}/ng-fcgi;
-  uwsgi_temp_path {tmp}/ng-uwsgi;
-  scgi_temp_path {tmp}/ng-scgi;
+  client_body_temp_path {tmp}/{name}-body;
+  proxy_temp_path {tmp}/{name}-proxy;
+  fastcgi_temp_path {tmp}/{name}-fcgi;
+  uwsgi_temp_path {tmp}/{name}-uwsgi;
+  scgi_temp_path {tmp}/{name}-scgi;
   keepalive_requests 10000000;
   sendfile on;
   server {{
-    listen {HOST}:{ports.nginx} backlog=4096;
+    listen {HOST}:{port} backlog=4096;
     root {tmp};
     location = /health {{ return 200 'ok'; }}
     location = {CHAT_PATH} {{
@@ -282,11 +285,15 @@ http {{
 """
 
 
-def proxy_config(ports: Ports, *, log_requests: bool = False, fakes: bool = True) -> str:
+def proxy_config(
+    ports: Ports, tmp: Path, *, nginx: str = "nginx", log_requests: bool = False, fakes: bool = True
+) -> str:
     """
     The proxy's config. logRequests is off as in the default config, except
-    for S6's second proxy: with it on, each request is a line on /logs/stream.
+    for S6's second proxy (with its own nginx): with it on, each request is a
+    line on /logs/stream.
     """
+    nginx_port = ports.nginx if nginx == "nginx" else ports.nginx_logged
     fake = "${PYTHON} -m llamaswap.fakeserver --quiet"
     paced = f"--tokens {PACED_TOKENS} --token-delay {PACED_DELAY}"
     nginx_model = f"""# generated by bench/run.py
@@ -294,9 +301,8 @@ healthCheckTimeout: 15
 logRequests: {"true" if log_requests else "false"}
 models:
   bench-nginx:
-    # nginx is the upstream; the command is only something for the proxy to supervise.
-    cmd: ${{PYTHON}} -c "import time; time.sleep(1e9)"
-    proxy: http://{HOST}:{ports.nginx}
+    cmd: nginx -c {tmp}/{nginx}.conf -p {tmp}
+    proxy: http://{HOST}:{nginx_port}
     checkEndpoint: /health
 """
     if not fakes:
@@ -635,13 +641,18 @@ class Bench:
 
     def start(self) -> None:
         write_upstream_files(self.tmp)
-        conf = self.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(self.tmp, self.ports, self.args.reference))
-        self.spawn(
-            "nginx", ["nginx", "-c", str(conf), "-p", str(self.tmp)]
-        ).stop_signal = signal.SIGQUIT
-        if not wait_http(self.ports.nginx, "/health", time.monotonic() + 10):
-            raise RuntimeError(f"nginx did not start: {(self.tmp / 'nginx-error.log').read_text()}")
+        ref = self.ports.nginx_proxy if self.args.reference else None
+        (self.tmp / "nginx.conf").write_text(nginx_conf(self.tmp, "nginx", self.ports.nginx, ref))
+        (self.tmp / "nginx-logged.conf").write_text(
+            nginx_conf(self.tmp, "nginx-logged", self.ports.nginx_logged, None)
+        )
+        self.proxy = self.start_proxy("proxy", proxy_config(self.ports, self.tmp), self.ports.proxy)
+        self.pids["proxy"] = self.proxy.pid
+        self.warm("bench-nginx")  # the proxy starts nginx
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            master = int((self.tmp / "nginx.pid").read_text())
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+            self.pids["direct"] = int(children[0])  # the one nginx worker
         if self.args.reference:
             minimal = [PY, str(ROOT / "bench" / "minimal_relay.py")]
             minimal += ["--port", str(self.ports.twisted_min)]
@@ -650,12 +661,6 @@ class Bench:
             self.pids["twisted-min"] = self.spawn("twisted-min", minimal).pid
             if not wait_http(self.ports.twisted_min, "/health", time.monotonic() + 10):
                 raise RuntimeError("bench/minimal_relay.py did not start")
-        self.proxy = self.start_proxy("proxy", proxy_config(self.ports), self.ports.proxy)
-        self.pids["proxy"] = self.proxy.pid
-        with contextlib.suppress(OSError, ValueError):
-            master = self.procs[0].pid
-            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-            self.pids["direct"] = int(children[0])  # the one nginx worker
         log(f"proxy pid {self.proxy.pid} on port {self.ports.proxy}, nginx on {self.ports.nginx}")
 
     def start_proxy(self, name: str, config: str, port: int) -> Proc:
@@ -734,8 +739,10 @@ class Bench:
         """
         log(f"S6: S1 c=8 with and without {LISTENERS} /logs/stream listeners (logRequests on)")
         port = self.ports.proxy_logged
-        logged = self.start_proxy("proxy-logged", proxy_config(self.ports, log_requests=True,
-                                                               fakes=False), port)  # fmt: skip
+        config = proxy_config(
+            self.ports, self.tmp, nginx="nginx-logged", log_requests=True, fakes=False
+        )
+        logged = self.start_proxy("proxy-logged", config, port)
         try:
             self.warm("bench-nginx", port=port)
             wrk(port, self.lua, 8, 1)
