@@ -27,6 +27,7 @@ from llamaswap.jsonweb import ErrorResource, JSONResource, Redirect
 from llamaswap.logs import LogHub
 from llamaswap.logs_web import build_events_resource, build_logs_resource, build_ui_resource
 from llamaswap.management import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
+from llamaswap.metrics import build_metrics_resource
 from llamaswap.relay import Relay
 from llamaswap.routes import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
 from llamaswap.supervisor import Supervisor
@@ -187,6 +188,7 @@ def build_root(
     mount(root, "/upstream", UpstreamRoot(config, relay))
     mount(root, "/running", Running(config, supervisor))
     mount(root, "/health", Health())
+    mount(root, "/metrics", build_metrics_resource(config, supervisor, events, reactor))
     mount(root, "/unload", LegacyUnload(supervisor))
     mount(root, "/api/models/unload", UnloadAPI(supervisor))
     mount(root, "/api/models/load", LoadAPI(supervisor))
