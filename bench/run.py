@@ -286,7 +286,13 @@ http {{
 
 
 def proxy_config(
-    ports: Ports, tmp: Path, *, nginx: str = "nginx", log_requests: bool = False, fakes: bool = True
+    ports: Ports,
+    tmp: Path,
+    *,
+    tree: Path = ROOT,
+    nginx: str = "nginx",
+    log_requests: bool = False,
+    fakes: bool = True,
 ) -> str:
     """
     The proxy's config. logRequests is off as in the default config, except
@@ -308,7 +314,7 @@ models:
     if not fakes:
         return nginx_model
     # The fake server comes from this checkout, installed or not.
-    env = f'env: ["PYTHONPATH={ROOT}"]'
+    env = f'env: ["PYTHONPATH={tree}"]'
     return (
         nginx_model
         + f"""  bench-paced:
@@ -618,6 +624,8 @@ class Bench:
         self.results: dict[str, Any] = {}
         self.proxy: Proc | None = None
         self.pids: dict[str, int] = {}  # system -> the process whose CPU time we count
+        # The checkout whose proxy is measured (the harness always comes from ROOT).
+        self.tree: Path = (args.tree or ROOT).resolve()
         self.rounds: int = args.rounds
         self.dur: int = args.duration
         lua_body = chat_body("bench-nginx").decode().replace("'", "\\'")
@@ -632,9 +640,9 @@ class Bench:
             out.append(("twisted-min", self.ports.twisted_min))
         return out
 
-    def spawn(self, name: str, cmd: list[str], **kw: Any) -> Proc:
+    def spawn(self, name: str, cmd: list[str], cwd: Path = ROOT) -> Proc:
         logf = open(self.tmp / f"{name}.log", "wb")  # closed when we exit
-        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, **kw)
+        popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=cwd)
         proc = Proc(name, popen)
         self.procs.append(proc)
         return proc
@@ -646,7 +654,9 @@ class Bench:
         (self.tmp / "nginx-logged.conf").write_text(
             nginx_conf(self.tmp, "nginx-logged", self.ports.nginx_logged, None)
         )
-        self.proxy = self.start_proxy("proxy", proxy_config(self.ports, self.tmp), self.ports.proxy)
+        self.proxy = self.start_proxy(
+            "proxy", proxy_config(self.ports, self.tmp, tree=self.tree), self.ports.proxy
+        )
         self.pids["proxy"] = self.proxy.pid
         self.warm("bench-nginx")  # the proxy starts nginx
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -667,10 +677,10 @@ class Bench:
         cfg = self.tmp / f"{name}.yaml"
         cfg.write_text(config)
         # twistd itself (``python -m twisted`` would be ``twist``, another runner),
-        # run the way its console script does; cwd=ROOT puts the plugin on sys.path.
+        # run the way its console script does; the cwd puts the plugin on sys.path.
         cmd = [PY, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
         cmd += ["llamaswap", "--config", str(cfg), "--listen", f"tcp:{port}:interface={HOST}"]
-        proc = self.spawn(name, cmd)
+        proc = self.spawn(name, cmd, cwd=self.tree)
         if not wait_http(port, "/v1/models", time.monotonic() + 30):
             raise RuntimeError(f"{name} did not start:\n" + self.proxy_log_tail(name=name))
         return proc
@@ -740,7 +750,12 @@ class Bench:
         log(f"S6: S1 c=8 with and without {LISTENERS} /logs/stream listeners (logRequests on)")
         port = self.ports.proxy_logged
         config = proxy_config(
-            self.ports, self.tmp, nginx="nginx-logged", log_requests=True, fakes=False
+            self.ports,
+            self.tmp,
+            tree=self.tree,
+            nginx="nginx-logged",
+            log_requests=True,
+            fakes=False,
         )
         logged = self.start_proxy("proxy-logged", config, port)
         try:
@@ -873,7 +888,7 @@ class Bench:
         cmd = [PY, "-m", "llamaswap.fakeserver", "--quiet", "--port", str(port)]
         cmd += ["--name", "direct", "--startup-delay", str(SWAP_DELAY)]
         start = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, cwd=self.tree, stdout=subprocess.DEVNULL)
         try:
             while True:
                 with contextlib.suppress(OSError):
@@ -944,15 +959,18 @@ class Bench:
         cmd += ["--nonblocking", "--duration", str(secs), "--output", str(raw)]
         spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1)  # attach
-        load = wrk(self.ports.proxy, self.lua, 8, secs - 2)
+        load = wrk(self.ports.proxy, self.lua, 8, secs - 2, self.proxy.pid)
         _, err = spy_proc.communicate(timeout=60)
         if not raw.exists():
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
         report = collapse(raw.read_text())
         report["rps_while_profiling"] = load["rps"]
-        report["busy_pct"] = 100 * report["samples"] / (200 * secs)
+        # From the scheduler, not from py-spy (which misses samples with --nonblocking).
+        report["busy_pct"] = load["cpu_us_per_req"] * load["rps"] / 1e4
         self.results["profile"] = report
-        log(f"  {report['samples']} samples, busy {report['busy_pct']:.0f} % of the time")
+        log(
+            f"  {report['samples']} samples; proxy on a core {report['busy_pct']:.0f} % of the time"
+        )
 
     def run(self) -> None:
         self.start()
@@ -1222,9 +1240,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git_rev() -> str:
+def git_rev(tree: Path) -> str:
     out = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], cwd=tree, capture_output=True, text=True
     )
     return out.stdout.strip()
 
@@ -1253,6 +1271,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke test")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument(
+        "--tree",
+        type=Path,
+        default=None,
+        help="measure the llamaswap of another checkout (e.g. a branch's worktree)",
+    )
     p.add_argument("--listeners-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -1276,7 +1300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, tmp)
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "git": git_rev(),
+        "git": git_rev(bench.tree),
+        "tree": str(bench.tree),
         "command": " ".join([Path(PY).name, "bench/run.py", *(argv or sys.argv[1:])]),
         "machine": machine(),
         "settings": {
@@ -1314,7 +1339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"target {key}: {t['value']:g} {t['unit']} (goal {t['target']}): {mark}")
     prof = bench.results.get("profile")
     if prof:
-        print(f"\nprofile ({prof['samples']} samples, proxy busy {prof['busy_pct']:.0f} %):")
+        print(f"\nprofile ({prof['samples']} samples; proxy on a core {prof['busy_pct']:.0f} %):")
         for label in ("self", "inclusive"):
             print(f"  top by {label} time:")
             for frame, share in prof[label][:15]:
