@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
+from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -370,27 +371,17 @@ class Relay:
         try:
             request_info(request).model = lease.model.id
             body = body_for(lease)
-            framed = request.requestHeaders.hasHeader(
-                b"content-length"
-            ) or request.requestHeaders.hasHeader(b"transfer-encoding")
-            headers = forward_headers(request)
-            if isinstance(lease, PeerLease):
-                lease.authorize(headers)
             try:
-                response: IResponse = await self._http.request(
-                    request.method.decode("ascii"),
-                    lease.url.encode("utf-8") + _NON_ASCII.sub(_percent, uri),
-                    headers=headers,
-                    # Bytes: treq sends an exact Content-Length. No body stays no body.
-                    data=body if body or framed else None,
-                    unbuffered=True,  # never keep a copy of a streamed answer
-                    allow_redirects=False,  # a proxy relays 3xx, it does not follow them
-                )
+                lease, response = await self._send(request, uri, requested, lease, body)
             except CancelledError:
                 raise
             except Exception as e:
-                error = UpstreamUnreachable(
-                    f"model {lease.model.id}: upstream server unreachable: {describe(e)}"
+                error = (
+                    e  # the second acquire failed (e.g. the restart)
+                    if isinstance(e, ProxyError)
+                    else UpstreamUnreachable(
+                        f"model {lease.model.id}: upstream server unreachable: {describe(e)}"
+                    )
                 )
                 if stream is None:
                     raise error from e
@@ -405,6 +396,56 @@ class Relay:
             # log, "request" event with a status snapshot) when finish() runs.
             lease.release()
         self._end(request, reason, relayed, lease.model.id)
+
+    async def _send(
+        self, request: Request, uri: bytes, requested: str, lease: Lease, body: bytes
+    ) -> tuple[Lease, IResponse]:
+        """
+        Send the request to C{lease}'s server; return the lease it was sent on.
+
+        A refused connection (so nothing was sent) right after the server died
+        would be a 502 although the supervisor is about to notice the exit and
+        restart it on the next request: once it knows (L{Lease.connection_refused}),
+        the request gets one more try on a fresh lease. Any failure of that
+        try is the caller's, and so is its lease (released here).
+        """
+        try:
+            return lease, await self._request_upstream(request, uri, lease, body)
+        except neterror.ConnectionRefusedError:
+            if not await lease.connection_refused():
+                raise
+        self.log.info(
+            "model {model}: connection refused; trying once more on a fresh lease",
+            model=lease.model.id,
+        )
+        lease.release()
+        lease = await self.acquire(requested)
+        try:
+            # Same name, same model: the body made for the first lease fits.
+            return lease, await self._request_upstream(request, uri, lease, body)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _request_upstream(
+        self, request: Request, uri: bytes, lease: Lease, body: bytes
+    ) -> IResponse:
+        framed = request.requestHeaders.hasHeader(
+            b"content-length"
+        ) or request.requestHeaders.hasHeader(b"transfer-encoding")
+        headers = forward_headers(request)
+        if isinstance(lease, PeerLease):
+            lease.authorize(headers)
+        response: IResponse = await self._http.request(
+            request.method.decode("ascii"),
+            lease.url.encode("utf-8") + _NON_ASCII.sub(_percent, uri),
+            headers=headers,
+            # Bytes: treq sends an exact Content-Length. No body stays no body.
+            data=body if body or framed else None,
+            unbuffered=True,  # never keep a copy of a streamed answer
+            allow_redirects=False,  # a proxy relays 3xx, it does not follow them
+        )
+        return response
 
     async def _fail_stream(self, stream: LoadingStream, response: IResponse, model: str) -> None:
         """

@@ -278,6 +278,89 @@ class FailureTests(SynchronousTestCase):
         self.assertEqual(other.response().status, 200)
 
 
+class RefusedTests(SynchronousTestCase):
+    """
+    A connection refused by a ready model's server (it may have just died):
+    once the supervisor knows, one more try on a fresh lease.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.h.supervisor.refusals = []
+
+    def refuse(self, call: int) -> None:
+        self.h.http.calls[call].deferred.errback(ConnectionRefusedError("nobody home"))
+
+    def test_retried_on_a_fresh_lease(self) -> None:
+        """
+        The relay waits for the supervisor's verdict, releases the lease,
+        acquires again and sends the same request; the client sees only the
+        second answer.
+        """
+        exchange = self.h.chat(stream=False)
+        self.refuse(0)
+        self.assertEqual(len(self.h.supervisor.refusals), 1)
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+        self.assertEqual(self.h.supervisor.released, [])
+        self.assertFalse(exchange.closed)
+        self.h.supervisor.refusals[0].callback(None)
+        self.assertEqual(self.h.supervisor.acquired, ["alpha", "alpha"])
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        first, second = self.h.http.calls
+        self.assertEqual((second.method, second.url), (first.method, first.url))
+        self.assertEqual(second.kwargs["data"], first.kwargs["data"])
+        upstream = self.h.http.answer(FakeResponse(200, {"Content-Type": "application/json"}))
+        upstream.send(b'{"ok": true}')
+        upstream.end()
+        response = exchange.response()
+        self.assertEqual((response.status, response.body), (200, b'{"ok": true}'))
+        self.assertEqual(self.h.supervisor.released, ["alpha", "alpha"])
+
+    def test_refused_twice_is_502(self) -> None:
+        """Only one more try: refused again, the client gets the 502 (both leases released)."""
+        exchange = self.h.chat()
+        self.refuse(0)
+        self.h.supervisor.refusals[0].callback(None)
+        self.refuse(1)
+        self.assertEqual(len(self.h.supervisor.refusals), 1)  # no second wait
+        response = exchange.response()
+        self.assertEqual(response.status, 502)
+        self.assertIn("unreachable", response.json()["error"]["message"])
+        self.assertEqual(len(self.h.http.calls), 2)
+        self.assertEqual(self.h.supervisor.released, ["alpha", "alpha"])
+
+    def test_second_acquire_fails(self) -> None:
+        """The restart fails: the client gets that error (502 with its message)."""
+        exchange = self.h.chat()
+        self.refuse(0)
+        self.h.supervisor.error = StartFailed("model alpha exited during startup (exit code 1)")
+        self.h.supervisor.refusals[0].callback(None)
+        response = exchange.response()
+        self.assertEqual(response.status, 502)
+        self.assertIn("exited during startup", response.json()["error"]["message"])
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+    def test_other_failures_are_not_retried(self) -> None:
+        """A connection that failed after it was made (the request may have been sent): 502."""
+        exchange = self.h.chat()
+        self.h.http.calls[0].deferred.errback(
+            ResponseFailed([Failure(ConnectionRefusedError("reset"))])
+        )
+        self.assertEqual(exchange.response().status, 502)
+        self.assertEqual(self.h.supervisor.refusals, [])
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+
+    def test_client_leaves_during_the_wait(self) -> None:
+        """The client leaving cancels the wait: the lease is released, nothing more is sent."""
+        exchange = self.h.chat()
+        self.refuse(0)
+        exchange.disconnect()
+        self.assertTrue(self.h.supervisor.refusals[0].called)  # cancelled
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+        self.assertEqual(self.h.supervisor.acquired, ["alpha"])
+        self.assertEqual(len(self.h.http.calls), 1)
+
+
 LOADING_CONFIG = CONFIG.replace("models:\n", "sendLoadingState: true\nmodels:\n", 1).replace(
     "    useModelName: beta-upstream\n",
     "    useModelName: beta-upstream\n    sendLoadingState: false\n",

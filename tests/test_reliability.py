@@ -38,10 +38,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from llamaswap import process as process_module
 from llamaswap.config import Config, parse_config
 from llamaswap.errors import ModelNotFound
 from llamaswap.resources import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
@@ -974,6 +976,61 @@ class UpstreamFaultTests(TestCase):
         self.assertEqual((status, body.get("served_by")), (200, "alpha"), body)
         self.assertNotEqual(proxy.pid("alpha"), crashed)  # a new server
         self.assertEqual(len(proxy.pids), 2)
+        await proxy.stop_and_check(self)
+
+    async def test_request_right_after_a_crash(self) -> None:
+        """
+        The server has just exited, but the supervisor has not processed its
+        exit yet (held back here until the relay has found the port closed):
+        the request's connection is refused, the relay waits until the
+        supervisor knows, and a new server answers it. Not a 502.
+        """
+        held: list[Callable[[], None]] = []
+        holding = [True]
+        protocol = process_module._ChildProtocol
+        originals = {name: getattr(protocol, name) for name in ("processExited", "processEnded")}
+
+        def hold(name: str) -> Callable[[Any, Any], None]:
+            def method(child: Any, reason: Any) -> None:
+                call = partial(originals[name], child, reason)
+                if holding[0]:
+                    held.append(call)
+                else:
+                    call()
+
+            return method
+
+        def release() -> None:
+            holding[0] = False
+            calls, held[:] = list(held), []
+            for call in calls:
+                call()
+
+        for name in originals:
+            self.patch(protocol, name, hold(name))
+        refusals: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "connection refused while ready" in event.get("log_format", ""):
+                refusals.append(event)
+                reactor.callLater(0.05, release)  # the supervisor notices, a bit late
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        proxy = RunningProxy(
+            self, make_config({"alpha": fake_model("alpha", "--crash-after", "1")})
+        )
+        self.addCleanup(release)  # before the proxy's stop, which needs those events
+        status, body = await in_thread(lambda: chat(proxy.port, "alpha"))
+        self.assertEqual((status, body.get("served_by")), (200, "alpha"), body)
+        crashed = proxy.pid("alpha")
+        await wait_until(lambda: not alive(crashed), 5, "the server to exit after one answer")
+        self.assertEqual(proxy.states()["alpha"], "ready")  # not noticed yet
+        status, body = await in_thread(lambda: chat(proxy.port, "alpha"))
+        self.assertEqual((status, body.get("served_by")), (200, "alpha"), body)
+        self.assertEqual(len(refusals), 1)
+        self.assertEqual(len(proxy.pids), 2)
+        self.assertNotEqual(proxy.pid("alpha"), crashed)
         await proxy.stop_and_check(self)
 
     async def test_upstream_never_healthy(self) -> None:

@@ -75,6 +75,9 @@ class FakeSupervisor:
         self.unloaded: list[str | None] = []
         self.states: dict[str, str] = {}
         self.waiting: list[tuple[Deferred[Lease], Lease]] = []
+        # When a list: leases report refused connections here (Lease.connection_refused),
+        # one pending Deferred each, for the test to fire.
+        self.refusals: list[Deferred[None]] | None = None
 
     def acquire(self, requested: str) -> Deferred[Lease]:
         self.acquired.append(requested)
@@ -85,11 +88,22 @@ class FakeSupervisor:
         except ProxyError as e:
             return fail(e)
         model = self.config.models[target.model_id]
-        lease = Lease(model, target, lambda: self.released.append(model.id))
+        lease = Lease(
+            model,
+            target,
+            lambda: self.released.append(model.id),
+            None if self.refusals is None else self._refused,
+        )
         if not self.hold:
             return succeed(lease)
         d: Deferred[Lease] = Deferred(lambda _: self.cancelled.append(requested))
         self.waiting.append((d, lease))
+        return d
+
+    def _refused(self) -> Deferred[None]:
+        assert self.refusals is not None
+        d: Deferred[None] = Deferred()
+        self.refusals.append(d)
         return d
 
     def grant(self) -> None:
