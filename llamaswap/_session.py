@@ -23,7 +23,9 @@ pid is the server's pid, and it is also the process group id):
     parent-death signal does not (C{sh -c "server ..."}: the shell dies, the
     server would live on). The guard ignores SIGTERM so our own graceful stop
     (SIGTERM to the group) leaves it watching, and it exits as soon as the
-    server has exited (pidfd).
+    server has exited (pidfd), unless llamaswap is dying (L{_dying}).
+    It must exit at once then: it holds the stdin pipe too, and Twisted
+    reports the server ended only when every reader of that pipe is gone.
 
 Only the standard library is used, and the file runs with C{-I -S} so it starts
 fast and ignores C{PYTHON*} variables meant for the server.
@@ -39,9 +41,6 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 _EXEC_FAILED = 127
-# How long a guard whose server exited waits for llamaswap's end of stdin to
-# close before concluding that llamaswap is alive (see _guard).
-EOF_AFTER_SERVER_EXIT = 1.0
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -59,7 +58,36 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def _guard(server: int, grace: float) -> None:
+def _start_time(pid: int) -> bytes | None:
+    """The start time of process C{pid} (from C{/proc}), to tell it from a later one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _dying(pid: int, started: bytes | None) -> bool:
+    """
+    Whether llamaswap (C{pid}, started at C{started}) is gone or exiting.
+
+    Its main thread may have exited while other threads still hold our stdin
+    pipe open (kill -9 of a process with a thread pool): then the pid is a
+    zombie leader (state Z) until the last thread is gone. The parent-death
+    signal fires at the main thread's exit, so the server can be gone before
+    the pipe closes.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # no /proc: only end-of-file tells
+    return fields[0] in (b"Z", b"X") or (started is not None and fields[19] != started)
+
+
+def _guard(server: int, grace: float, llamaswap: int, started: bytes | None) -> None:
     """Kill the server's process group once llamaswap's end of stdin closes."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -79,13 +107,12 @@ def _guard(server: int, grace: float) -> None:
         gone = pidfd in ready if pidfd is not None else not _exists(server)
         if gone:
             # The server is gone. If llamaswap died too (its parent-death signal
-            # may be why), its end of stdin closes: act on that. The EOF can come
-            # a little *after* the death signal: the signal fires when the thread
-            # that spawned us exits, while our pipe closes only when llamaswap's
-            # last thread has (kill -9 of a process with a thread pool).
-            if select.select([0], [], [], EOF_AFTER_SERVER_EXIT)[0] and not os.read(0, 4096):
+            # may be why), act; else it lives and deals with any leftovers.
+            if select.select([0], [], [], 0)[0] and not os.read(0, 4096):
                 break
-            return  # llamaswap lives and deals with any leftovers
+            if _dying(llamaswap, started):
+                break
+            return
     os.killpg(0, signal.SIGTERM)
     if pidfd is not None:
         select.select([pidfd], [], [], grace)
@@ -94,13 +121,14 @@ def _guard(server: int, grace: float) -> None:
     os.killpg(0, signal.SIGKILL)  # the whole group, this guard included
 
 
-def _start_guard(server: int, grace: float) -> None:
+def _start_guard(server: int, grace: float, llamaswap: int) -> None:
+    started = _start_time(llamaswap)
     child = os.fork()
     if child == 0:
         try:
             if os.fork() == 0:
                 try:
-                    _guard(server, grace)
+                    _guard(server, grace, llamaswap, started)
                 finally:
                     os._exit(0)
         finally:
@@ -120,7 +148,7 @@ def main(argv: list[str]) -> None:
     if os.getppid() != parent:
         os._exit(1)  # llamaswap died before the death signal was armed
     try:
-        _start_guard(os.getpid(), grace)
+        _start_guard(os.getpid(), grace, parent)
     except OSError as e:  # no guard: the death signal still covers the server
         sys.stderr.write(f"llamaswap: cannot start the orphan guard: {e.strerror}\n")
     try:

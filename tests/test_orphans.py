@@ -21,8 +21,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from llamaswap import _session
 from llamaswap.config import parse_config
 from llamaswap.errors import StartFailed
 from llamaswap.events import EventBus
@@ -194,7 +195,34 @@ models:
         await sup.unload("g")
         self.assertEqual(sup.status("g").state, "stopped")
         self.assertEqual([p for p in [pid, *sleeps] if alive(p)], [])
-        self.assertEqual(group(pid), [])
+        # The guard may still be between closing its files and being a zombie.
+        await wait_until(lambda: group(pid) == [], 2, "the group to be empty")
+
+    async def test_stop_does_not_wait_for_the_guard(self) -> None:
+        """
+        Stopping a server takes as long as the server takes to exit: its guard
+        (which holds the stdin pipe, so Twisted waits for it) leaves at once.
+        """
+        (port,) = free_ports(1)
+        sup, _ = self.supervisor(
+            f"""
+models:
+  m:
+    cmd: {FAKE} --name m --port {port}
+    proxy: http://127.0.0.1:{port}
+    {ENV}
+"""
+        )
+        (await sup.acquire("m")).release()
+        pid = sup.status("m").pid
+        assert pid is not None
+        self.assertEqual(len(group(pid)), 2, [command(p) for p in group(pid)])  # server, guard
+        started = time.monotonic()
+        await sup.unload("m")
+        took = time.monotonic() - started
+        # A guard that lingered (1 s, as it once did) would show here.
+        self.assertLess(took, 0.9)
+        self.assertFalse(alive(pid))
 
     async def test_sigterm_ignored_then_sigkill(self) -> None:
         """A server deaf to SIGTERM is SIGKILLed after its unloadTimeout."""
@@ -357,6 +385,61 @@ profiles:
             raise AssertionError(f"survivors: {survivors}") from None
 
 
+class GuardTests(SynchronousTestCase):
+    """The guard's test for a dying llamaswap (L{_session._dying})."""
+
+    def test_alive_process(self) -> None:
+        """A running process with its own start time is not dying."""
+        me = os.getpid()
+        self.assertFalse(_session._dying(me, _session._start_time(me)))
+        self.assertFalse(_session._dying(me, None))
+
+    def test_gone_or_replaced(self) -> None:
+        """A pid that is gone, or reused by a later process, counts as dying."""
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        started = _session._start_time(child)
+        os.waitpid(child, 0)
+        self.assertTrue(_session._dying(child, started))
+        self.assertTrue(_session._dying(os.getpid(), b"1"))  # another start time
+
+    def test_zombie_leader(self) -> None:
+        """
+        A process whose main thread exited is a zombie (state Z) even while
+        other threads still run and hold its files: that counts as dying.
+        """
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        try:
+            deadline = time.monotonic() + 5
+            while proc_stat(child) is None or proc_stat(child)[0] != "Z":  # type: ignore[index]
+                self.assertLess(time.monotonic(), deadline, "no zombie")
+                time.sleep(0.01)
+            self.assertTrue(_session._dying(child, None))
+        finally:
+            os.waitpid(child, 0)
+
+
+# A llamaswap stand-in whose main thread exits first (as the spawning thread
+# does under kill -9 while a thread pool lives on): the server gets its
+# parent-death signal while the stdin pipe is still open for LINGER seconds.
+_MAIN_THREAD_EXITS_FIRST = """
+import ctypes, os, subprocess, sys, threading, time
+wrapper, linger = sys.argv[1], float(sys.argv[2])
+server = subprocess.Popen(
+    [sys.executable, "-I", "-S", wrapper, "5.0", "/bin/sh", "sh", "-c",
+     "sleep 300 & sleep 300; wait"],
+    stdin=subprocess.PIPE,
+)
+print(server.pid, flush=True)
+threading.Thread(target=lambda: (time.sleep(linger), os._exit(0))).start()
+sys.stdin.read()  # until the test says go
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
 class _Collect(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
@@ -384,6 +467,38 @@ class _Collect(ProcessProtocol):
 
 class KillNineTests(TestCase):
     timeout = 60
+
+    async def test_main_thread_exits_first(self) -> None:
+        """
+        llamaswap's main thread dies while another thread keeps its files (our
+        stdin pipe) open for 10 s more: the server gets its parent-death signal
+        and the guard, seeing llamaswap's main thread gone, stops the whole
+        group (the shell's children too) at once, not when the pipe closes.
+        """
+        proto = _Collect()
+        args = [PY, "-c", _MAIN_THREAD_EXITS_FIRST, _session.__file__, "10"]
+        transport = reactor.spawnProcess(proto, PY, args, env=dict(os.environ))
+        self.addCleanup(self._reap, transport, proto)
+        await proto.wait_for(b"\n").addTimeout(10, reactor)
+        server = int(proto.output.split()[0])
+        await wait_until(lambda: len(group(server)) == 4, 10, "sh, two sleeps and the guard")
+        members = group(server)
+        self.addCleanup(self._kill_all, members)
+        transport.closeStdin()  # go: the main thread exits
+        started = time.monotonic()
+        try:
+            await wait_until(lambda: not any(alive(p) for p in members), 3, "the group")
+        except AssertionError:
+            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
+            raise AssertionError(f"survivors: {survivors}") from None
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertFalse(proto.ended.called, "the stand-in's other thread should still run")
+
+    @staticmethod
+    def _kill_all(pids: list[int]) -> None:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
     async def test_kill_9_of_twistd_leaves_no_child(self) -> None:
         """
