@@ -144,12 +144,33 @@ class Target:
     upstream_model: str | None = None
 
 
+DEFAULT_GROUP_ID = "(default)"  # the implicit group of models listed in no group
+
+
+@frozen(kw_only=True)
+class GroupConfig:
+    """
+    A group of models (llama-swap's C{groups}): which of them may run together.
+
+    Loading a member stops the other members if C{swap}, and the members of
+    every other group that is not C{persistent} if C{exclusive}. Models in no
+    group form the implicit default group (swap and exclusive: one at a time).
+    """
+
+    id: str
+    members: tuple[str, ...]
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+
+
 @frozen(kw_only=True)
 class Config:
     """The whole validated configuration."""
 
     models: Mapping[str, ModelConfig] = field(converter=_mapping_proxy)
     profiles: Mapping[str, tuple[str, ...]] = field(factory=dict, converter=_mapping_proxy)
+    groups: Mapping[str, GroupConfig] = field(factory=dict, converter=_mapping_proxy)
     peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     log_requests: bool = False
@@ -170,6 +191,16 @@ class Config:
     base_dir: str = "."
     source: str = "<string>"
     warnings: tuple[str, ...] = ()
+
+    def group_of(self, model_id: str) -> GroupConfig:
+        """The group of model C{model_id}: its own, else the implicit default group."""
+        for group in self.groups.values():
+            if model_id in group.members:
+                return group
+        grouped = {m for group in self.groups.values() for m in group.members}
+        return GroupConfig(
+            id=DEFAULT_GROUP_ID, members=tuple(m for m in self.models if m not in grouped)
+        )
 
     def find_model(self, name: str) -> ModelConfig | None:
         """Return the model whose id or alias is C{name}, if any."""
@@ -340,6 +371,7 @@ _TOP_KEYS = (
     "sendLoadingState",
     "upstream",
     "peers",
+    "groups",
 )
 _MODEL_KEYS = (
     "cmd",
@@ -667,6 +699,7 @@ def parse_config(
         profiles[name] = tuple(ids)
 
     peers = _read_peers(raw.get("peers"), models, macros, env, warnings)
+    groups = _read_groups(raw.get("groups"), models, warnings)
 
     hooks = _mapping("hooks", raw.get("hooks"))
     _check_keys("hooks", hooks, ("on_startup",))
@@ -692,6 +725,7 @@ def parse_config(
     return Config(
         models=models,
         profiles=profiles,
+        groups=groups,
         peers=peers,
         health_check_timeout=hct,
         log_requests=_bool("logRequests", raw.get("logRequests", False)),
@@ -1035,3 +1069,51 @@ def _read_peers(
             filters=_read_filters(f"{where}.filters", filters_raw, macros, expand, warnings),
         )
     return peers
+
+
+# --- groups ------------------------------------------------------------------
+
+_GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
+
+
+def _read_groups(
+    value: object, models: Mapping[str, ModelConfig], warnings: list[str]
+) -> dict[str, GroupConfig]:
+    """C{groups}: members (model ids, each in one group at most) and swap rules."""
+    groups: dict[str, GroupConfig] = {}
+    owner: dict[str, str] = {}
+    for group_id, spec in _mapping("groups", value).items():
+        where = f"groups.{group_id}"
+        if not isinstance(group_id, str) or not group_id.strip():
+            raise ConfigError(f"{where}: group names must be non-empty strings")
+        if group_id == DEFAULT_GROUP_ID:
+            raise ConfigError(f"{where}: the name is reserved for the models in no group")
+        raw = _mapping(where, spec)
+        _check_keys(where, raw, _GROUP_KEYS)
+        if "members" not in raw:
+            raise ConfigError(f"{where}.members: required (a list of model ids)")
+        members = _str_list(f"{where}.members", raw["members"])
+        for i, member in enumerate(members):
+            path = f"{where}.members[{i}]"
+            if member not in models:
+                found = next((m.id for m in models.values() if member in m.aliases), None)
+                hint = f" ({member!r} is an alias of {found!r}; list model ids)" if found else ""
+                raise ConfigError(f"{path}: unknown model {member!r}{hint}")
+            if member in members[:i]:
+                raise ConfigError(f"{path}: {member!r} is listed twice")
+            if member in owner:
+                raise ConfigError(
+                    f"{path}: {member!r} is already a member of group {owner[member]!r} "
+                    "(a model belongs to one group at most)"
+                )
+            owner[member] = group_id
+        if not members:
+            warnings.append(f"{where}.members: the group has no members")
+        groups[group_id] = GroupConfig(
+            id=group_id,
+            members=tuple(members),
+            swap=_bool(f"{where}.swap", raw.get("swap", True)),
+            exclusive=_bool(f"{where}.exclusive", raw.get("exclusive", True)),
+            persistent=_bool(f"{where}.persistent", raw.get("persistent", False)),
+        )
+    return groups

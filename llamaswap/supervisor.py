@@ -5,8 +5,10 @@ The swap scheduler: decides which model servers run, and hands out leases.
 The rules (docs/swapping.md has the long version):
 
  - A request names a model (id, alias or C{profile:model}). It may run
-   together with the models of its I{allowed set}: the members of its profile,
-   or only itself. Everything else that runs must be stopped first.
+   together with the models of its I{allowed set} (L{may_run_with}): for a
+   plain name, what the groups allow (with no groups: only itself); for
+   C{profile:model}, the profile's members and persistent groups' members.
+   Everything else that runs must be stopped first.
  - A model with requests in flight is never stopped to make room: the swap
    waits until they end. Requests for other models wait meanwhile.
  - Requests wait in one FIFO queue, with one exception: a request for a model
@@ -122,6 +124,34 @@ class _Waiter:
         return (self.model.id, self.allowed)
 
 
+def may_run_with(config: Config, target: Target) -> frozenset[str]:
+    """
+    The models that may keep running while C{target}'s model is loaded (its
+    own id included); loading it stops every other.
+
+    For a plain name, llama-swap's group rule, with T's group G: a member of G
+    is stopped if G swaps; a member of another group H is stopped if G is
+    exclusive and H is not persistent. Models in no group form a default group
+    that swaps and is exclusive, so with no groups only T itself may run.
+
+    For C{profile:model} (seed profiles): the profile's members, plus the
+    members of persistent groups (which nothing but their own group stops).
+    """
+    persistent = {m for group in config.groups.values() if group.persistent for m in group.members}
+    if target.profile is not None:
+        return frozenset(config.profiles[target.profile]) | persistent
+    group = config.group_of(target.model_id)
+    allowed = {target.model_id}
+    for model_id in config.models:
+        other = config.group_of(model_id)
+        if other.id == group.id:
+            if not group.swap:
+                allowed.add(model_id)
+        elif not group.exclusive or other.persistent:
+            allowed.add(model_id)
+    return frozenset(allowed)
+
+
 def _conflict(one: tuple[str, frozenset[str]], other: tuple[str, frozenset[str]]) -> bool:
     """Whether serving one waiter would stop the other's model."""
     return one[0] not in other[1] or other[0] not in one[1]
@@ -169,6 +199,8 @@ class Supervisor(Service):
             for model_id, model in config.models.items()
         }
         self._queue: list[_Waiter] = []
+        # may_run_with() per (profile, model id), computed on first use.
+        self._allowed: dict[tuple[str | None, str], frozenset[str]] = {}
         self._shutting_down = False
         self._walking = False
         self._walk_again = False
@@ -247,10 +279,10 @@ class Supervisor(Service):
                         f"too many requests for model {model.id} (concurrencyLimit {limit})"
                     )
                 )
-        if target.profile is not None:
-            allowed = frozenset(self.config.profiles[target.profile])
-        else:
-            allowed = frozenset({model.id})
+        key = (target.profile, model.id)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self._allowed[key] = may_run_with(self.config, target)
         waiter = _Waiter(target, model, allowed, self._withdraw)
         self._queue.append(waiter)
         self._walk()

@@ -21,10 +21,12 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import (
+    DEFAULT_GROUP_ID,
     DEFAULT_MAX_BODY_SIZE,
     Config,
     ConfigError,
     Filters,
+    GroupConfig,
     ModelConfig,
     Target,
     command_text,
@@ -387,7 +389,8 @@ class ValidationTests(ErrorAssertions):
 
     def test_llama_swap_keys_we_do_not_support_are_unknown(self) -> None:
         """Modern llama-swap keys we do not implement fail instead of being ignored."""
-        self.assertConfigError("groups: {}\n" + textwrap.dedent(MINIMAL), "groups: unknown key")
+        self.assertConfigError("matrix: {}\n" + textwrap.dedent(MINIMAL), "matrix: unknown key")
+        self.assertConfigError("routing: {}\n" + textwrap.dedent(MINIMAL), "routing: unknown key")
         self.assertModelError(
             "cmd: a\nproxy: http://h:1\ntimeouts: {}\n", "models.m.timeouts: unknown key"
         )
@@ -1414,6 +1417,106 @@ class ProfileTests(ErrorAssertions):
             textwrap.dedent(PROFILES) + "hooks:\n  on_startup:\n    preload: [coder, llama]\n"
         )
         self.assertEqual(config.preload, ("qwen", "llama"))
+
+
+GROUPS = """
+    models:
+      a: {cmd: a, proxy: "http://h:1", aliases: [al]}
+      b: {cmd: b, proxy: "http://h:2"}
+      c: {cmd: c, proxy: "http://h:3"}
+      d: {cmd: d, proxy: "http://h:4"}
+    groups:
+      duo:
+        swap: false
+        members: [a, b]
+      keep:
+        exclusive: false
+        persistent: true
+        members: [c]
+"""
+
+
+class GroupTests(ErrorAssertions):
+    """groups: swap, exclusive, persistent, members; the implicit default group."""
+
+    def test_groups_are_read_with_defaults(self) -> None:
+        """Each group keeps its members in order; unset flags are swap/exclusive, not persistent."""
+        config = parse(GROUPS + "      solo:\n        members: []\n")
+        self.assertEqual(
+            dict(config.groups),
+            {
+                "duo": GroupConfig(id="duo", members=("a", "b"), swap=False),
+                "keep": GroupConfig(id="keep", members=("c",), exclusive=False, persistent=True),
+                "solo": GroupConfig(id="solo", members=()),
+            },
+        )
+        self.assertEqual(config.warnings, ("groups.solo.members: the group has no members",))
+
+    def test_group_of(self) -> None:
+        """Members get their group; the others share the implicit default group."""
+        config = parse(GROUPS)
+        self.assertEqual(config.group_of("a").id, "duo")
+        self.assertEqual(config.group_of("c").id, "keep")
+        self.assertEqual(config.group_of("d"), GroupConfig(id=DEFAULT_GROUP_ID, members=("d",)))
+
+    def test_no_groups(self) -> None:
+        """Without groups, every model is in the default group (one at a time)."""
+        config = parse(MINIMAL)
+        self.assertEqual(dict(config.groups), {})
+        self.assertEqual(config.group_of("m"), GroupConfig(id=DEFAULT_GROUP_ID, members=("m",)))
+
+    def test_group_validation(self) -> None:
+        """Errors name the dotted path: unknown models, aliases, a model in two groups..."""
+        models = textwrap.dedent(GROUPS).split("groups:")[0]
+        cases = [
+            ("groups: [a]\n", "groups: must be a mapping, not a list"),
+            ("groups:\n  g: [a]\n", "groups.g: must be a mapping, not a list"),
+            ("groups:\n  g: {}\n", "groups.g.members: required (a list of model ids)"),
+            (
+                "groups:\n  g: {members: a}\n",
+                "groups.g.members: must be a list of strings, not a string",
+            ),
+            ("groups:\n  g: {members: [a, nope]}\n", "groups.g.members[1]: unknown model 'nope'"),
+            (
+                "groups:\n  g: {members: [al]}\n",
+                "groups.g.members[0]: unknown model 'al' ('al' is an alias of 'a'; list model ids)",
+            ),
+            ("groups:\n  g: {members: [a, b, a]}\n", "groups.g.members[2]: 'a' is listed twice"),
+            (
+                "groups:\n  g: {members: [a]}\n  h: {members: [b, a]}\n",
+                "groups.h.members[1]: 'a' is already a member of group 'g' "
+                "(a model belongs to one group at most)",
+            ),
+            (
+                "groups:\n  g: {members: [a], swap: 'no'}\n",
+                "groups.g.swap: must be true or false, not a string",
+            ),
+            (
+                "groups:\n  g: {members: [a], exclusive: 1}\n",
+                "groups.g.exclusive: must be true or false, not an integer",
+            ),
+            (
+                "groups:\n  g: {members: [a], persistent: ~}\n",
+                "groups.g.persistent: must be true or false, not null",
+            ),
+            (
+                "groups:\n  g: {members: [a], swapp: true}\n",
+                "groups.g.swapp: unknown key (did you mean 'swap'?)",
+            ),
+            (
+                "groups:\n  '(default)': {members: [a]}\n",
+                "groups.(default): the name is reserved for the models in no group",
+            ),
+            ("groups:\n  '': {members: [a]}\n", "groups.: group names must be non-empty strings"),
+        ]
+        for text, message in cases:
+            self.assertConfigError(models + text, message)
+
+    def test_groups_and_profiles_coexist(self) -> None:
+        """Groups and seed profiles may be used together (see docs/swapping.md)."""
+        config = parse(GROUPS + "    profiles:\n      p: [a, d]\n")
+        self.assertEqual(config.profiles["p"], ("a", "d"))
+        self.assertEqual(config.group_of("a").id, "duo")
 
 
 # The example config of the seed README (llama-swap v80), as its users wrote it:

@@ -340,6 +340,51 @@ models:
         (await sup.acquire("m")).release()
         self.assertEqual(len(spawned), 1)
 
+    async def test_groups(self) -> None:
+        """
+        Groups with real servers: the members of a swap:false group run side
+        by side (both answer), a persistent group's member survives an
+        exclusive load, and that load stops the side-by-side pair (by pid).
+        """
+        port_k, port_a, port_b, port_c = free_ports(4)
+        models = "\n".join(
+            f"""
+  {name}:
+    cmd: {FAKE} --name {name} --port {port}
+    proxy: http://127.0.0.1:{port}
+    {ENV}"""
+            for name, port in (("k", port_k), ("a", port_a), ("b", port_b), ("c", port_c))
+        )
+        sup, _ = self.supervisor(
+            f"""
+models:{models}
+groups:
+  keep: {{persistent: true, exclusive: false, members: [k]}}
+  duo: {{swap: false, members: [a, b]}}
+"""
+        )
+        http, pool = make_http(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+
+        async def ask(name: str) -> int:
+            lease = await sup.acquire(name)
+            try:
+                response = await http.get(lease.url + "/pid")
+                answer = json.loads(await response.content())
+            finally:
+                lease.release()
+            self.assertEqual(answer["served_by"], name)
+            return int(answer["pid"])
+
+        pids = {name: await ask(name) for name in ("k", "a", "b")}
+        self.assertTrue(all(alive(pid) for pid in pids.values()), pids)
+        self.assertEqual(await ask("a"), pids["a"])  # still the same servers
+        self.assertEqual(await ask("k"), pids["k"])
+        await ask("c")
+        self.assertEqual([alive(pids[name]) for name in ("k", "a", "b")], [True, False, False])
+        states = {s.model_id: s.state for s in sup.statuses()}
+        self.assertEqual(states, {"k": "ready", "a": "stopped", "b": "stopped", "c": "ready"})
+
     async def test_stop_service_reaps_everything(self) -> None:
         """
         stopService fires only after the servers are gone; their guards and

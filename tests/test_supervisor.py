@@ -23,7 +23,7 @@ from llamaswap.errors import (
 )
 from llamaswap.events import EventBus
 from llamaswap.process import POLL_FAST
-from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor
+from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor, may_run_with
 from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
 
 PY = sys.executable
@@ -491,6 +491,137 @@ class ProfileTests(SynchronousTestCase):
         h = Harness(self.YAML)
         self.failureResultOf(h.sup.acquire("p:c"), ModelNotFound)
         self.failureResultOf(h.sup.acquire("zz:a"), ModelNotFound)
+
+
+class GroupTests(SynchronousTestCase):
+    """llama-swap's groups: swap, exclusive and persistent (checklist item 86)."""
+
+    def ready(self, h: Harness, name: str) -> None:
+        """Request C{name} until served; release the lease at once."""
+        d = h.sup.acquire(name)
+        h.healthy()
+        h.tick(2)
+        self.successResultOf(d).release()
+
+    def running(self, h: Harness) -> list[str]:
+        return [s.model_id for s in h.sup.statuses() if s.state == "ready"]
+
+    def test_no_groups_is_one_at_a_time(self) -> None:
+        """may_run_with without groups: a model runs alone (plain) or with its profile."""
+        config = make_config(yaml_for("a", "b", "c", top="profiles:\n  p: [a, b]"))
+        self.assertEqual(may_run_with(config, config.resolve("a")), {"a"})
+        self.assertEqual(may_run_with(config, config.resolve("p:a")), {"a", "b"})
+
+    def test_swap_false_members_run_side_by_side(self) -> None:
+        """Members of a swap:false group run together; the default group still swaps."""
+        h = Harness(yaml_for("a", "b", "c", top="groups:\n  g: {swap: false, members: [a, b]}"))
+        both = [h.sup.acquire("a"), h.sup.acquire("b")]
+        self.assertEqual(h.spawned(), ["a", "b"])  # started in parallel
+        h.healthy()
+        h.tick()
+        for d in both:
+            self.successResultOf(d).release()
+        self.assertEqual(self.running(h), ["a", "b"])
+        self.assertEqual(h.kill.sent, [])
+        self.ready(h, "c")  # default group: exclusive, g is not persistent
+        self.assertEqual(self.running(h), ["c"])
+        self.assertEqual(h.max_running, 2)
+
+    def test_swap_group_members_replace_each_other(self) -> None:
+        """A swap:true group: b replaces a; an exclusive default-group model stops b."""
+        h = Harness(yaml_for("a", "b", "c", top="groups:\n  g: {members: [a, b]}"))
+        self.ready(h, "a")
+        self.ready(h, "b")
+        self.assertEqual(self.running(h), ["b"])
+        self.ready(h, "c")
+        self.assertEqual(self.running(h), ["c"])
+        self.assertEqual(h.max_running, 1)
+
+    def test_persistent_group_survives_an_exclusive_load(self) -> None:
+        """A persistent group's member is never stopped by another group's load."""
+        top = (
+            "groups:\n"
+            "  keep: {persistent: true, exclusive: false, members: [e]}\n"
+            "  chat: {members: [a, b]}"
+        )
+        h = Harness(yaml_for("a", "b", "e", "d", top=top))
+        self.ready(h, "e")
+        self.ready(h, "a")
+        self.ready(h, "b")  # swaps a for b, keeps e
+        self.ready(h, "d")  # default group: exclusive, stops chat but not keep
+        self.assertEqual(self.running(h), ["e", "d"])
+        self.assertEqual([s.model_id for s in h.sup.statuses() if s.state == "stopped"], ["a", "b"])
+
+    def test_persistent_and_exclusive_group_stops_others(self) -> None:
+        """Persistence protects a group; its own exclusive loads still stop the others."""
+        top = "groups:\n  keep: {persistent: true, members: [e]}"
+        h = Harness(yaml_for("a", "e", top=top))
+        self.ready(h, "a")
+        self.ready(h, "e")
+        self.assertEqual(self.running(h), ["e"])
+        self.ready(h, "a")  # the default group is exclusive, but keep is persistent
+        self.assertEqual(self.running(h), ["a", "e"])
+
+    def test_non_exclusive_group_unloads_nothing_outside(self) -> None:
+        """
+        Loading a member of an exclusive:false group stops no other group, not
+        even an exclusive one; loading the exclusive one again stops it.
+        """
+        top = "groups:\n  side: {exclusive: false, members: [n]}"
+        h = Harness(yaml_for("a", "n", top=top))
+        self.ready(h, "a")
+        self.ready(h, "n")
+        self.assertEqual(self.running(h), ["a", "n"])
+        self.assertEqual(h.kill.sent, [])
+        self.ready(h, "a")  # a's (default) group is exclusive and side is not persistent
+        self.assertEqual(self.running(h), ["a"])
+
+    def test_load_waits_for_in_flight_requests_of_the_group(self) -> None:
+        """A swap inside a group still waits for the member's in-flight requests."""
+        h = Harness(yaml_for("a", "b", "n", top="groups:\n  g: {members: [a, b]}"))
+        d = h.sup.acquire("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(d)
+        b = h.sup.acquire("b")
+        h.reactor.advance(60)
+        self.assertNoResult(b)
+        self.assertEqual(h.kill.sent, [])
+        lease.release()
+        h.tick()
+        self.successResultOf(b)
+
+    def test_profile_request_keeps_persistent_members(self) -> None:
+        """p:m stops what is outside the profile, except persistent groups' members."""
+        top = (
+            "profiles:\n  p: [a, b]\n"
+            "groups:\n  keep: {persistent: true, exclusive: false, members: [e]}\n"
+            "  g: {members: [a, b]}"
+        )
+        h = Harness(yaml_for("a", "b", "c", "e", top=top))
+        self.ready(h, "e")
+        self.ready(h, "c")
+        self.ready(h, "p:a")
+        self.ready(h, "p:b")  # the profile wins over g's swap for its own members
+        self.assertEqual(self.running(h), ["a", "b", "e"])
+        self.assertEqual(
+            may_run_with(h.config, h.config.resolve("p:a")), frozenset({"a", "b", "e"})
+        )
+
+    def test_waiters_for_compatible_models_do_not_block_each_other(self) -> None:
+        """Queued requests for models that may coexist start together, in any order."""
+        top = "groups:\n  g: {swap: false, members: [b, c]}"
+        h = Harness(yaml_for("a", "b", "c", top=top))
+        d = h.sup.acquire("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(d)
+        b, c = h.sup.acquire("b"), h.sup.acquire("c")
+        lease.release()  # a stops; then b and c start at once
+        self.assertEqual(sorted(h.spawned()), ["a", "b", "c"])
+        h.tick()
+        self.successResultOf(b)
+        self.successResultOf(c)
 
 
 class UnloadAndStatusTests(SynchronousTestCase):
