@@ -119,17 +119,10 @@ def _decode(line: bytes) -> str:
     return line.rstrip(b"\r").decode("utf-8", "replace")
 
 
-class _ChildProtocol(ProcessProtocol):
-    """Relays one child's events to its owner; one instance per spawn."""
+class _LineProtocol(ProcessProtocol):
+    """A child whose stdout and stderr are passed on line by line, as C{on_line(stream, line)}."""
 
-    def __init__(
-        self,
-        on_line: Callable[[str, str], None],
-        on_exited: Callable[[Failure], None],
-        on_ended: Callable[[Failure], None],
-    ) -> None:
-        self._on_exited = on_exited
-        self._on_ended = on_ended
+    def __init__(self, on_line: Callable[[str, str], None]) -> None:
         self._splitters = {
             1: LineSplitter(lambda line: on_line("stdout", line)),
             2: LineSplitter(lambda line: on_line("stderr", line)),
@@ -140,12 +133,30 @@ class _ChildProtocol(ProcessProtocol):
         if splitter is not None:
             splitter.feed(data)
 
+    def flush_lines(self) -> None:
+        """Pass on an unterminated last line of each stream (call at processEnded)."""
+        for splitter in self._splitters.values():
+            splitter.flush()
+
+
+class _ChildProtocol(_LineProtocol):
+    """Relays one child's events to its owner; one instance per spawn."""
+
+    def __init__(
+        self,
+        on_line: Callable[[str, str], None],
+        on_exited: Callable[[Failure], None],
+        on_ended: Callable[[Failure], None],
+    ) -> None:
+        super().__init__(on_line)
+        self._on_exited = on_exited
+        self._on_ended = on_ended
+
     def processExited(self, reason: Failure) -> None:
         self._on_exited(reason)
 
     def processEnded(self, reason: Failure) -> None:
-        for splitter in self._splitters.values():
-            splitter.flush()
+        self.flush_lines()
         self._on_ended(reason)
 
 
@@ -184,25 +195,16 @@ class _Run:
                 pending.cancel()
 
 
-class _StopCommand(ProcessProtocol):
+class _StopCommand(_LineProtocol):
     """A running C{cmdStop}; its output is logged like the server's."""
 
     def __init__(self, on_line: Callable[[str, str], None], on_ended: Callable[[], None]) -> None:
+        super().__init__(on_line)
         self._on_ended = on_ended
         self.ended = False
-        self._splitters = {
-            1: LineSplitter(lambda line: on_line("stdout", line)),
-            2: LineSplitter(lambda line: on_line("stderr", line)),
-        }
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        splitter = self._splitters.get(childFD)
-        if splitter is not None:
-            splitter.feed(data)
 
     def processEnded(self, reason: Failure) -> None:
-        for splitter in self._splitters.values():
-            splitter.flush()
+        self.flush_lines()
         self.ended = True
         self._on_ended()
 
