@@ -24,6 +24,7 @@ import yaml
 from attrs import field, frozen
 
 from llamaswap.errors import ModelNotFound
+from llamaswap.matrix import Matrix, MatrixError, build_matrix
 
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
@@ -171,6 +172,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(converter=_mapping_proxy)
     profiles: Mapping[str, tuple[str, ...]] = field(factory=dict, converter=_mapping_proxy)
     groups: Mapping[str, GroupConfig] = field(factory=dict, converter=_mapping_proxy)
+    matrix: Matrix | None = None  # llama-swap's matrix; never together with groups
     peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     log_requests: bool = False
@@ -372,6 +374,7 @@ _TOP_KEYS = (
     "upstream",
     "peers",
     "groups",
+    "matrix",
 )
 _MODEL_KEYS = (
     "cmd",
@@ -700,6 +703,15 @@ def parse_config(
 
     peers = _read_peers(raw.get("peers"), models, macros, env, warnings)
     groups = _read_groups(raw.get("groups"), models, warnings)
+    matrix = None
+    if raw.get("matrix") is not None:
+        if groups:
+            raise ConfigError("matrix: cannot be used together with groups (choose one)")
+        aliases = {alias: m.id for m in models.values() for alias in m.aliases}
+        try:
+            matrix = build_matrix(raw["matrix"], tuple(models), aliases)
+        except MatrixError as e:
+            raise ConfigError(str(e)) from e
 
     hooks = _mapping("hooks", raw.get("hooks"))
     _check_keys("hooks", hooks, ("on_startup",))
@@ -726,6 +738,7 @@ def parse_config(
         models=models,
         profiles=profiles,
         groups=groups,
+        matrix=matrix,
         peers=peers,
         health_check_timeout=hct,
         log_requests=_bool("logRequests", raw.get("logRequests", False)),

@@ -8,7 +8,9 @@ The rules (docs/swapping.md has the long version):
    together with the models of its I{allowed set} (L{may_run_with}): for a
    plain name, what the groups allow (with no groups: only itself); for
    C{profile:model}, the profile's members and persistent groups' members.
-   Everything else that runs must be stopped first.
+   Everything else that runs must be stopped first. With a C{matrix}, the
+   allowed set of a plain name depends on what runs: L{Matrix.solve} picks it
+   again on every walk of the queue (nothing if the model already runs).
  - A model with requests in flight is never stopped to make room: the swap
    waits until they end. Requests for other models wait meanwhile.
  - Requests wait in one FIFO queue, with one exception: a request for a model
@@ -38,6 +40,7 @@ from twisted.python.failure import Failure
 from llamaswap.config import Config, ModelConfig, Target
 from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
+from llamaswap.matrix import Decision
 from llamaswap.process import ModelProcess, State
 
 # How long a request whose connection was refused waits for the supervisor to
@@ -115,6 +118,7 @@ class _Waiter:
         self.target = target
         self.model = model
         self.allowed = allowed
+        self.decision: Decision | None = None  # the matrix's latest choice for it
         self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
         self.done = False  # served, failed or withdrawn: skipped, then dropped from the queue
 
@@ -201,6 +205,9 @@ class Supervisor(Service):
         self._queue: list[_Waiter] = []
         # may_run_with() per (profile, model id), computed on first use.
         self._allowed: dict[tuple[str | None, str], frozenset[str]] = {}
+        self._all_models = frozenset(config.models)
+        # Targets whose matrix decision was logged (at their swap's first step).
+        self._announced: set[str] = set()
         self._shutting_down = False
         self._walking = False
         self._walk_again = False
@@ -363,11 +370,15 @@ class Supervisor(Service):
 
     def _walk_once(self) -> None:
         self._queue = [w for w in self._queue if not w.done]
+        self._announced &= {w.model.id for w in self._queue}
         # What earlier waiters still waiting for a swap want (distinct wishes only).
         blocked: dict[tuple[str, frozenset[str]], bool] = {}
+        decisions: dict[tuple[str, tuple[str, ...]], Decision] = {}
         for waiter in list(self._queue):
             if waiter.done:
                 continue  # served or failed by something this walk triggered
+            if self.config.matrix is not None and waiter.target.profile is None:
+                self._decide(waiter, decisions)
             proc = self._procs[waiter.model.id]
             evict = [p for m, p in self._procs.items() if p.occupied and m not in waiter.allowed]
             if proc.state is State.READY and not evict:
@@ -380,6 +391,34 @@ class Supervisor(Service):
             if not conflict:
                 self._advance(waiter, proc, evict)
 
+    def _decide(
+        self, waiter: _Waiter, decisions: dict[tuple[str, tuple[str, ...]], Decision]
+    ) -> None:
+        """Matrix: set C{waiter}'s allowed set from what runs now (stopping models excluded)."""
+        assert self.config.matrix is not None
+        running = tuple(
+            m for m, p in self._procs.items() if p.occupied and p.state is not State.STOPPING
+        )
+        key = (waiter.model.id, running)
+        decision = decisions.get(key)
+        if decision is None:
+            decision = decisions[key] = self.config.matrix.solve(waiter.model.id, running)
+        waiter.decision = decision
+        waiter.allowed = self._all_models if decision.keep is None else decision.keep
+
+    def _announce(self, waiter: _Waiter) -> None:
+        """Log the matrix's decision once per swap, at its first step."""
+        if waiter.decision is not None and waiter.model.id not in self._announced:
+            self._announced.add(waiter.model.id)
+            decision = waiter.decision
+            self.log.info(
+                "matrix: model={model} set={set} evict=[{evict}] cost={cost}",
+                model=decision.model,
+                set=decision.set or "(none)",
+                evict=", ".join(decision.evict),
+                cost=decision.cost,
+            )
+
     def _advance(self, waiter: _Waiter, proc: ModelProcess, evict: list[ModelProcess]) -> None:
         """Take the next step towards serving C{waiter}; never waits."""
         if evict:
@@ -387,6 +426,8 @@ class Supervisor(Service):
             # (someone who left may have started it) and stopped once ready.
             if any(p.in_flight > 0 or p.state is State.STARTING for p in evict):
                 return
+            if any(p.state is State.READY for p in evict):
+                self._announce(waiter)
             for p in evict:
                 if p.state is State.READY:
                     self.log.info(
@@ -397,6 +438,8 @@ class Supervisor(Service):
                     p.stop(p.model.unload_timeout)
             return  # go on once they all stopped (a state change walks again)
         if proc.state in (State.STOPPED, State.FAILED):
+            self._announce(waiter)
+            self._announced.discard(proc.model.id)
             self.log.info("starting {model}", model=proc.model.id)
             proc.start().addErrback(self._start_failed, proc)
         # STARTING: ready soon; STOPPING (TTL or unload): start again once stopped.

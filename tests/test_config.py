@@ -389,7 +389,6 @@ class ValidationTests(ErrorAssertions):
 
     def test_llama_swap_keys_we_do_not_support_are_unknown(self) -> None:
         """Modern llama-swap keys we do not implement fail instead of being ignored."""
-        self.assertConfigError("matrix: {}\n" + textwrap.dedent(MINIMAL), "matrix: unknown key")
         self.assertConfigError("routing: {}\n" + textwrap.dedent(MINIMAL), "routing: unknown key")
         self.assertModelError(
             "cmd: a\nproxy: http://h:1\ntimeouts: {}\n", "models.m.timeouts: unknown key"
@@ -1517,6 +1516,82 @@ class GroupTests(ErrorAssertions):
         config = parse(GROUPS + "    profiles:\n      p: [a, d]\n")
         self.assertEqual(config.profiles["p"], ("a", "d"))
         self.assertEqual(config.group_of("a").id, "duo")
+
+
+MATRIX_MODELS = """
+    models:
+      a: {cmd: a, proxy: "http://h:1", aliases: [al]}
+      b: {cmd: b, proxy: "http://h:2"}
+      "org/c:7b": {cmd: c, proxy: "http://h:3"}
+"""
+
+
+class MatrixConfigTests(ErrorAssertions):
+    """matrix: vars, evict_costs and sets, read into a Matrix (item 87)."""
+
+    def test_matrix_is_read(self) -> None:
+        """Sets are expanded; a var gives ids the expression language cannot spell."""
+        config = parse(
+            MATRIX_MODELS
+            + """
+    matrix:
+      vars: {c: "org/c:7b"}
+      evict_costs: {c: 4}
+      sets:
+        both: "a & b"
+        big: "(a | b) & c"
+    """
+        )
+        matrix = config.matrix
+        assert matrix is not None
+        self.assertEqual(
+            [(c.set, sorted(c.models)) for c in matrix.combinations],
+            [("both", ["a", "b"]), ("big", ["a", "org/c:7b"]), ("big", ["b", "org/c:7b"])],
+        )
+        self.assertEqual(dict(matrix.evict_costs), {"org/c:7b": 4})
+        self.assertEqual(dict(config.groups), {})
+
+    def test_no_matrix(self) -> None:
+        """Without the key (or with an empty value) there is no matrix."""
+        self.assertIsNone(parse(MINIMAL).matrix)
+        self.assertIsNone(parse(MINIMAL + "    matrix:\n").matrix)
+
+    def test_errors_name_the_path(self) -> None:
+        """Validation errors come out as config errors with dotted paths."""
+        cases = [
+            ("matrix: {}\n", "matrix.sets: required (a mapping of set name to expression)"),
+            ("matrix:\n  sets:\n    s: a & x\n", "matrix.sets.s: unknown model 'x'"),
+            (
+                "matrix:\n  sets:\n    s: al\n",
+                "matrix.sets.s: unknown model 'al' "
+                "('al' is an alias of 'a'; use model ids or vars)",
+            ),
+            ("matrix:\n  sets:\n    s: +t\n", "matrix.sets.s: undefined set '+t'"),
+            (
+                "matrix:\n  sets:\n    s: +t\n    t: +s\n",
+                "matrix.sets.s: sets reference each other (s -> t -> s)",
+            ),
+            ("matrix:\n  sets:\n    s: ''\n", "matrix.sets.s: empty expression"),
+            (
+                "matrix:\n  sets: {s: a}\n  evict_costs: {b: -1}\n",
+                "matrix.evict_costs.b: must be a positive integer",
+            ),
+            (
+                "matrix:\n  sets: {s: a}\n  var: {}\n",
+                "matrix.var: unknown key (did you mean 'vars'?)",
+            ),
+        ]
+        models = textwrap.dedent(MATRIX_MODELS)
+        for text, message in cases:
+            self.assertConfigError(models + text, message)
+
+    def test_groups_and_matrix_are_exclusive(self) -> None:
+        """groups and matrix are two answers to one question: only one may be given."""
+        self.assertConfigError(
+            textwrap.dedent(MATRIX_MODELS)
+            + "groups:\n  g: {members: [a]}\nmatrix:\n  sets: {s: a}\n",
+            "matrix: cannot be used together with groups (choose one)",
+        )
 
 
 # The example config of the seed README (llama-swap v80), as its users wrote it:

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import (
@@ -622,6 +623,162 @@ class GroupTests(SynchronousTestCase):
         h.tick()
         self.successResultOf(b)
         self.successResultOf(c)
+
+
+class MatrixTests(SynchronousTestCase):
+    """llama-swap's matrix: sets of co-resident models, cheapest eviction (item 87)."""
+
+    TOP = (
+        "matrix:\n"
+        "  vars: {x: a}\n"
+        "  evict_costs: {c: 3}\n"
+        "  sets:\n"
+        "    one: 'x & b'\n"
+        "    two: 'a & c'\n"
+        "    three: 'b & c'\n"
+    )
+
+    def setUp(self) -> None:
+        self.logged: list[str] = []
+        self.patch(Supervisor, "log", Logger(observer=self._observe))
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if text.startswith("matrix:"):
+            self.logged.append(text)
+
+    def ready(self, h: Harness, name: str) -> None:
+        """Request C{name} until served; release the lease at once."""
+        d = h.sup.acquire(name)
+        h.healthy()
+        h.tick(2)
+        self.successResultOf(d).release()
+
+    def running(self, h: Harness) -> list[str]:
+        return [s.model_id for s in h.sup.statuses() if s.state == "ready"]
+
+    def test_models_sharing_a_set_stay_up(self) -> None:
+        """b shares a set with the running a: nothing is evicted, both run."""
+        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        self.ready(h, "a")
+        self.ready(h, "b")
+        self.assertEqual(self.running(h), ["a", "b"])
+        self.assertEqual(h.kill.sent, [])
+        self.assertEqual(
+            self.logged,
+            [
+                "matrix: model=a set=one evict=[] cost=0",
+                "matrix: model=b set=one evict=[] cost=0",
+            ],
+        )
+
+    def test_equal_costs_go_to_the_first_set(self) -> None:
+        """
+        With a and b running, c fits with either (sets two and three, one
+        eviction each): two is defined first, so b is stopped and a stays.
+        """
+        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        self.ready(h, "a")
+        self.ready(h, "b")
+        del self.logged[:]
+        self.ready(h, "c")
+        self.assertEqual(self.running(h), ["a", "c"])
+        self.assertEqual(self.logged, ["matrix: model=c set=two evict=[b] cost=1"])
+        self.assertEqual(h.spawned(), ["a", "b", "c"])
+
+    def test_eviction_cost_keeps_the_expensive_model(self) -> None:
+        """With b and c running, a keeps c (cost 3) and evicts b (cost 1)."""
+        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        self.ready(h, "b")
+        self.ready(h, "c")
+        del self.logged[:]
+        self.ready(h, "a")
+        self.assertEqual(self.running(h), ["a", "c"])
+        self.assertEqual(self.logged, ["matrix: model=a set=two evict=[b] cost=1"])
+
+    def test_model_in_no_set_runs_alone(self) -> None:
+        """e is in no set: everything else is stopped first, and e then runs alone."""
+        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        self.ready(h, "b")
+        self.ready(h, "c")
+        del self.logged[:]
+        self.ready(h, "e")
+        self.assertEqual(self.running(h), ["e"])
+        self.assertEqual(self.logged, ["matrix: model=e set=(none) evict=[b, c] cost=4"])
+        self.ready(h, "e")  # already running: no swap, no decision logged
+        self.assertEqual(len(self.logged), 1)
+
+    def test_eviction_waits_for_in_flight_requests(self) -> None:
+        """A conflicting model is stopped only once its requests ended."""
+        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        d = h.sup.acquire("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(d)
+        b = h.sup.acquire("b")  # compatible: starts at once, beside the busy a
+        h.tick()
+        self.successResultOf(b).release()
+        e = h.sup.acquire("e")
+        h.reactor.advance(60)
+        self.assertNoResult(e)
+        self.assertEqual(h.state("b"), "ready")  # not stopped while a keeps e waiting
+        self.assertEqual(h.kill.sent, [])
+        lease.release()
+        h.tick()
+        self.successResultOf(e)
+        self.assertEqual(self.running(h), ["e"])
+
+    def test_incompatible_request_keeps_its_place(self) -> None:
+        """A later request that a queued swap would evict waits behind it (FIFO)."""
+        top = "matrix:\n  sets:\n    pair: 'a & b'\n    solo: c\n"
+        h = Harness(yaml_for("a", "b", "c", top=top))
+        d = h.sup.acquire("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(d)
+        c = h.sup.acquire("c")  # must evict a, which is busy
+        b = h.sup.acquire("b")  # fits beside a, but c is first and excludes b
+        h.tick()
+        self.assertNoResult(c)
+        self.assertNoResult(b)
+        self.assertEqual(h.spawned(), ["a"])
+        lease.release()
+        h.tick()
+        lease_c = self.successResultOf(c)
+        self.assertNoResult(b)
+        self.assertEqual(h.spawned(), ["a", "c"])
+        lease_c.release()
+        h.tick()
+        self.successResultOf(b)
+        self.assertEqual(self.running(h), ["b"])
+        self.assertEqual(h.max_running, 1)
+
+    def test_compatible_waiters_start_together(self) -> None:
+        """Queued requests for two models of one set start in parallel after the eviction."""
+        top = "matrix:\n  sets:\n    pair: 'b & c'\n    solo: a\n"
+        h = Harness(yaml_for("a", "b", "c", top=top))
+        d = h.sup.acquire("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(d)
+        b, c = h.sup.acquire("b"), h.sup.acquire("c")
+        lease.release()
+        self.assertEqual(sorted(h.spawned()), ["a", "b", "c"])
+        h.tick()
+        self.successResultOf(b)
+        self.successResultOf(c)
+        self.assertEqual(self.running(h), ["b", "c"])
+        self.assertEqual(len([t for t in self.logged if "evict=[a]" in t]), 1)
+
+    def test_profiles_keep_their_meaning(self) -> None:
+        """A profile:model request uses the profile's members, not the matrix."""
+        top = "profiles:\n  p: [a, c]\nmatrix:\n  sets:\n    pair: 'a & b'\n"
+        h = Harness(yaml_for("a", "b", "c", top=top))
+        self.ready(h, "a")
+        self.ready(h, "b")
+        self.ready(h, "p:c")  # the matrix would stop a and b (c is in no set)
+        self.assertEqual(self.running(h), ["a", "c"])
+        self.assertEqual(h.state("b"), "stopped")
 
 
 class UnloadAndStatusTests(SynchronousTestCase):
