@@ -11,7 +11,6 @@ proxy. See docs/deployment.md.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +26,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-import llamaswap
-
-# The checkout (or site-packages) folder that holds both `llamaswap` and
-# `twisted/plugins/llamaswap_plugin.py`: twistd finds the plugin through sys.path.
-SOURCE_ROOT = str(Path(llamaswap.__file__).resolve().parent.parent)
-# `python -m twisted` is the newer `twist` runner (no daemon mode, no pidfile);
-# twistd has no __main__, so run its entry point the way the console script does.
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = SOURCE_ROOT + (os.pathsep + path if path else "")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    """A port that was free a moment ago (for the model, whose port is configured)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.fakeserver_helper import free_port
+from tests.proctools import TWISTD, alive, proc_stat, send_signal, twistd_env, wait_until
 
 
 def _write_config(
@@ -88,25 +61,14 @@ def _write_config(
     return config
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, starttime) of a process, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may contain spaces: split after it.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
 def _descendants(root: int) -> dict[int, int]:
     """Every live descendant of C{root}: pid -> starttime (to detect pid reuse)."""
     parents: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None and stat[0] != "Z":
-                parents[int(entry)] = (stat[1], stat[2])
+            stat = proc_stat(int(entry))
+            if stat is not None and stat.state != "Z":
+                parents[int(entry)] = (stat.ppid, stat.starttime)
     found: dict[int, int] = {}
     frontier = [root]
     while frontier:
@@ -116,24 +78,6 @@ def _descendants(root: int) -> dict[int, int]:
                 found[pid] = start
                 frontier.append(pid)
     return found
-
-
-def _alive(pid: int, starttime: int | None = None) -> bool:
-    """True if C{pid} runs (zombies count as dead: they await a reaper, not us)."""
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] == "Z":
-        return False
-    return starttime is None or stat[2] == starttime
-
-
-async def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll C{predicate} every 50 ms (these tests watch other processes)."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
-        waited += 0.05
 
 
 class _Collect(ProcessProtocol):
@@ -213,8 +157,8 @@ class DaemonModeTests(TestCase):
             except (OSError, ValueError):
                 return
             for child in _descendants(pid):
-                _signal(child, signal.SIGKILL)
-            _signal(pid, signal.SIGKILL)
+                send_signal(child, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
 
         self.addCleanup(cleanup)
 
@@ -228,7 +172,7 @@ class DaemonModeTests(TestCase):
         """
         config = _write_config(
             self.folder,
-            start_port=_free_port(),
+            start_port=free_port(),
             model_options="--fork-grandchild",
             settings="logToStdout: both\n",  # the model server's output goes to the logfile too
         )
@@ -237,17 +181,17 @@ class DaemonModeTests(TestCase):
 
         launcher = _run(
             daemon.argv(config, "tcp:0:interface=127.0.0.1", "--rundir", "/"),
-            _child_env(),
+            twistd_env(),
             path=str(self.folder),
         )
         code, _ = await launcher.ended
         # The launching process waits for startApplication, then exits 0.
         self.assertEqual(code, 0, launcher.output.decode(errors="replace"))
         pid = daemon.pid()
-        self.assertTrue(_alive(pid))
+        self.assertTrue(alive(pid))
         self.assertEqual(os.readlink(f"/proc/{pid}/cwd"), "/")
 
-        await _wait_for("the listening line", lambda: "listening on" in daemon.log())
+        await wait_until(lambda: "listening on" in daemon.log(), 30, "the listening line")
         match = re.search(r"listening on .*port=(\d+)", daemon.log())
         assert match is not None, daemon.log()
         base = f"http://127.0.0.1:{match.group(1)}"
@@ -268,8 +212,8 @@ class DaemonModeTests(TestCase):
             self.assertEqual(cwd, str(self.folder), f"pid {child} runs in {cwd}")
 
         os.kill(pid, signal.SIGTERM)
-        await _wait_for("the daemon to exit", lambda: not _alive(pid))
-        survivors = [child for child, start in children.items() if _alive(child, start)]
+        await wait_until(lambda: not alive(pid), 30, "the daemon to exit")
+        survivors = [child for child, start in children.items() if alive(child, start)]
         self.assertEqual(survivors, [], "model servers survived the daemon")
         self.assertFalse(daemon.pidfile.exists(), "the pidfile was left behind")
 
@@ -293,7 +237,7 @@ class DaemonModeTests(TestCase):
         daemon = _Daemon(self.folder)
         self._kill_on_cleanup(daemon)
 
-        launcher = _run(daemon.argv(config, "tcp:0"), _child_env(), path=str(self.folder))
+        launcher = _run(daemon.argv(config, "tcp:0"), twistd_env(), path=str(self.folder))
         code, _ = await launcher.ended
         self.assertEqual(code, 1)
         self.assertIn(b"models.X.ttl", launcher.output)
@@ -305,7 +249,7 @@ class DaemonModeTests(TestCase):
         exits 1 (what a C{Type=forking} unit or an init script checks), and the
         daemon removes its pidfile.
         """
-        config = _write_config(self.folder, start_port=_free_port())
+        config = _write_config(self.folder, start_port=free_port())
         daemon = _Daemon(self.folder)
         self._kill_on_cleanup(daemon)
         taken = socket.socket()
@@ -316,7 +260,7 @@ class DaemonModeTests(TestCase):
 
         launcher = _run(
             daemon.argv(config, f"tcp:{port}:interface=127.0.0.1"),
-            _child_env(),
+            twistd_env(),
             path=str(self.folder),
         )
         code, _ = await launcher.ended
@@ -325,7 +269,7 @@ class DaemonModeTests(TestCase):
         self.assertIn(b"An error has occurred", launcher.output)
         self.assertIn(f"Couldn't listen on 127.0.0.1:{port}".encode(), launcher.output)
         # The daemon removes the pidfile just after reporting; give it a moment.
-        await _wait_for("the pidfile to go", lambda: not daemon.pidfile.exists(), 10)
+        await wait_until(lambda: not daemon.pidfile.exists(), 10, "the pidfile to go")
 
 
 class SocketActivationTests(TestCase):
@@ -341,7 +285,7 @@ class SocketActivationTests(TestCase):
         """
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
-        config = _write_config(folder, start_port=_free_port())
+        config = _write_config(folder, start_port=free_port())
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(listener.close)
         listener.bind(("127.0.0.1", 0))
@@ -357,7 +301,7 @@ class SocketActivationTests(TestCase):
         argv = [sys.executable, "-c", launch, *TWISTD[1:], "--nodaemon", "--pidfile="]
         argv += ["llamaswap", "--config", str(config)]
         argv += ["--listen", "systemd:domain=INET:index=0"]
-        env = _child_env(LISTEN_FDS="1", LISTEN_FDNAMES="llamaswap.socket")
+        env = twistd_env(LISTEN_FDS="1", LISTEN_FDNAMES="llamaswap.socket")
         proto = _run(
             argv,
             env,
@@ -393,12 +337,4 @@ def _kill_if_running(proto: ProcessProtocol) -> None:
     # transport.pid becomes None once the child is reaped: no risk of pid reuse.
     pid = getattr(proto.transport, "pid", None)
     if pid is not None:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError as e:
-        if e.errno != errno.ESRCH:
-            raise
+        send_signal(pid, signal.SIGKILL)

@@ -15,7 +15,6 @@ docs/llama-server.md). The models are generated on first use (a few seconds).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -23,7 +22,6 @@ import re
 import shlex
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -41,8 +39,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-import llamaswap
 from tests.gguf_models import ensure_models, find_llama_server
+from tests.proctools import TWISTD, alive, send_signal, twistd_env
 
 LLAMA_SERVER = find_llama_server()
 SKIP_REASON = (
@@ -53,13 +51,6 @@ SKIP_REASON = (
 )
 
 # The folder holding `llamaswap` and `twisted/plugins/llamaswap_plugin.py`.
-SOURCE_ROOT = str(Path(llamaswap.__file__).resolve().parent.parent)
-# twistd has no __main__; run its entry point as the console script does.
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-]
 LISTENING = re.compile(r"llamaswap listening on .*port=(\d+)")
 # Config ids, in the sorted order in which ${PORT} hands out startPort, startPort + 1, ...
 MODEL_IDS = ("tiny-a", "tiny-b", "tiny-embed", "tiny-rerank")
@@ -121,22 +112,6 @@ def _port_block(count: int) -> int:
     raise RuntimeError(f"no block of {count} free ports")
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, starttime) of a process, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def _alive(pid: int) -> bool:
-    """True if C{pid} runs (a zombie is dead: it only awaits its reaper)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
 def _llama_servers(ports: Iterable[int]) -> set[int]:
     """
     Live llama-server processes listening on one of C{ports}: found by
@@ -156,17 +131,9 @@ def _llama_servers(ports: Iterable[int]) -> set[int]:
         if exe != str(LLAMA_SERVER) or "--port" not in argv:
             continue
         index = argv.index("--port") + 1
-        if index < len(argv) and argv[index] in wanted and _alive(int(entry)):
+        if index < len(argv) and argv[index] in wanted and alive(int(entry)):
             found.add(int(entry))
     return found
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError as e:
-        if e.errno != errno.ESRCH:
-            raise
 
 
 async def _sleep(seconds: float) -> None:
@@ -321,10 +288,7 @@ class LlamaServerEndToEndTests(TestCase):
         config = folder / "config.yaml"
         config.write_text(_config(models, first))
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_ROOT, env.get("PYTHONPATH")]))
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            env.pop(name, None)
+        env = twistd_env()
         argv = [*TWISTD, "-n", "--pidfile=", "llamaswap", "--config", str(config)]
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
         process = _Twistd()
@@ -354,15 +318,15 @@ class LlamaServerEndToEndTests(TestCase):
         llama-server outlived it. Its output is kept in the test's folder.
         """
         if process.status is None:
-            _signal(process.pid, signal.SIGTERM)
-            timeout = reactor.callLater(15, _signal, process.pid, signal.SIGKILL)
+            send_signal(process.pid, signal.SIGTERM)
+            timeout = reactor.callLater(15, send_signal, process.pid, signal.SIGKILL)
             await process.ended()
             if timeout.active():
                 timeout.cancel()
         (folder / "twistd.out").write_bytes(bytes(process.output))
         survivors = _llama_servers(model_ports)
         for pid in survivors:
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
         self.assertEqual(survivors, set(), "llama-server outlived llamaswap")
 
     async def _chat(self, proxy: _Proxy, model: str, max_tokens: int = 4) -> Any:
@@ -475,7 +439,7 @@ class LlamaServerEndToEndTests(TestCase):
                     self.assertEqual(answer.model, model)
                 pid = await self._running_pid(proxy, model)
                 self.assertEqual(proxy.servers(), {pid})
-                self.assertEqual([p for p in pids if _alive(p)], [])
+                self.assertEqual([p for p in pids if alive(p)], [])
                 pids.append(pid)
         finally:
             most.stop()
@@ -493,7 +457,7 @@ class LlamaServerEndToEndTests(TestCase):
         first = await self._running_pid(proxy, "tiny-b")
         self.assertEqual(await proxy.get_json("/upstream/tiny-a/health"), {"status": "ok"})
         second = await self._running_pid(proxy, "tiny-a")
-        self.assertFalse(_alive(first))
+        self.assertFalse(alive(first))
         self.assertEqual(proxy.servers(), {second})
         # Anything else under /upstream reaches the server too, e.g. its /props.
         props = await proxy.get_json("/upstream/tiny-a/props")
@@ -531,7 +495,7 @@ class LlamaServerEndToEndTests(TestCase):
         elapsed = time.monotonic() - answered
         self.assertGreater(elapsed, 1.5)
         self.assertLess(elapsed, 4.5)
-        self.assertFalse(_alive(pid))
+        self.assertFalse(alive(pid))
         self.assertEqual(proxy.servers(), set())
 
     async def test_log_stream(self) -> None:
@@ -615,11 +579,11 @@ class LlamaServerEndToEndTests(TestCase):
         pid = await self._running_pid(proxy, "tiny-b")
         self.assertEqual(proxy.servers(), {pid})
 
-        _signal(proxy.process.pid, signal.SIGTERM)
+        send_signal(proxy.process.pid, signal.SIGTERM)
         status = await proxy.process.ended()
         # twistd re-raises the signal after a clean shutdown (as systemd expects).
         self.assertEqual(status, (None, signal.SIGTERM), proxy.process.text())
-        self.assertFalse(_alive(pid))
+        self.assertFalse(alive(pid))
         self.assertEqual(proxy.servers(), set())
         output = proxy.process.text()
         stopping = output.split("Received SIGTERM, shutting down.", 1)[1]

@@ -30,6 +30,7 @@ from llamaswap.config import Config, parse_config
 from llamaswap.http import make_http
 from llamaswap.tap import LlamaSwapService, build_service
 from tests.fakeserver_helper import REPO_ROOT, free_port, start_fakeserver
+from tests.proctools import rss_kib
 
 T = TypeVar("T")
 MULTIPART_BOUNDARY = "llamaswapTestBoundary"
@@ -111,15 +112,6 @@ def fake_get(port: int, path: str) -> Any:
 def response_tokens(response: http.client.HTTPResponse) -> int:
     """Read a streamed chat answer to the end; count its tokens."""
     return sum(1 for line in iter(response.readline, b"") if b"(token " in line)
-
-
-def _rss() -> int:
-    """This process's resident memory in bytes (the proxy runs in it)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def wait_for_disconnect(port: int) -> list[dict[str, Any]]:
@@ -260,14 +252,14 @@ class StreamingTests(IntegrationCase):
 
         def stall_then_read() -> tuple[int, int, int]:
             before = fake_get(upstream, "/debug/stats")["frames"]
-            rss_before = _rss()
+            rss_before = rss_kib() * 1024
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
                 s.sendall(b"GET /upstream/alpha/big?mb=200 HTTP/1.1\r\nHost: x\r\n\r\n")
                 received = len(s.recv(65536))
                 time.sleep(1.0)  # not reading: the proxy must pause the upstream
                 in_flight = (fake_get(upstream, "/debug/stats")["frames"] - before) * 65536
-                grown = _rss() - rss_before
+                grown = rss_kib() * 1024 - rss_before
                 while chunk := s.recv(1 << 20):
                     received += len(chunk)
                     if received >= size:

@@ -13,13 +13,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -29,78 +27,21 @@ from llamaswap.errors import StartFailed
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.supervisor import Supervisor
-from tests.fakeserver_helper import REPO_ROOT
+from tests.fakeserver_helper import REPO_ROOT, fakeserver_env, free_ports
+from tests.proctools import (
+    alive,
+    children_of,
+    command,
+    group,
+    proc_stat,
+    record_spawns,
+    wait_until,
+)
 
 PY = sys.executable
 FAKE = f"{PY} -m llamaswap.fakeserver --quiet"
 # The children run in a temporary folder: make the checkout importable there.
 ENV = f'env: ["PYTHONPATH={REPO_ROOT}"]'
-
-
-def free_ports(n: int) -> list[int]:
-    """C{n} distinct ports that were free a moment ago (held together while picked)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a process, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def alive(pid: int) -> bool:
-    """Whether C{pid} runs (a zombie is dead: it only waits to be reaped)."""
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def live_pids(match: Callable[[tuple[str, int, int]], bool]) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[0] != "Z" and match(stat):
-                found.append(int(entry))
-    return found
-
-
-def group(pgid: int) -> list[int]:
-    """Live members of process group C{pgid}."""
-    return live_pids(lambda stat: stat[2] == pgid)
-
-
-def children_of(pid: int) -> list[int]:
-    return live_pids(lambda stat: stat[1] == pid)
-
-
-def command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.05)
 
 
 class SupervisorIntegrationTests(TestCase):
@@ -115,6 +56,14 @@ class SupervisorIntegrationTests(TestCase):
         sup.startService()
         self.addCleanup(sup.stopService)
         return sup, events
+
+    async def start_failure(self, sup: Supervisor, model: str) -> StartFailed:
+        """The StartFailed with which C{model}'s start fails (the test fails if it starts)."""
+        try:
+            (await sup.acquire(model)).release()
+        except StartFailed as e:
+            return e
+        self.fail(f"the start of {model} did not fail")
 
     async def test_alternate_two_models(self) -> None:
         """
@@ -288,13 +237,9 @@ models:
 """
         )
         started = time.monotonic()
-        try:
-            await sup.acquire("dies")
-        except StartFailed as e:
-            self.assertIn("exit code 7", e.message)
-            self.assertIn("last output", e.message)
-        else:
-            self.fail("the start did not fail")
+        failure = await self.start_failure(sup, "dies")
+        self.assertIn("exit code 7", failure.message)
+        self.assertIn("last output", failure.message)
         self.assertLess(time.monotonic() - started, 10)
         self.assertEqual(sup.status("dies").state, "failed")
 
@@ -308,15 +253,7 @@ models:
         (port,) = free_ports(1)
         squatter = socket.create_server(("127.0.0.1", port))
         self.addCleanup(squatter.close)
-        spawned: list[int] = []
-        spawn = reactor.spawnProcess
-
-        def recording_spawn(*args: Any, **kwargs: Any) -> Any:
-            transport = spawn(*args, **kwargs)
-            spawned.append(transport.pid)
-            return transport
-
-        self.patch(reactor, "spawnProcess", recording_spawn)
+        spawned = record_spawns(self)
         sup, _ = self.supervisor(
             f"""
 models:
@@ -327,12 +264,8 @@ models:
 """
         )
         started = time.monotonic()
-        try:
-            await sup.acquire("m")
-        except StartFailed as e:
-            self.assertIn(f"port {port} on 127.0.0.1 is already in use", e.message)
-        else:
-            self.fail("the start did not fail")
+        failure = await self.start_failure(sup, "m")
+        self.assertIn(f"port {port} on 127.0.0.1 is already in use", failure.message)
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual(spawned, [])
         self.assertEqual(sup.status("m").state, "failed")
@@ -575,12 +508,10 @@ profiles:
   p: [a, b]
 """
             )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         proto = _Collect()
         args = [PY, "-m", "twisted", "--log-format=text", "llamaswap"]
         args += ["--config", config_path, "--listen", "tcp:0:interface=127.0.0.1"]
-        transport = reactor.spawnProcess(proto, PY, args, env=env, path=base)
+        transport = reactor.spawnProcess(proto, PY, args, env=fakeserver_env(), path=base)
         twistd = transport.pid
         self.addCleanup(self._reap, transport, proto)
         await proto.wait_for(b"llamaswap listening on").addTimeout(20, reactor)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import sys
 import time
@@ -36,7 +35,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -49,6 +47,17 @@ from llamaswap.errors import ModelNotFound
 from llamaswap.resources import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from llamaswap.tap import LlamaSwapService, build_service
 from tests.fakeserver_helper import REPO_ROOT, free_port
+from tests.proctools import (
+    alive,
+    command,
+    our_children,
+    proc_stat,
+    record_spawns,
+    rss_kib,
+    sleep,
+    survivors,
+    wait_until,
+)
 
 T = TypeVar("T")
 MAX_BODY = 4096  # a small maxBodySize, so "absurd" lengths are cheap to produce
@@ -57,63 +66,6 @@ MAX_BODY = 4096  # a small maxBodySize, so "absurd" lengths are cheap to produce
 HEAD_LIMIT = 16384
 MAX_HEADERS = 500
 KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
-
-
-# --- processes ---------------------------------------------------------------
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a process, or None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def alive(pid: int) -> bool:
-    """Whether C{pid} runs (a zombie has ended: it only waits to be reaped)."""
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def live_pids(match: Callable[[tuple[str, int, int]], bool]) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[0] != "Z" and match(stat):
-                found.add(int(entry))
-    return found
-
-
-def survivors(pids: set[int]) -> set[int]:
-    """Processes still alive among C{pids} or in their process groups (guards, grandchildren)."""
-    return {p for p in pids if alive(p)} | live_pids(lambda stat: stat[2] in pids)
-
-
-def command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return "?"
-
-
-def our_children() -> set[int]:
-    me = os.getpid()
-    return live_pids(lambda stat: stat[1] == me)
-
-
-def rss_kib() -> int:
-    """This process's resident set size (the proxy runs in it), in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 # --- configuration and the running proxy -------------------------------------
@@ -151,16 +103,8 @@ class RunningProxy:
 
     def __init__(self, case: TestCase, config: Config) -> None:
         self.config = config
-        self.pids: set[int] = set()
+        self.pids = record_spawns(case)
         self.children_before = our_children()
-        spawn = reactor.spawnProcess
-
-        def recording_spawn(*args: Any, **kwargs: Any) -> Any:
-            transport = spawn(*args, **kwargs)
-            self.pids.add(transport.pid)
-            return transport
-
-        case.patch(reactor, "spawnProcess", recording_spawn)
         self.service: LlamaSwapService = build_service(
             config, reactor=reactor, listen="tcp:0:interface=127.0.0.1"
         )
@@ -205,18 +149,6 @@ class RunningProxy:
 
 def in_thread(f: Callable[[], T]) -> Deferred[T]:
     return deferToThread(f)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds)
-
-
-async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await sleep(0.02)
 
 
 # --- raw HTTP ----------------------------------------------------------------
@@ -1141,7 +1073,7 @@ class UpstreamFaultTests(TestCase):
         message = self.assert_error(status, body, 502)
         self.assertIn(f"port {port} on 127.0.0.1 is already in use", message)
         self.assertEqual(squatter.paths, [])
-        self.assertEqual(proxy.pids, set())
+        self.assertEqual(proxy.pids, [])
         await proxy.stop_and_check(self)
 
 

@@ -32,14 +32,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
 from llamaswap.http import make_http
-from tests.test_reliability import (
-    RunningProxy,
-    fake_model,
-    make_config,
-    our_children,
-    rss_kib,
-    sleep,
-)
+from tests.proctools import open_fds, our_children, rss_kib, sleep
+from tests.test_reliability import RunningProxy, fake_model, make_config
 
 SOAK_REQUESTS = 10_000
 RUN = 250  # requests to one model before switching to the other
@@ -55,10 +49,6 @@ SKIP = (
     if os.environ.get("LLAMASWAP_SKIP_SOAK") == "1"
     else None
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Collect(Protocol):
