@@ -10,8 +10,6 @@ real ports on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +49,7 @@ from llamaswap.logs_web import (
     build_ui_resource,
 )
 from tests.fakeserver_helper import free_port
+from tests.proctools import TWISTD, twistd_env
 
 MODELS = ("alpha", "org/beta")
 
@@ -879,10 +878,6 @@ class ConcurrentStreamTests(TestCase):
 
 # --- logToStdout under real twistd -----------------------------------------------
 
-# twistd has no __main__: run its entry point the way its script does.
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
-
 
 class Output(ProcessProtocol):
     def __init__(self) -> None:
@@ -918,15 +913,13 @@ class TwistdStdoutTests(TestCase):
             f"    proxy: http://127.0.0.1:{model_port}\n",
             encoding="utf-8",
         )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(SOURCE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         output = Output()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             output,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llamaswap",
+            TWISTD[0],
+            [*TWISTD, "-n", "--pidfile=", "llamaswap",
              "--config", str(config), "--listen", f"tcp:{listen}:interface=127.0.0.1"],
-            env=env,
+            env=twistd_env(),
             path=str(folder),
         )  # fmt: skip
 

@@ -6,7 +6,6 @@ config errors are one line naming the key, reported before daemonizing.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import llamaswap
 from llamaswap.config import DEFAULT_LISTEN, Config
 from llamaswap.tap import ConfigUsageError, Options
+from tests.proctools import TWISTD, twistd_env
 
 SOURCE_ROOT = Path(llamaswap.__file__).resolve().parent.parent
 EXAMPLE = SOURCE_ROOT / "config.example.yaml"
@@ -113,19 +113,6 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(maker.description)
 
 
-# twistd has no __main__ (and `python -m twisted` is the newer `twist` runner,
-# which has no pidfile or daemon mode): run the entry point as its script does.
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-
-
-def child_env() -> dict[str, str]:
-    """The environment for a child that must find the llamaswap twistd plugin."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(SOURCE_ROOT) + (os.pathsep + path if path else "")
-    return env
-
-
 class CommandLineTests(TestCase):
     """A broken config stops C{twistd llamaswap} with one line, before it daemonizes."""
 
@@ -139,7 +126,7 @@ class CommandLineTests(TestCase):
     async def run_python(self, *args: str) -> tuple[int, list[str], str]:
         """Run this interpreter with C{args} in the temp folder: (status, lines, stderr)."""
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, args, env=child_env(), path=str(self.folder)
+            sys.executable, args, env=twistd_env(), path=str(self.folder)
         )
         text = out.decode("utf-8", "replace") + err.decode("utf-8", "replace")
         return code, text.splitlines(), err.decode("utf-8", "replace")
@@ -151,7 +138,7 @@ class CommandLineTests(TestCase):
     async def test_nodaemon(self) -> None:
         """C{twistd -n --pidfile x.pid llamaswap --config bad.yaml}: exit 1, no pidfile."""
         code, lines, _ = await self.run_python(
-            "-c", TWISTD, "-n", "--pidfile", str(self.pidfile),
+            *TWISTD[1:], "-n", "--pidfile", str(self.pidfile),
             "llamaswap", "--config", str(self.bad),
         )  # fmt: skip
         self.assertEqual(code, 1)
@@ -162,7 +149,7 @@ class CommandLineTests(TestCase):
         """Without -n the error still reaches the terminal and nothing is daemonized."""
         logfile = self.folder / "x.log"
         code, lines, _ = await self.run_python(
-            "-c", TWISTD, "--pidfile", str(self.pidfile), "--logfile", str(logfile),
+            *TWISTD[1:], "--pidfile", str(self.pidfile), "--logfile", str(logfile),
             "llamaswap", "--config", str(self.bad),
         )  # fmt: skip
         self.assertEqual(code, 1)
@@ -181,7 +168,7 @@ class CommandLineTests(TestCase):
     async def test_missing_config_option(self) -> None:
         """Forgetting --config says so and exits 1."""
         code, lines, _ = await self.run_python(
-            "-c", TWISTD, "-n", "--pidfile", str(self.pidfile), "llamaswap"
+            *TWISTD[1:], "-n", "--pidfile", str(self.pidfile), "llamaswap"
         )
         self.assertEqual(code, 1)
         self.assertEqual(lines[-1], "twistd -n: --config is required")
