@@ -33,6 +33,7 @@ from attrs import field, frozen
 # dozen combinations, so a hard cap keeps a typo from eating memory at load.
 MAX_COMBINATIONS = 10_000
 DEFAULT_EVICT_COST = 1
+MAX_DEPTH = 50  # nested parentheses; deeper would only exhaust Python's stack
 
 _IDENT = re.compile(r"[A-Za-z0-9_.-]+")
 _VAR_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -104,6 +105,7 @@ def parse_dsl(text: str) -> _Node:
     if not tokens:
         raise MatrixError("empty expression")
     index = 0
+    depth = 0
 
     def peek() -> str | None:
         return tokens[index][1] if index < len(tokens) else None
@@ -133,10 +135,15 @@ def parse_dsl(text: str) -> _Node:
         return parts[0] if len(parts) == 1 else _All(tuple(parts))
 
     def parse_atom() -> _Node:
+        nonlocal depth
         token = peek()
         if token == "(":
+            if depth == MAX_DEPTH:
+                raise MatrixError(f"parentheses nested deeper than {MAX_DEPTH} levels")
             take()
+            depth += 1
             node = parse_or()
+            depth -= 1
             if peek() != ")":
                 raise MatrixError(f"expected ')', found {where()}")
             take()
@@ -355,8 +362,11 @@ def build_matrix(
         visiting.pop()
         order.append(name)
 
-    for name in trees:
-        visit(name)
+    try:
+        for name in trees:
+            visit(name)
+    except RecursionError:  # a chain of about a thousand +references
+        raise MatrixError("matrix.sets: sets reference each other too deeply") from None
 
     expanded: dict[str, list[frozenset[str]]] = {}
 

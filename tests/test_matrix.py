@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.matrix import (
     MAX_COMBINATIONS,
+    MAX_DEPTH,
     Decision,
     Matrix,
     MatrixError,
@@ -69,6 +70,16 @@ class ParserTests(SynchronousTestCase):
         self.assertParseError("a , b", "unexpected character ',' at position 3")
         self.assertParseError("+ | a", "expected a set name after '+', found '|' at position 3")
         self.assertParseError("()", "expected a model, +set or '(', found ')' at position 2")
+
+    def test_nesting_is_bounded(self) -> None:
+        """Parentheses nest up to MAX_DEPTH levels; deeper is an error, not a crash."""
+        self.assertEqual(
+            combos(matrix({"s": "(" * MAX_DEPTH + "a" + ")" * MAX_DEPTH})), [("s", {"a"})]
+        )
+        self.assertParseError(
+            "(" * 5000 + "a" + ")" * 5000,
+            f"parentheses nested deeper than {MAX_DEPTH} levels",
+        )
 
 
 class BuildTests(SynchronousTestCase):
@@ -170,6 +181,15 @@ class BuildTests(SynchronousTestCase):
         ]
         for value, message in cases:
             self.assertBuildError(value, message)
+
+    def test_long_reference_chain(self) -> None:
+        """A chain of +references far beyond Python's stack is an error, not a crash."""
+        sets = {f"s{i}": f"+s{i + 1}" for i in range(3000)}
+        sets["s3000"] = "a"
+        self.assertBuildError({"sets": sets}, "matrix.sets: sets reference each other too deeply")
+        sets = {f"s{i}": f"+s{i + 1}" for i in range(200)}
+        sets["s200"] = "a"
+        self.assertEqual(len(matrix(sets).combinations), 1)
 
     def test_too_many_combinations(self) -> None:
         """An expansion beyond MAX_COMBINATIONS is an error, raised before it is built."""
