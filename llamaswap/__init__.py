@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap -*-
 """llamaswap: a hot-swapping proxy for local LLM inference servers."""
 
 __version__ = "0.1.0"

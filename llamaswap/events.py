@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_events -*-
+# -*- test-case-name: tests.test_logs -*-
 """
 A tiny in-process event bus: model state changes, request summaries, log lines.
 

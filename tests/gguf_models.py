@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e -*-
+# -*- test-case-name: tests.test_e2e_llama_server -*-
 """Generate tiny random-weight GGUF models that a real ``llama-server`` can load.
 
 Models cannot be downloaded here, so the end-to-end tests build their own: a few MB

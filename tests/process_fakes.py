@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_process,tests.test_supervisor -*-
 """
 Fakes for unit-testing L{llamaswap.process} and L{llamaswap.supervisor}
 without real processes, sockets or time.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay,tests.test_resources -*-
 """
 Fakes for the web layer's unit tests: a supervisor handing out leases, an
 upstream that records what it was sent, and an HTTP client that talks to our
