@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fakeserver,tests.test_http_integration -*-
 """
 Start the fake upstream (``llamaswap.fakeserver``) as a real child process.
 
@@ -26,7 +27,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
+
+import yaml
+
+from llamaswap.config import Config, parse_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = " listening on "
@@ -220,3 +225,28 @@ def start_fakeserver(
     server = FakeServerProcess(argv, env)
     port = server.wait_listening(timeout)
     return server, port
+
+
+def fake_model(label: str, *flags: str, port: int | None = None, **keys: Any) -> dict[str, Any]:
+    """
+    A config entry for a model served by the fake upstream, answering as
+    C{label} (C{flags} are its command-line flags, C{keys} more model keys).
+    """
+    port = port or free_port()
+    return {
+        "cmd": f"{sys.executable} -m llamaswap.fakeserver --port {port} --name {label} "
+        f"--quiet {' '.join(flags)}",
+        "proxy": f"http://127.0.0.1:{port}",
+        "env": [f"PYTHONPATH={REPO_ROOT}"],
+        **keys,
+    }
+
+
+def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Config:
+    """A config with these C{models} (see L{fake_model}) and C{top}-level keys."""
+    return parse_config(yaml.safe_dump({"models": models, **top}))
+
+
+def upstream_port(config: Config, model: str) -> int:
+    """The port C{model}'s server listens on (from its C{proxy} URL)."""
+    return int(config.models[model].proxy.rsplit(":", 1)[1])

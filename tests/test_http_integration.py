@@ -12,45 +12,32 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
-import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from llamaswap.config import Config, parse_config
+from llamaswap.config import Config
 from llamaswap.http import make_http
 from llamaswap.tap import LlamaSwapService, build_service
-from tests.fakeserver_helper import REPO_ROOT, free_port, start_fakeserver
+from tests.fakeserver_helper import (
+    fake_model,
+    free_port,
+    make_config,
+    start_fakeserver,
+    upstream_port,
+)
 from tests.proctools import rss_kib
 
 T = TypeVar("T")
 MULTIPART_BOUNDARY = "llamaswapTestBoundary"
-
-
-def fake(label: str, *flags: str, port: int | None = None, **keys: Any) -> dict[str, Any]:
-    """A model entry running the package's fake server, answering as C{label}."""
-    port = port or free_port()
-    args = " ".join(flags)
-    return {
-        "cmd": f"{sys.executable} -m llamaswap.fakeserver --port {port} --name {label} "
-        f"--quiet {args}",
-        "proxy": f"http://127.0.0.1:{port}",
-        "env": [f"PYTHONPATH={REPO_ROOT}"],
-        **keys,
-    }
-
-
-def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Config:
-    return parse_config(yaml.safe_dump({"models": models, **top}))
 
 
 class Proxy:
@@ -70,7 +57,7 @@ class Proxy:
         case.addCleanup(pool.closeCachedConnections)
 
     def upstream_port(self, model: str) -> int:
-        return int(self.config.models[model].proxy.rsplit(":", 1)[1])
+        return upstream_port(self.config, model)
 
     async def call(
         self,
@@ -150,7 +137,7 @@ class SDKTests(IntegrationCase):
         """The openai SDK works unmodified: chat, streamed chat, completions, embeddings."""
         import openai
 
-        proxy = Proxy(self, make_config({"alpha": fake("alpha", "--tokens", "5")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha", "--tokens", "5")}))
         client = openai.OpenAI(base_url=proxy.base + "/v1", api_key="unused", max_retries=0)
 
         def use_sdk() -> dict[str, Any]:
@@ -181,7 +168,7 @@ class SDKTests(IntegrationCase):
         """The anthropic SDK works for /v1/messages, streamed and not."""
         import anthropic
 
-        proxy = Proxy(self, make_config({"claude-ish": fake("claude-ish", "--tokens", "4")}))
+        proxy = Proxy(self, make_config({"claude-ish": fake_model("claude-ish", "--tokens", "4")}))
         client = anthropic.Anthropic(base_url=proxy.base, api_key="unused", max_retries=0)
 
         def use_sdk() -> tuple[str, str, int]:
@@ -208,7 +195,7 @@ class StreamingTests(IntegrationCase):
         50 tokens paced 20 ms apart: the client has the first token before the
         upstream has written the second.
         """
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         await self.assert_served(proxy)  # started and warm
         upstream = proxy.upstream_port("alpha")
 
@@ -245,7 +232,7 @@ class StreamingTests(IntegrationCase):
         a few MiB are in flight (socket buffers), the proxy's memory does not
         grow by the answer, and everything arrives once the client reads again.
         """
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         await self.assert_served(proxy)
         upstream = proxy.upstream_port("alpha")
         size = 200 * 1024 * 1024
@@ -273,7 +260,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_disconnect_cancels_upstream(self) -> None:
         """A client leaving mid-stream: the upstream sees its connection close within 100 ms."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         await self.assert_served(proxy)
         upstream = proxy.upstream_port("alpha")
 
@@ -301,7 +288,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_disconnect_before_headers(self) -> None:
         """A client leaving before the upstream answered: the upstream sees the close."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         await self.assert_served(proxy)
         upstream = proxy.upstream_port("alpha")
 
@@ -326,7 +313,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_upstream_dies_mid_stream(self) -> None:
         """The server dying mid-answer: the client sees a truncated stream, not a clean end."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         await self.assert_served(proxy)
         upstream = proxy.upstream_port("alpha")
 
@@ -362,7 +349,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_queued_client_leaving_starts_nothing(self) -> None:
         """A request queued behind a busy model, abandoned by its client, loads nothing."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha"), "beta": fake("beta")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha"), "beta": fake_model("beta")}))
         await self.assert_served(proxy)
         upstream = proxy.upstream_port("alpha")
 
@@ -392,7 +379,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_gzip_is_decoded(self) -> None:
         """A gzip answer reaches the client decoded, without a stale Content-Length."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
 
         def fetch() -> tuple[int, dict[str, str], bytes]:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
@@ -413,7 +400,7 @@ class StreamingTests(IntegrationCase):
 class ErrorTests(IntegrationCase):
     async def test_request_errors(self) -> None:
         """Bad JSON 400, missing model 400, unknown model 404; others still served."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         status, _, body = await proxy.call("POST", "/v1/chat/completions", b"{not json")
         self.assertIn(
             "invalid JSON", self.assert_error(status, json.loads(body), 400, "bad_request")
@@ -429,7 +416,10 @@ class ErrorTests(IntegrationCase):
         proxy = Proxy(
             self,
             make_config(
-                {"alpha": fake("alpha"), "broken": fake("broken", "--exit-during-startup")}
+                {
+                    "alpha": fake_model("alpha"),
+                    "broken": fake_model("broken", "--exit-during-startup"),
+                }
             ),
         )
         status, _, body = await proxy.post_json("/v1/chat/completions", {"model": "broken"})
@@ -439,7 +429,9 @@ class ErrorTests(IntegrationCase):
 
     async def test_health_timeout(self) -> None:
         """A model never healthy within healthCheckTimeout: 504; others still served."""
-        config = make_config({"alpha": fake("alpha"), "stuck": fake("stuck", "--never-healthy")})
+        config = make_config(
+            {"alpha": fake_model("alpha"), "stuck": fake_model("stuck", "--never-healthy")}
+        )
         # 3 s, not 15: evolve() skips the loader's minimum (alpha still starts in time).
         proxy = Proxy(self, attrs.evolve(config, health_check_timeout=3))
         started = time.monotonic()
@@ -452,8 +444,8 @@ class ErrorTests(IntegrationCase):
         """checkEndpoint is what is polled: /v1/models (200) serves, /status/503 times out."""
         config = make_config(
             {
-                "alpha": fake("alpha", checkEndpoint="/v1/models"),
-                "stuck": fake("stuck", checkEndpoint="/status/503"),  # /health would be 200
+                "alpha": fake_model("alpha", checkEndpoint="/v1/models"),
+                "stuck": fake_model("stuck", checkEndpoint="/status/503"),  # /health would be 200
             }
         )
         proxy = Proxy(self, attrs.evolve(config, health_check_timeout=3))
@@ -468,7 +460,7 @@ class ErrorTests(IntegrationCase):
             self,
             make_config(
                 {
-                    "alpha": fake("alpha"),
+                    "alpha": fake_model("alpha"),
                     "deaf": {
                         "cmd": "sleep 60",
                         "proxy": f"http://127.0.0.1:{dead_port}",
@@ -483,7 +475,7 @@ class ErrorTests(IntegrationCase):
 
     async def test_body_too_large(self) -> None:
         """Over maxBodySize: 413, even before a huge body is sent; others still served."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}, maxBodySize=4096))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}, maxBodySize=4096))
         big = json.dumps({"model": "alpha", "prompt": "x" * 5000}).encode()
         status, _, body = await proxy.call("POST", "/v1/completions", big)
         self.assert_error(status, json.loads(body), 413, "request_too_large")
@@ -515,7 +507,7 @@ class ErrorTests(IntegrationCase):
 class RoutingTests(IntegrationCase):
     async def test_multipart_and_query_models(self) -> None:
         """Transcriptions route by the form field (file intact); voices by ?model=."""
-        proxy = Proxy(self, make_config({"whisper": fake("whisper", "--echo")}))
+        proxy = Proxy(self, make_config({"whisper": fake_model("whisper", "--echo")}))
         audio = bytes(range(256)) * 40
         body = (
             (
@@ -548,7 +540,9 @@ class RoutingTests(IntegrationCase):
 
     async def test_upstream_paths(self) -> None:
         """/upstream: slash ids (longest prefix), redirects, query and escaping kept."""
-        proxy = Proxy(self, make_config({"org/alpha": fake("org-alpha"), "org": fake("org")}))
+        proxy = Proxy(
+            self, make_config({"org/alpha": fake_model("org-alpha"), "org": fake_model("org")})
+        )
         status, headers, _ = await proxy.call("GET", "/upstream/org/alpha?x=1")
         self.assertEqual((status, headers["location"]), (301, "/upstream/org/alpha/?x=1"))
         status, headers, _ = await proxy.call("POST", "/upstream/org/alpha", b"{}")
@@ -571,10 +565,10 @@ class RoutingTests(IntegrationCase):
             self,
             make_config(
                 {
-                    "zeta": fake("zeta"),
-                    "alpha": fake("alpha", name="Alpha"),
-                    "secret": fake("secret", unlisted=True),
-                    "Beta": fake("Beta"),
+                    "zeta": fake_model("zeta"),
+                    "alpha": fake_model("alpha", name="Alpha"),
+                    "secret": fake_model("secret", unlisted=True),
+                    "Beta": fake_model("Beta"),
                 }
             ),
         )
@@ -604,7 +598,7 @@ class RoutingTests(IntegrationCase):
 
     async def test_load_and_unload(self) -> None:
         """Preload answers once ready; unload stops it."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         status, _, body = await proxy.call("POST", "/api/models/load/alpha")
         self.assertEqual((status, json.loads(body)), (200, {"msg": "ok", "model": "alpha"}))
         running = json.loads((await proxy.call("GET", "/running"))[2])["running"]
@@ -615,7 +609,7 @@ class RoutingTests(IntegrationCase):
 
     async def test_concurrent_clients(self) -> None:
         """Several streamed requests at once are each answered in full."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
 
         async def one(i: int) -> None:
             status, _, body = await proxy.call(
@@ -633,7 +627,7 @@ class RoutingTests(IntegrationCase):
 
     async def test_request_event_after_release(self) -> None:
         """The "request" event of a finished request sees the model idle (lease released)."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         seen: list[tuple[int, int]] = []
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -657,8 +651,8 @@ class RequestShapingTests(IntegrationCase):
             self,
             make_config(
                 {
-                    "slow": fake("slow", "--startup-delay", "1.6", sendLoadingState=True),
-                    "broken": fake("broken", "--exit-during-startup", sendLoadingState=True),
+                    "slow": fake_model("slow", "--startup-delay", "1.6", sendLoadingState=True),
+                    "broken": fake_model("broken", "--exit-during-startup", sendLoadingState=True),
                 }
             ),
         )
@@ -698,7 +692,7 @@ class RequestShapingTests(IntegrationCase):
             "setParams": {"temperature": 0.25},
             "setParamsByID": {"alpha-hot": {"temperature": 1.5}},
         }
-        proxy = Proxy(self, make_config({"alpha": fake("alpha", "--echo", filters=filters)}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha", "--echo", filters=filters)}))
         status, _, body = await proxy.post_json(
             "/v1/chat/completions",
             {"model": "alpha-hot", "top_k": 3, "messages": [{"role": "user", "content": "x"}]},
@@ -720,7 +714,7 @@ class RequestShapingTests(IntegrationCase):
 
     async def test_ignore_paths_and_error_formats(self) -> None:
         """A static path never loads a model (409); errors follow Accept."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
         status, _, body = await proxy.call("GET", "/upstream/alpha/favicon.ico")
         self.assertEqual(status, 409)
         self.assertEqual(json.loads(body)["error"]["code"], "conflict")
@@ -751,7 +745,7 @@ class PeerTests(IntegrationCase):
             "remote": {"proxy": f"http://127.0.0.1:{port}", "models": ["llama"], "apiKey": "sk-p"},
             "gone": {"proxy": f"http://127.0.0.1:{free_port()}", "models": ["x"]},
         }
-        proxy = Proxy(self, make_config({"alpha": fake("alpha")}, peers=peers))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}, peers=peers))
         chat = {"model": "remote/llama", "messages": [{"role": "user", "content": "hi"}]}
         status, _, raw = await proxy.call(
             "POST",

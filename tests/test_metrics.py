@@ -31,7 +31,8 @@ from llamaswap.metrics import (
     meminfo,
     net_bytes,
 )
-from tests.test_http_integration import Proxy, fake, make_config
+from tests.fakeserver_helper import fake_model, make_config
+from tests.test_http_integration import Proxy
 from tests.test_resources import PEER_CONFIG, Harness
 from tests.webfakes import FakeSupervisor, post_json
 from tests.webfakes import make_config as web_config
@@ -367,7 +368,7 @@ class ServiceTests(TestCase):
 
     async def test_real_service(self) -> None:
         """After a request: its count and duration, the model's start, load time and state, host."""
-        proxy = Proxy(self, make_config({"alpha": fake("alpha"), "beta": fake("beta")}))
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha"), "beta": fake_model("beta")}))
         status, _, _ = await proxy.post_json(
             "/v1/chat/completions", {"model": "alpha", "messages": []}
         )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -30,7 +29,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote_from_bytes
 
 import attrs
-import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
@@ -42,11 +40,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from llamaswap import process as process_module
-from llamaswap.config import Config, parse_config
+from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
 from llamaswap.resources import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from llamaswap.tap import LlamaSwapService, build_service
-from tests.fakeserver_helper import REPO_ROOT, free_port
+from tests.fakeserver_helper import fake_model, free_port, make_config, upstream_port
 from tests.proctools import (
     alive,
     command,
@@ -69,26 +67,6 @@ KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTION
 
 
 # --- configuration and the running proxy -------------------------------------
-
-
-def fake_model(label: str, *flags: str, port: int | None = None, **keys: Any) -> dict[str, Any]:
-    """A model entry running the package's fake server, answering as C{label}."""
-    port = port or free_port()
-    return {
-        "cmd": f"{sys.executable} -m llamaswap.fakeserver --port {port} --name {label} "
-        f"--quiet {' '.join(flags)}",
-        "proxy": f"http://127.0.0.1:{port}",
-        "env": [f"PYTHONPATH={REPO_ROOT}"],
-        **keys,
-    }
-
-
-def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Config:
-    return parse_config(yaml.safe_dump({"models": models, **top}))
-
-
-def upstream_port(config: Config, model: str) -> int:
-    return int(config.models[model].proxy.rsplit(":", 1)[1])
 
 
 class RunningProxy:

@@ -32,8 +32,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
 from llamaswap.http import make_http
+from tests.fakeserver_helper import fake_model, make_config
 from tests.proctools import open_fds, our_children, rss_kib, sleep
-from tests.test_reliability import RunningProxy, fake_model, make_config
+from tests.test_reliability import RunningProxy
 
 SOAK_REQUESTS = 10_000
 RUN = 250  # requests to one model before switching to the other
