@@ -831,10 +831,17 @@ class Bench:
         out = self.results.setdefault("S2", {})
         for conc, batches in ((1, 3), (32, 1)):
             runs: dict[str, list[StreamResult]] = {n: [] for n, _ in systems}
+            cpu = 0.0
             for _ in range(self.rounds):
                 for name, port in systems:
+                    before = cpu_seconds(self.pids["proxy"])
                     runs[name] += run_streams(port, body, {}, conc, batches)
+                    if name == "proxy":
+                        cpu += cpu_seconds(self.pids["proxy"]) - before
             out[f"paced c={conc}"] = {n: summarise_streams(r, None) for n, r in runs.items()}
+            # What relaying one token event costs the proxy (the fake's CPU is its own).
+            events = sum(r.events for r in runs["proxy"])
+            out[f"paced c={conc}"]["proxy"]["cpu_us_per_event"] = cpu / max(1, events) * 1e6
             log(f"  paced c={conc}: " + fmt_s2(out[f"paced c={conc}"]))
 
     # S3 ------------------------------------------------------------------------
@@ -1130,6 +1137,9 @@ def table(results: dict[str, Any]) -> str:
         add(f"S2 {case} gap p99 ms", row, "gap_p99_ms", ".2f", plus)
         add(f"S2 {case} gap max ms", row, "gap_max_ms", ".2f", plus)
         add(f"S2 {case} total p50 ms", row, "total_p50_ms", ".1f", x)
+        if "cpu_us_per_event" in row["proxy"]:
+            note(f"  S2 {case}: the proxy spent {row['proxy']['cpu_us_per_event']:.0f} us of CPU"
+                 " per relayed event")  # fmt: skip
         if row["proxy"]["bad_streams"]:
             note(f"  !! S2 {case}: {row['proxy']['bad_streams']} incomplete or failed streams")
     if "S3" in results:
