@@ -246,6 +246,21 @@ class _Proxy:
         response.deliverBody(reader)
         return await reader.done
 
+    def endless_stream(self, model: str, first: int) -> tuple[Any, list[Any]]:
+        """
+        Start a chat stream that will not end by itself (blocking: call it in a
+        thread); return it and its C{first} chunks, read already.
+        """
+        stream = self.openai.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            max_tokens=1_000_000,
+            stream=True,
+            extra_body=EXACT,
+        )
+        chunks = iter(stream)
+        return stream, [next(chunks) for _ in range(first)]
+
     async def running(self) -> list[dict[str, Any]]:
         answer: list[dict[str, Any]] = (await self.get_json("/running"))["running"]
         return answer
@@ -524,18 +539,7 @@ class LlamaServerEndToEndTests(TestCase):
         """
         proxy = await self._start()
 
-        def start_stream() -> tuple[Any, list[Any]]:
-            stream = proxy.openai.chat.completions.create(
-                model="tiny-b",
-                messages=MESSAGES,
-                max_tokens=1_000_000,
-                stream=True,
-                extra_body=EXACT,
-            )
-            chunks = iter(stream)
-            return stream, [next(chunks) for _ in range(20)]
-
-        stream, chunks = await deferToThread(start_stream)
+        stream, chunks = await deferToThread(proxy.endless_stream, "tiny-b", 20)
         self.assertEqual(len(chunks), 20)
         slots = await proxy.get_json("/upstream/tiny-b/slots")
         self.assertTrue(slots[0]["is_processing"], slots)
@@ -563,18 +567,7 @@ class LlamaServerEndToEndTests(TestCase):
         """
         proxy = await self._start()
 
-        def start_stream() -> Any:
-            stream = proxy.openai.chat.completions.create(
-                model="tiny-b",
-                messages=MESSAGES,
-                max_tokens=1_000_000,
-                stream=True,
-                extra_body=EXACT,
-            )
-            next(iter(stream))
-            return stream
-
-        stream = await deferToThread(start_stream)
+        stream, _ = await deferToThread(proxy.endless_stream, "tiny-b", 1)
         self.addCleanup(stream.close)
         pid = await self._running_pid(proxy, "tiny-b")
         self.assertEqual(proxy.servers(), {pid})
