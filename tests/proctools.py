@@ -2,7 +2,8 @@
 """
 Watching and launching real processes from tests: what C{/proc} says about a
 pid, process groups and children, polling the reactor until something holds,
-recording the pids the reactor spawns, and how to run C{twistd llamaswap}.
+recording the pids the reactor spawns, how to run C{twistd llamaswap}, and a
+ProcessProtocol that collects a child's output.
 
 Liveness is read from C{/proc/<pid>/stat}: a zombie counts as dead (it only
 waits to be reaped), and a start time tells a reused pid from the original.
@@ -18,7 +19,11 @@ from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakeserver_helper import fakeserver_env
@@ -43,6 +48,72 @@ def twistd_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+Status = tuple[int | None, int | None]  # (exit code, signal): one of them is None
+
+
+class ChildOutput(ProcessProtocol):
+    """
+    A child spawned by the reactor: all it writes (stdout and stderr, in
+    order) in C{output}, and its end.
+    """
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.done = False  # processEnded was called
+        self.status: Status | None = None
+        self._reason: Failure | None = None  # an end that is not an exit status
+        self._seen: list[tuple[bytes, Deferred[None]]] = []
+        self._ended: list[Deferred[Status]] = []
+
+    @property
+    def pid(self) -> int:
+        pid = self.transport.pid  # type: ignore[union-attr]
+        assert isinstance(pid, int)
+        return pid
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+        for item in list(self._seen):
+            if item[0] in self.output:
+                self._seen.remove(item)
+                item[1].callback(None)
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        """Fires once the output contains C{text}."""
+        if text in self.output:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._seen.append((text, d))
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done = True
+        value = reason.value
+        if isinstance(value, (ProcessDone, ProcessTerminated)):
+            self.status = (value.exitCode, value.signal)
+        else:
+            self._reason = reason
+        waiters, self._ended = self._ended, []
+        for waiter in waiters:
+            if self.status is not None:
+                waiter.callback(self.status)
+            else:
+                waiter.errback(reason)
+
+    def ended(self) -> Deferred[Status]:
+        """Fires with (exit code, signal) once the child has ended and was reaped."""
+        if self.status is not None:
+            return succeed(self.status)
+        if self._reason is not None:
+            return fail(self._reason)
+        waiter: Deferred[Status] = Deferred()
+        self._ended.append(waiter)
+        return waiter
 
 
 class ProcStat(NamedTuple):

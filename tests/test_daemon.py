@@ -23,15 +23,20 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakeserver_helper import free_port
-from tests.proctools import TWISTD, alive, proc_stat, send_signal, twistd_env, wait_until
+from tests.proctools import (
+    TWISTD,
+    ChildOutput,
+    alive,
+    proc_stat,
+    send_signal,
+    twistd_env,
+    wait_until,
+)
 
 
 def _write_config(
@@ -80,26 +85,8 @@ def _descendants(root: int) -> dict[int, int]:
     return found
 
 
-class _Collect(ProcessProtocol):
-    """Collect a child's output; C{ended} fires with (exit code, signal)."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        status = reason.value
-        if isinstance(status, (ProcessDone, ProcessTerminated)):
-            self.ended.callback((status.exitCode, status.signal))
-        else:
-            self.ended.errback(reason)
-
-
-def _run(argv: list[str], env: dict[str, str], **kw: Any) -> _Collect:
-    proto = _Collect()
+def _run(argv: list[str], env: dict[str, str], **kw: Any) -> ChildOutput:
+    proto = ChildOutput()
     reactor.spawnProcess(proto, argv[0], argv, env=env, **kw)
     return proto
 
@@ -184,7 +171,7 @@ class DaemonModeTests(TestCase):
             twistd_env(),
             path=str(self.folder),
         )
-        code, _ = await launcher.ended
+        code, _ = await launcher.ended()
         # The launching process waits for startApplication, then exits 0.
         self.assertEqual(code, 0, launcher.output.decode(errors="replace"))
         pid = daemon.pid()
@@ -238,7 +225,7 @@ class DaemonModeTests(TestCase):
         self._kill_on_cleanup(daemon)
 
         launcher = _run(daemon.argv(config, "tcp:0"), twistd_env(), path=str(self.folder))
-        code, _ = await launcher.ended
+        code, _ = await launcher.ended()
         self.assertEqual(code, 1)
         self.assertIn(b"models.X.ttl", launcher.output)
         self.assertFalse(daemon.pidfile.exists())
@@ -263,7 +250,7 @@ class DaemonModeTests(TestCase):
             twistd_env(),
             path=str(self.folder),
         )
-        code, _ = await launcher.ended
+        code, _ = await launcher.ended()
         self.assertEqual(code, 1)
         # twistd passes at most 100 bytes of the error back to the launcher.
         self.assertIn(b"An error has occurred", launcher.output)
@@ -319,18 +306,12 @@ class SocketActivationTests(TestCase):
         self.assertEqual(response.code, 200, body)
         self.assertIn("X", [m["id"] for m in json.loads(body)["data"]])
 
-        os.kill(proto_pid(proto), signal.SIGTERM)
-        status = await proto.ended
+        os.kill(proto.pid, signal.SIGTERM)
+        status = await proto.ended()
         # After a clean shutdown twistd re-raises the signal it got, so it dies
         # "by SIGTERM", which systemd counts as a successful stop.
         self.assertEqual(status, (None, signal.SIGTERM), proto.output.decode(errors="replace"))
         self.assertIn(b"Server Shut Down.", proto.output)
-
-
-def proto_pid(proto: ProcessProtocol) -> int:
-    pid = proto.transport.pid  # type: ignore[union-attr]
-    assert isinstance(pid, int)
-    return pid
 
 
 def _kill_if_running(proto: ProcessProtocol) -> None:

@@ -30,9 +30,8 @@ from typing import Any
 import openai
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -40,7 +39,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.gguf_models import ensure_models, find_llama_server
-from tests.proctools import TWISTD, alive, send_signal, twistd_env
+from tests.proctools import TWISTD, ChildOutput, alive, send_signal, twistd_env
 
 LLAMA_SERVER = find_llama_server()
 SKIP_REASON = (
@@ -184,46 +183,12 @@ class _StreamReader(Protocol):
         self.done.callback(self.text())
 
 
-class _Twistd(ProcessProtocol):
-    """The C{twistd -n llamaswap} child: its output and its end."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.status: tuple[int | None, int | None] | None = None
-        self._waiters: list[Deferred[tuple[int | None, int | None]]] = []
-
-    @property
-    def pid(self) -> int:
-        pid = self.transport.pid  # type: ignore[union-attr]
-        assert isinstance(pid, int)
-        return pid
-
-    def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        assert isinstance(value, (ProcessDone, ProcessTerminated))
-        self.status = (value.exitCode, value.signal)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.status)
-
-    def ended(self) -> Deferred[tuple[int | None, int | None]]:
-        if self.status is not None:
-            return succeed(self.status)
-        waiter: Deferred[tuple[int | None, int | None]] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-
 class _Proxy:
     """A running llamaswap, its clients, and the ports its models may use."""
 
-    def __init__(self, process: _Twistd, port: int, model_ports: range, http: HTTPClient) -> None:
+    def __init__(
+        self, process: ChildOutput, port: int, model_ports: range, http: HTTPClient
+    ) -> None:
         self.process = process
         self.base = f"http://127.0.0.1:{port}"
         self.model_ports = model_ports
@@ -306,7 +271,7 @@ class LlamaServerEndToEndTests(TestCase):
         env = twistd_env()
         argv = [*TWISTD, "-n", "--pidfile=", "llamaswap", "--config", str(config)]
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
-        process = _Twistd()
+        process = ChildOutput()
         reactor.spawnProcess(process, argv[0], argv, env=env, path=str(folder))
         model_ports = range(first, first + len(MODEL_IDS))
         self.addCleanup(self._stop, process, model_ports, folder)
@@ -327,7 +292,7 @@ class LlamaServerEndToEndTests(TestCase):
         self.addCleanup(proxy.openai.close)
         return proxy
 
-    async def _stop(self, process: _Twistd, model_ports: range, folder: Path) -> None:
+    async def _stop(self, process: ChildOutput, model_ports: range, folder: Path) -> None:
         """
         Stop llamaswap (SIGTERM, SIGKILL after 15 s) and fail the test if a
         llama-server outlived it. Its output is kept in the test's folder.

@@ -21,7 +21,7 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -49,7 +49,7 @@ from llamaswap.logs_web import (
     build_ui_resource,
 )
 from tests.fakeserver_helper import free_port
-from tests.proctools import TWISTD, twistd_env
+from tests.proctools import TWISTD, ChildOutput, twistd_env
 
 MODELS = ("alpha", "org/beta")
 
@@ -879,21 +879,6 @@ class ConcurrentStreamTests(TestCase):
 # --- logToStdout under real twistd -----------------------------------------------
 
 
-class Output(ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-
 class TwistdStdoutTests(TestCase):
     """What C{twistd -n llamaswap} prints follows logToStdout."""
 
@@ -913,7 +898,7 @@ class TwistdStdoutTests(TestCase):
             f"    proxy: http://127.0.0.1:{model_port}\n",
             encoding="utf-8",
         )
-        output = Output()
+        output = ChildOutput()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             output,
             TWISTD[0],
@@ -926,7 +911,7 @@ class TwistdStdoutTests(TestCase):
         async def stop() -> None:
             if process.pid is not None:
                 process.signalProcess("TERM")
-            await output.ended
+            await output.ended()
 
         self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         http, pool = make_http(reactor)
@@ -942,8 +927,8 @@ class TwistdStdoutTests(TestCase):
         response = await http.post(base + "/api/models/load/alpha")
         self.assertEqual(response.code, 200, await response.content())
         process.signalProcess("TERM")
-        await output.ended
-        return output.out.decode("utf-8", "replace")
+        await output.ended()
+        return output.text()
 
     async def test_proxy_mode(self) -> None:
         """Default (proxy): llamaswap's lines, none of the model's output."""

@@ -16,9 +16,6 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from llamaswap import _session
@@ -29,6 +26,7 @@ from llamaswap.http import make_http
 from llamaswap.supervisor import Supervisor
 from tests.fakeserver_helper import REPO_ROOT, fakeserver_env, free_ports
 from tests.proctools import (
+    ChildOutput,
     alive,
     children_of,
     command,
@@ -42,6 +40,15 @@ PY = sys.executable
 FAKE = f"{PY} -m llamaswap.fakeserver --quiet"
 # The children run in a temporary folder: make the checkout importable there.
 ENV = f'env: ["PYTHONPATH={REPO_ROOT}"]'
+
+
+async def all_gone(pids: list[int], timeout: float, what: str) -> None:
+    """Wait until none of C{pids} runs; fail naming the survivors."""
+    try:
+        await wait_until(lambda: not any(alive(p) for p in pids), timeout, what)
+    except AssertionError:
+        survivors = [(p, proc_stat(p), command(p)) for p in pids if alive(p)]
+        raise AssertionError(f"survivors: {survivors}") from None
 
 
 class SupervisorIntegrationTests(TestCase):
@@ -356,11 +363,7 @@ profiles:
         self.assertEqual([pid for pid in pids if pid is not None and alive(pid)], [])
         # The guards are not our children: each exits on its own once it sees
         # its server gone, a moment after stopService fired.
-        try:
-            await wait_until(lambda: not any(alive(p) for p in members), 3, "the guards")
-        except AssertionError:
-            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
-            raise AssertionError(f"survivors: {survivors}") from None
+        await all_gone(members, 3, "the guards")
 
 
 class GuardTests(SynchronousTestCase):
@@ -418,31 +421,6 @@ ctypes.CDLL(None).pthread_exit(None)
 """
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[None] = Deferred()
-        self.waiting: list[tuple[bytes, Deferred[None]]] = []
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-        for item in list(self.waiting):
-            if item[0] in self.output:
-                self.waiting.remove(item)
-                item[1].callback(None)
-
-    def wait_for(self, text: bytes) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if text in self.output:
-            d.callback(None)
-        else:
-            self.waiting.append((text, d))
-        return d
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-
 class KillNineTests(TestCase):
     timeout = 60
 
@@ -453,7 +431,7 @@ class KillNineTests(TestCase):
         and the guard, seeing llamaswap's main thread gone, stops the whole
         group (the shell's children too) at once, not when the pipe closes.
         """
-        proto = _Collect()
+        proto = ChildOutput()
         args = [PY, "-c", _MAIN_THREAD_EXITS_FIRST, _session.__file__, "10"]
         transport = reactor.spawnProcess(proto, PY, args, env=dict(os.environ))
         self.addCleanup(self._reap, transport, proto)
@@ -464,13 +442,9 @@ class KillNineTests(TestCase):
         self.addCleanup(self._kill_all, members)
         transport.closeStdin()  # go: the main thread exits
         started = time.monotonic()
-        try:
-            await wait_until(lambda: not any(alive(p) for p in members), 3, "the group")
-        except AssertionError:
-            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
-            raise AssertionError(f"survivors: {survivors}") from None
+        await all_gone(members, 3, "the group")
         self.assertLess(time.monotonic() - started, 3)
-        self.assertFalse(proto.ended.called, "the stand-in's other thread should still run")
+        self.assertFalse(proto.done, "the stand-in's other thread should still run")
 
     @staticmethod
     def _kill_all(pids: list[int]) -> None:
@@ -508,7 +482,7 @@ profiles:
   p: [a, b]
 """
             )
-        proto = _Collect()
+        proto = ChildOutput()
         args = [PY, "-m", "twisted", "--log-format=text", "llamaswap"]
         args += ["--config", config_path, "--listen", "tcp:0:interface=127.0.0.1"]
         transport = reactor.spawnProcess(proto, PY, args, env=fakeserver_env(), path=base)
@@ -533,16 +507,12 @@ profiles:
         self.assertGreaterEqual(len(members), 6, [command(p) for p in members])
 
         os.kill(twistd, signal.SIGKILL)
-        await proto.ended
-        try:
-            await wait_until(lambda: not any(alive(p) for p in members), 10, "the children")
-        except AssertionError:
-            survivors = [(p, proc_stat(p), command(p)) for p in members if alive(p)]
-            raise AssertionError(f"survivors: {survivors}") from None
+        await proto.ended()
+        await all_gone(members, 10, "the children")
         for pid in servers:
             self.assertEqual(group(pid), [])
 
-    async def _reap(self, transport: Any, proto: _Collect) -> None:
+    async def _reap(self, transport: Any, proto: ChildOutput) -> None:
         if transport.pid is not None:
             os.kill(transport.pid, signal.SIGKILL)
-        await proto.ended
+        await proto.ended()
