@@ -35,6 +35,7 @@ from tests.fakeserver_helper import (
     spawn_fakeserver,
     start_fakeserver,
 )
+from tests.proctools import alive
 
 _shared: FakeServerProcess | None = None
 
@@ -583,15 +584,7 @@ class LifecycleTests(TestCase):
         self.assertIsInstance(grandchild, int)
         self.assertEqual(os.getpgid(grandchild), server.pid)
         server.stop()
-
-        def gone() -> bool:
-            try:
-                with open(f"/proc/{grandchild}/stat") as f:
-                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            except FileNotFoundError:
-                return True
-
-        self.assertTrue(wait_until(gone))
+        self.assertTrue(wait_until(lambda: not alive(grandchild)))
 
     def test_expect_model(self) -> None:
         """--expect-model rejects other model names with a 400 naming both."""
