@@ -32,14 +32,14 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.gguf_models import ensure_models, find_llama_server
-from tests.proctools import TWISTD, ChildOutput, alive, send_signal, twistd_env
+from tests.proctools import TWISTD, ChildOutput, alive, send_signal, sleep, twistd_env
 
 LLAMA_SERVER = find_llama_server()
 SKIP_REASON = (
@@ -135,10 +135,6 @@ def _llama_servers(ports: Iterable[int]) -> set[int]:
     return found
 
 
-async def _sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
 async def _until(
     what: str, check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.05
 ) -> float:
@@ -147,7 +143,7 @@ async def _until(
     while not await check():
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await _sleep(interval)
+        await sleep(interval)
     return time.monotonic() - start
 
 
