@@ -62,8 +62,8 @@ class ModelRoute(JSONResource):
         request_info(request).proxied = True
         body = read_body(request)
         header = request.getHeader(b"content-type")
-        kind, _ = bodies.content_type(header)
-        if self.multipart and kind == "multipart/form-data":
+        # Only multipart routes need the type (the email parser is not free).
+        if self.multipart and bodies.content_type(header)[0] == "multipart/form-data":
             parsed = bodies.from_multipart(body, header)
         else:
             parsed = bodies.from_json(body)

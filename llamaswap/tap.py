@@ -136,6 +136,7 @@ class LlamaSwapService(MultiService):
             root,
             max_body_size=config.max_body_size,
             log_requests=config.log_requests,
+            log_debug=config.log_level.lower() == "debug",
             events=self.events,
             reactor=reactor,
         )
