@@ -309,7 +309,8 @@ class EventsResource(Resource):
             # Stamp it, so a UI connecting later shows when it happened.
             data = {"time": round(self._clock.seconds(), 3), **data}
             self.recent.append(data)
-            self._broadcast(_frame("request", data))
+            if self.clients:  # the JSON costs ~4 % of a small proxied request
+                self._broadcast(_frame("request", data))
             # Its end may have released a lease and restarted a TTL.
             self._broadcast_snapshot()
         elif kind == "modelStatus":
