@@ -14,7 +14,9 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IAddress, IConsumer
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -82,19 +84,34 @@ class _CachedEndpoints:
 
     Agent builds a new endpoint for every request, IDNA-encoding the host each
     time, even when the pool then hands out an idle connection: about 9 % of
-    the instructions of a small proxied request (docs/performance.md).
+    the instructions of a small proxied request (docs/performance.md). And a
+    HostnameEndpoint resolves even C{127.0.0.1} through getaddrinfo in the
+    reactor's thread pool, for each new connection; plain HTTP to an IP
+    address (the usual C{proxy: http://127.0.0.1:PORT}) connects directly.
     """
 
-    def __init__(self, standard: Any) -> None:
+    def __init__(self, reactor: Any, standard: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
         self._standard = standard
+        self._timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: URI) -> Any:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = self._endpoints[key] = self._standard.endpointForURI(uri)
+            endpoint = self._endpoints[key] = self._build(uri)
         return endpoint
+
+    def _build(self, uri: URI) -> Any:
+        host = uri.host.decode("ascii", "replace")
+        if uri.scheme == b"http" and isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"http" and isIPv6Address(host):
+            return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                self._reactor, host, uri.port, timeout=self._timeout
+            )
+        return self._standard.endpointForURI(uri)
 
 
 def make_http(
@@ -109,7 +126,7 @@ def make_http(
     pool.retryAutomatically = True  # idempotent methods only
     standard = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
     agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
-        reactor, _CachedEndpoints(standard._endpointFactory), pool=pool
+        reactor, _CachedEndpoints(reactor, standard._endpointFactory, connect_timeout), pool=pool
     )
     # treq's client keeps one cookie jar for all traffic: a cookie set in one
     # user's answer would ride along on everybody's next request. Store none.
