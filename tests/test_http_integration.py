@@ -101,6 +101,14 @@ def response_tokens(response: http.client.HTTPResponse) -> int:
     return sum(1 for line in iter(response.readline, b"") if b"(token " in line)
 
 
+def hang_up(conn: http.client.HTTPConnection) -> float:
+    """Drop a client's connection at once (both directions); return when (monotonic)."""
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    return time.monotonic()
+
+
 def wait_for_disconnect(port: int) -> list[dict[str, Any]]:
     """Poll a fake upstream (blocking) until it has seen a client leave (3 s at most)."""
     deadline = time.monotonic() + 3
@@ -122,6 +130,12 @@ class IntegrationCase(TestCase):
         self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
         self.assertEqual(body["error"]["code"], code)
         return str(body["error"]["message"])
+
+    async def serving_alpha(self) -> tuple[Proxy, int]:
+        """A proxy whose one model, alpha, has served a request; and alpha's port."""
+        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
+        await self.assert_served(proxy)
+        return proxy, proxy.upstream_port("alpha")
 
     async def assert_served(self, proxy: Proxy, model: str = "alpha") -> None:
         """Another client is served normally."""
@@ -232,9 +246,7 @@ class StreamingTests(IntegrationCase):
         a few MiB are in flight (socket buffers), the proxy's memory does not
         grow by the answer, and everything arrives once the client reads again.
         """
-        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
-        await self.assert_served(proxy)
-        upstream = proxy.upstream_port("alpha")
+        proxy, upstream = await self.serving_alpha()
         size = 200 * 1024 * 1024
 
         def stall_then_read() -> tuple[int, int, int]:
@@ -260,9 +272,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_disconnect_cancels_upstream(self) -> None:
         """A client leaving mid-stream: the upstream sees its connection close within 100 ms."""
-        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
-        await self.assert_served(proxy)
-        upstream = proxy.upstream_port("alpha")
+        proxy, upstream = await self.serving_alpha()
 
         def leave_early() -> float:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
@@ -271,10 +281,7 @@ class StreamingTests(IntegrationCase):
             response = conn.getresponse()
             while b"(token 2)" not in response.readline():
                 pass
-            assert conn.sock is not None
-            conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
-            return time.monotonic()
+            return hang_up(conn)
 
         left_at = await in_thread(leave_early)
         seen = await in_thread(lambda: wait_for_disconnect(upstream))
@@ -288,9 +295,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_disconnect_before_headers(self) -> None:
         """A client leaving before the upstream answered: the upstream sees the close."""
-        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
-        await self.assert_served(proxy)
-        upstream = proxy.upstream_port("alpha")
+        proxy, upstream = await self.serving_alpha()
 
         def leave_while_waiting() -> float:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
@@ -300,10 +305,7 @@ class StreamingTests(IntegrationCase):
             while fake_get(upstream, "/debug/stats")["active"] == 0:
                 assert time.monotonic() < deadline, "the request never reached the upstream"
                 time.sleep(0.01)
-            assert conn.sock is not None
-            conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
-            return time.monotonic()
+            return hang_up(conn)
 
         left_at = await in_thread(leave_while_waiting)
         seen = await in_thread(lambda: wait_for_disconnect(upstream))
@@ -313,9 +315,7 @@ class StreamingTests(IntegrationCase):
 
     async def test_upstream_dies_mid_stream(self) -> None:
         """The server dying mid-answer: the client sees a truncated stream, not a clean end."""
-        proxy = Proxy(self, make_config({"alpha": fake_model("alpha")}))
-        await self.assert_served(proxy)
-        upstream = proxy.upstream_port("alpha")
+        proxy, upstream = await self.serving_alpha()
 
         def read_until_cut() -> tuple[int, str]:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
@@ -367,9 +367,7 @@ class StreamingTests(IntegrationCase):
             conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
             conn.request("POST", "/v1/chat/completions", json.dumps({"model": "beta"}))
             time.sleep(0.1)
-            assert conn.sock is not None
-            conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
+            hang_up(conn)
 
         tokens, _ = await gatherResults([in_thread(long_alpha), in_thread(abandoned_beta)])
         self.assertEqual(tokens, 40)
