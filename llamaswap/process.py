@@ -770,6 +770,8 @@ class _Hangup(Protocol):
 class _PortProbe(ClientFactory):
     """Fires C{result} with whether a connection was accepted."""
 
+    noisy = False  # one probe per start: "Starting factory" lines are noise
+
     def __init__(self) -> None:
         self.connector: IConnector | None = None
         self.result: Deferred[bool] = Deferred(self._cancel)
