@@ -604,3 +604,36 @@ class UpstreamClientTests(TestCase):
         self.assertEqual(await first.content(), b"(none)")
         second = await client.get(url)
         self.assertEqual(await second.content(), b"(none)")
+
+
+class UpstreamURLTests(SynchronousTestCase):
+    """The upstream client's URL fast path sends exactly what treq's own parsing sends."""
+
+    def test_ready_urls_match_treq(self) -> None:
+        """A URL given the fast path has the text hyperlink's to_uri() gives; others go slow."""
+        from hyperlink import EncodedURL
+        from twisted.internet.testing import MemoryReactorClock
+
+        client, _ = make_http(MemoryReactorClock())
+        ready = getattr(client, "_ready")  # noqa: B009
+        urls = [
+            b"http://127.0.0.1:8080/v1/chat/completions",
+            b"http://localhost:9000/base/upstream/a%2Fb;x=1?q=%41&r=(1)*2",
+            b"https://a.example.com/x/../y/./z?a=b",
+            b"http://127.0.0.1:8080/a?",  # hyperlink drops the empty query
+            b"http://127.0.0.1:8080/a{b}|c",  # hyperlink escapes these
+            b"http://127.0.0.1:8080/a?b=c?d",
+            b"http://127.0.0.1:8080/a#frag",
+            b"http://LOCALHOST:1/a",
+            b"http://127.0.0.1:80/a",  # default port
+            b"http://u:secret@h:1/a",  # the password is never sent as is
+            b"http://h:abc/a",  # hyperlink refuses it: treq still will
+        ]
+        given = []
+        for url in urls:
+            fast = ready(url)
+            if fast is not None:
+                given.append(url)
+                expected = EncodedURL.from_text(url.decode("ascii")).to_uri().to_text()
+                self.assertEqual(fast.to_uri().to_text(), expected)
+        self.assertEqual(given, urls[:3])
