@@ -176,6 +176,20 @@ class _UpstreamClient(HTTPClient):
         return _ReadyURL(url.decode("ascii")) if plain else None
 
 
+class _NoCookies(IndexableCookieJar):
+    """
+    A jar that never stores a cookie, and skips the work of trying: treq wraps
+    every request in a CookieAgent that asks the jar for a Cookie header and
+    hands it every response's Set-Cookie (cookiejar's locking, parsing, expiry).
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass  # the jar is always empty
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass  # the policy refuses every cookie anyway
+
+
 def make_http(
     reactor: Any, *, persistent: bool = True, connect_timeout: float = 5.0
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
@@ -192,6 +206,6 @@ def make_http(
     )
     # treq's client keeps one cookie jar for all traffic: a cookie set in one
     # user's answer would ride along on everybody's next request. Store none.
-    no_cookies = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    no_cookies = _NoCookies(DefaultCookiePolicy(allowed_domains=[]))
     client = _UpstreamClient(agent, cookiejar=no_cookies, data_to_body_producer=_body_producer)
     return client, pool
