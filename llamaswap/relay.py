@@ -70,6 +70,7 @@ _NOT_RETURNED = frozenset({b"content-length"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _USAGE_TAIL = 16 * 1024  # bytes of the answer kept to find a final "usage" object
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+_JSON = json.JSONDecoder()  # stateless: one for every find_usage call
 
 
 _NON_ASCII = re.compile(rb"[^\x21-\x7e]")
@@ -130,7 +131,7 @@ def find_usage(tail: bytes) -> dict[str, Any] | None:
     """The last C{"usage": {...}} object in C{tail} (JSON or SSE), if any."""
     for match in reversed(list(_USAGE_KEY.finditer(tail))):
         try:
-            usage, _ = json.JSONDecoder().raw_decode(tail[match.end() - 1 :].decode("utf-8"))
+            usage, _ = _JSON.raw_decode(tail[match.end() - 1 :].decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(usage, dict):
@@ -163,7 +164,10 @@ class BodyRelay(TwistedProtocol):
         self.done: Deferred[BaseException] = Deferred(lambda _: self.stopProducing())
         self.bytes = 0
         self._keep_tail = keep_tail
-        self._tail = b""
+        # The answer's last chunks, joined and cut to _USAGE_TAIL bytes only when
+        # they hold twice that: not a 16 KiB copy per streamed event.
+        self._tail: list[bytes] = []
+        self._tail_size = 0
         self._stopped = False
 
     def connectionMade(self) -> None:
@@ -175,7 +179,11 @@ class BodyRelay(TwistedProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
         if self._keep_tail:
-            self._tail = (self._tail + data)[-_USAGE_TAIL:]
+            self._tail.append(data)
+            self._tail_size += len(data)
+            if self._tail_size > 2 * _USAGE_TAIL:
+                self._tail = [b"".join(self._tail)[-_USAGE_TAIL:]]
+                self._tail_size = len(self._tail[0])
         self._request.write(data)  # a no-op once the client has gone
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
@@ -188,7 +196,7 @@ class BodyRelay(TwistedProtocol):
             self.done.callback(reason.value or Exception(reason.getErrorMessage()))
 
     def usage(self) -> dict[str, Any] | None:
-        return find_usage(self._tail) if self._keep_tail else None
+        return find_usage(b"".join(self._tail)[-_USAGE_TAIL:]) if self._keep_tail else None
 
     def pauseProducing(self) -> None:
         if self.transport is not None and not self._stopped:
