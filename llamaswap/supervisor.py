@@ -290,6 +290,17 @@ class Supervisor(Service):
         allowed = self._allowed.get(key)
         if allowed is None:
             allowed = self._allowed[key] = may_run_with(self.config, target)
+        proc = self._procs[model.id]
+        if (
+            proc.state is State.READY
+            and self.config.matrix is None
+            and all(w.done for w in self._queue)
+            and not any(p.occupied and m not in allowed for m, p in self._procs.items())
+        ):
+            # What a walk of a queue holding only this waiter would do: grant at once.
+            # (A walk leaves everything else as it was: it ran after the last change.)
+            self._queue = []
+            return succeed(self._lease(model, target, proc))
         waiter = _Waiter(target, model, allowed, self._withdraw)
         self._queue.append(waiter)
         self._walk()
@@ -357,6 +368,9 @@ class Supervisor(Service):
         """Re-examine the queue in order; re-entrant calls just ask for another pass."""
         if self._walking:
             self._walk_again = True
+            return
+        if not self._queue:
+            self._announced.clear()  # all that a walk of an empty queue does
             return
         self._walking = True
         try:
@@ -455,6 +469,10 @@ class Supervisor(Service):
 
     def _grant(self, waiter: _Waiter, proc: ModelProcess) -> None:
         waiter.done = True
+        waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
+
+    def _lease(self, model: ModelConfig, target: Target, proc: ModelProcess) -> Lease:
+        """A lease on C{proc}, a ready model's process, counted in flight."""
         proc.request_started()
         start = proc.starts
 
@@ -471,4 +489,4 @@ class Supervisor(Service):
             )
             return proc.when_changed(REFUSED_WAIT)
 
-        waiter.deferred.callback(Lease(waiter.model, waiter.target, release, refused))
+        return Lease(model, target, release, refused)
