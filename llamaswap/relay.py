@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from treq.client import HTTPClient
@@ -64,9 +64,9 @@ HOP_BY_HOP = frozenset(
 )
 # Request headers we never forward: the Agent sets Host and framing itself, treq
 # adds its own Accept-Encoding (and decodes), and we answer Expect ourselves.
-_NOT_FORWARDED = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
 # Response headers we set ourselves (length: the body may have been gunzipped).
-_NOT_RETURNED = frozenset({b"content-length"})
+_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 _NO_BODY_STATUSES = frozenset({204, 304})
 _USAGE_TAIL = 16 * 1024  # bytes of the answer kept to find a final "usage" object
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
@@ -96,16 +96,16 @@ LOADING_TICK = 0.75  # seconds between the "." frames of a loading stream
 _ERROR_BODY_LIMIT = 64 * 1024  # upstream error bytes kept to report after a loading stream
 
 
-def _end_to_end(headers: Headers, drop: frozenset[bytes]) -> Iterator[tuple[bytes, list[bytes]]]:
-    named = {
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", [])
-        for token in value.split(b",")
-    }
-    for name, values in headers.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered not in HOP_BY_HOP and lowered not in named and lowered not in drop:
-            yield name, list(values)
+def _end_to_end(headers: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:
+    """The headers whose lowercase name is neither in C{drop} nor named by C{Connection}."""
+    connection = headers.getRawHeaders(b"connection")
+    if connection:
+        drop = drop.union(t.strip().lower() for value in connection for t in value.split(b","))
+    return [
+        (name, list(values))
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in drop
+    ]
 
 
 def forward_headers(request: Request) -> Headers:
@@ -487,16 +487,18 @@ class Relay:
         Send status and headers (unless C{head} is false: a loading stream sent
         them), then stream the body; return how the body ended.
         """
-        content_type = b",".join(response.headers.getRawHeaders(b"content-type", [])).lower()
+        headers = response.headers  # each attribute of treq's response is a proxy lookup
+        content_type = b",".join(headers.getRawHeaders(b"content-type", [])).lower()
         if head:
-            request.setResponseCode(response.code, response.phrase)
-            copy_response_headers(response.headers, request.responseHeaders)
+            code = response.code
+            request.setResponseCode(code, response.phrase)
+            copy_response_headers(headers, request.responseHeaders)
             if request.method == b"HEAD":
-                length = response.headers.getRawHeaders(b"content-length")
+                length = headers.getRawHeaders(b"content-length")
                 if length:
                     request.responseHeaders.setRawHeaders(b"Content-Length", length[:1])
-            elif isinstance(response.length, int) and response.code not in _NO_BODY_STATUSES:
-                request.setHeader(b"Content-Length", b"%d" % response.length)
+            elif isinstance(size := response.length, int) and code not in _NO_BODY_STATUSES:
+                request.setHeader(b"Content-Length", b"%d" % size)
             if b"text/event-stream" in content_type:
                 request.setHeader(b"X-Accel-Buffering", b"no")
             request.write(b"")  # status and headers now, before the first token
