@@ -8,6 +8,7 @@ twistd prints them and exits before daemonizing (no pidfile is left behind).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -178,7 +179,22 @@ def build_service(
     return LlamaSwapService(config, listen=listen, reactor=reactor)
 
 
+def _freeze_startup_heap() -> None:
+    """
+    Move the start-up objects (imports, config, resource tree: ~55,000) out of
+    the cyclic garbage collector's reach. Otherwise each full collection walks
+    them all: a 20 ms pause every few thousand requests, in the middle of
+    whatever streams (docs/performance.md). Cyclic garbage made later is
+    collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # late: twistd has installed its reactor
 
-    return build_service(options["parsed"], reactor=reactor, listen=options["listen"])
+    service = build_service(options["parsed"], reactor=reactor, listen=options["listen"])
+    # Once running (services started): only twistd's process, never a test's.
+    reactor.callWhenRunning(reactor.callLater, 0, _freeze_startup_heap)
+    return service
