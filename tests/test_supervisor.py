@@ -494,8 +494,8 @@ class ProfileTests(SynchronousTestCase):
         self.failureResultOf(h.sup.acquire("zz:a"), ModelNotFound)
 
 
-class GroupTests(SynchronousTestCase):
-    """llama-swap's groups: swap, exclusive and persistent (checklist item 86)."""
+class _ReadyModelsCase(SynchronousTestCase):
+    """Helpers for tests about which models end up running together."""
 
     def ready(self, h: Harness, name: str) -> None:
         """Request C{name} until served; release the lease at once."""
@@ -506,6 +506,10 @@ class GroupTests(SynchronousTestCase):
 
     def running(self, h: Harness) -> list[str]:
         return [s.model_id for s in h.sup.statuses() if s.state == "ready"]
+
+
+class GroupTests(_ReadyModelsCase):
+    """llama-swap's groups: swap, exclusive and persistent (checklist item 86)."""
 
     def test_no_groups_is_one_at_a_time(self) -> None:
         """may_run_with without groups: a model runs alone (plain) or with its profile."""
@@ -625,7 +629,7 @@ class GroupTests(SynchronousTestCase):
         self.successResultOf(c)
 
 
-class MatrixTests(SynchronousTestCase):
+class MatrixTests(_ReadyModelsCase):
     """llama-swap's matrix: sets of co-resident models, cheapest eviction (item 87)."""
 
     TOP = (
@@ -646,16 +650,6 @@ class MatrixTests(SynchronousTestCase):
         text = formatEvent(event)
         if text.startswith("matrix:"):
             self.logged.append(text)
-
-    def ready(self, h: Harness, name: str) -> None:
-        """Request C{name} until served; release the lease at once."""
-        d = h.sup.acquire(name)
-        h.healthy()
-        h.tick(2)
-        self.successResultOf(d).release()
-
-    def running(self, h: Harness) -> list[str]:
-        return [s.model_id for s in h.sup.statuses() if s.state == "ready"]
 
     def test_models_sharing_a_set_stay_up(self) -> None:
         """b shares a set with the running a: nothing is evicted, both run."""
