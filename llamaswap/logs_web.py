@@ -34,7 +34,7 @@ from zope.interface import implementer
 from llamaswap.config import Config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import respond_error
+from llamaswap.jsonweb import JSONResource, respond_error
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class LogTail:
         self.detach()
 
 
-class LogsResource(Resource):
+class LogsResource(JSONResource):
     """C{/logs} and everything below it (see the module docstring)."""
 
     isLeaf = True
@@ -146,10 +146,7 @@ class LogsResource(Resource):
         self._logs = logs
         self._config = config
 
-    def render(self, request: Request) -> bytes | int:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _error(request, 405, "method not allowed")
+    def render_GET(self, request: Request) -> bytes | int:
         segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         if segments in ([], [""]):
             return self._history(request)
@@ -442,7 +439,7 @@ def build_events_resource(
 # --- /ui -------------------------------------------------------------------------
 
 
-class UIResource(Resource):
+class UIResource(JSONResource):
     """
     The static UI. C{/ui} redirects to C{/ui/}; extension-less paths get
     C{index.html} (the UI routes with C{#fragments}); other unknown files 404.
@@ -450,10 +447,7 @@ class UIResource(Resource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> bytes | int:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _error(request, 405, "method not allowed")
+    def render_GET(self, request: Request) -> bytes | int:
         segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
         if not segments:
             request.redirect(b"/ui/")

@@ -516,6 +516,7 @@ class LogStreamTests(HubCase):
         stub = StubTreq(logs_root(hub))
         response = self.successResultOf(stub.post("http://x/logs/stream"))
         self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
 
     def test_errors_follow_accept(self) -> None:
         """Errors are JSON by default, text or HTML when C{Accept} asks, as on other routes."""
