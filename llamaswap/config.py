@@ -104,6 +104,8 @@ class ModelConfig:
     port: int | None = None
     filters: Filters = Filters()
     send_loading_state: bool = False  # the model's own setting, else the global one
+    # Keep-alive to the server (False: a connection per request; docs/llama-server.md).
+    reuse_connections: bool = False
 
 
 @frozen(kw_only=True)
@@ -120,6 +122,7 @@ class PeerConfig:
     models: tuple[str, ...]
     api_key: str | None = None  # sent as Authorization: Bearer and x-api-key
     filters: Filters = Filters()
+    reuse_connections: bool = True  # keep-alive: a peer is usually across a network
 
 
 @frozen(kw_only=True)
@@ -394,6 +397,7 @@ _MODEL_KEYS = (
     "concurrencyLimit",
     "filters",
     "sendLoadingState",
+    "reuseConnections",
 )
 _FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
 
@@ -907,6 +911,7 @@ def _read_model(
         send_loading_state=_bool(
             f"{where}.sendLoadingState", raw.get("sendLoadingState", send_loading_state)
         ),
+        reuse_connections=_bool(f"{where}.reuseConnections", raw.get("reuseConnections", False)),
     )
     return model, alias_paths
 
@@ -1014,7 +1019,7 @@ def _check_aliases(models: Mapping[str, ModelConfig], paths: Mapping[str, list[s
 
 # --- peers -------------------------------------------------------------------
 
-_PEER_KEYS = ("proxy", "models", "apiKey", "filters")
+_PEER_KEYS = ("proxy", "models", "apiKey", "filters", "reuseConnections")
 
 
 def _names_peer_model(peers: Mapping[str, PeerConfig], name: str) -> bool:
@@ -1080,6 +1085,7 @@ def _read_peers(
             models=tuple(names),
             api_key=api_key,
             filters=_read_filters(f"{where}.filters", filters_raw, macros, expand, warnings),
+            reuse_connections=_bool(f"{where}.reuseConnections", raw.get("reuseConnections", True)),
         )
     return peers
 

@@ -10,6 +10,7 @@ tests and could bind to a different reactor.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
@@ -17,11 +18,22 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IAddress, IConsumer
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
+)
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -78,6 +90,56 @@ def _body_producer(data: Any) -> IBodyProducer:
         return _BytesProducer(data)
     producer: IBodyProducer = IBodyProducer(data)  # treq's default: files and producers
     return producer
+
+
+class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
+    """
+    A reused connection that sends its request again, once, on a new one when
+    it fails before any response byte arrived.
+
+    A server may close an idle keep-alive socket at any moment (llama-server
+    closes after every streamed answer without saying so, and after 5 s idle):
+    a request written into that socket dies with nothing received. Twisted
+    retries that for idempotent methods without a body only; our bodies are
+    in memory (L{_BytesProducer}) and can be written again, and no byte of
+    the answer can have reached the client yet, so every method is safe to
+    replay. A fresh connection is never retried (L{HTTPConnectionPool} wraps
+    only cached ones): its failure is the server's real answer.
+    """
+
+    def __init__(
+        self, connection: HTTP11ClientProtocol, fresh: Callable[[], Deferred[Any]]
+    ) -> None:
+        super().__init__(connection, fresh)  # type: ignore[no-untyped-call]
+
+    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
+        if not isinstance(
+            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        ):
+            return False
+        if any(f.check(CancelledError) for f in getattr(exception, "reasons", ())):
+            return False  # the client left: nothing to retry for
+        return bodyProducer is None or isinstance(bodyProducer, _BytesProducer)
+
+    def request(self, request: Any) -> Deferred[Any]:
+        result: Deferred[Any] = super().request(request)  # type: ignore[no-untyped-call]
+        return result
+
+
+class _UpstreamPool(HTTPConnectionPool):
+    """A pool whose reused connections replay a failed request (L{_ReplayOnFreshConnection})."""
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            if connection.state == "QUIESCENT":
+                replay = _ReplayOnFreshConnection(
+                    connection, lambda: self._newConnection(key, endpoint)
+                )
+                return succeed(replay)
+        return self._newConnection(key, endpoint)
 
 
 class _CachedEndpoints:
@@ -193,13 +255,20 @@ class _NoCookies(IndexableCookieJar):
 def make_http(
     reactor: Any, *, persistent: bool = True, connect_timeout: float = 5.0
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """Return a treq client and the pool to close when done."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    """
+    Return a treq client and the pool to close when done.
+
+    C{persistent}: keep connections open between requests (keep-alive), and
+    replay a request that fails on a reused one before any answer (once, on a
+    fresh connection). Without it, every request has a connection of its own,
+    sent with C{Connection: close} (docs/llama-server.md says why that is the
+    default for the model servers we start).
+    """
+    pool = _UpstreamPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 16  # idle sockets kept per upstream; not a concurrency cap
     # llama-server (cpp-httplib) closes idle keep-alive sockets after 5 s: stay below.
     pool.cachedConnectionTimeout = 2
-    pool.retryAutomatically = True  # idempotent methods only
     standard = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
     agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
         reactor, _CachedEndpoints(reactor, standard._endpointFactory, connect_timeout), pool=pool

@@ -38,6 +38,7 @@ class PeerLease(Lease):
             proxy=peer.proxy,
             check_endpoint=None,
             filters=peer.filters,
+            reuse_connections=peer.reuse_connections,
         )
         super().__init__(model, Target(model_id=target.fqn, upstream_model=target.model), _nothing)
         self.peer = peer

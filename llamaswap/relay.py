@@ -300,10 +300,22 @@ class Relay:
 
     log = Logger()
 
-    def __init__(self, supervisor: LeaseSource, http: HTTPClient, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        supervisor: LeaseSource,
+        http: HTTPClient,
+        clock: IReactorTime,
+        fresh_http: HTTPClient | None = None,
+    ) -> None:
+        """
+        C{http} keeps connections alive (for models and peers with
+        C{reuseConnections}); C{fresh_http}, when given, opens one connection
+        per request for the others (docs/llama-server.md: why by default).
+        """
         self.supervisor = supervisor
-        self._http = http
         self._clock = clock
+        # Indexed by the model's reuse_connections: one lookup per request.
+        self._clients = (fresh_http or http, http)
 
     def proxy(
         self,
@@ -444,7 +456,8 @@ class Relay:
         headers = forward_headers(request)
         if isinstance(lease, PeerLease):
             lease.authorize(headers)
-        response: IResponse = await self._http.request(
+        client = self._clients[lease.model.reuse_connections]
+        response: IResponse = await client.request(
             request.method.decode("ascii"),
             lease.url.encode("utf-8") + _NON_ASCII.sub(_percent, uri),
             headers=headers,

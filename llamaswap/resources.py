@@ -168,9 +168,14 @@ def build_root(
     events: EventBus,
     http: HTTPClient,
     reactor: Any,
+    fresh_http: HTTPClient | None = None,
 ) -> IResource:
-    """The whole HTTP API (see docs/api.md)."""
-    relay = Relay(supervisor, http, reactor)
+    """
+    The whole HTTP API (see docs/api.md). C{http} keeps connections alive;
+    C{fresh_http} (if given) opens one per request, for the model servers that
+    do not reuse connections (L{Relay}).
+    """
+    relay = Relay(supervisor, http, reactor, fresh_http)
     root = Root(config.api_keys)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:

@@ -123,13 +123,17 @@ class LlamaSwapService(MultiService):
         self.events = EventBus()
         self.logs = LogHub(config, events=self.events)
         self.supervisor = Supervisor(config, reactor=reactor, events=self.events)
+        # Keep-alive for what reuses connections, one connection per request for
+        # the rest (model servers by default: docs/llama-server.md).
         self._http, self._pool = make_http(reactor)
+        fresh_http, self._fresh_pool = make_http(reactor, persistent=False)
         root = build_root(
             config,
             supervisor=self.supervisor,
             logs=self.logs,
             events=self.events,
             http=self._http,
+            fresh_http=fresh_http,
             reactor=reactor,
         )
         # LlamaSwapSite: refuses oversized bodies before reading them, logs requests.
@@ -152,7 +156,8 @@ class LlamaSwapService(MultiService):
         async def stop_in_order() -> None:
             await self.http.stopService()
             await _await_maybe(self.supervisor.stopService())
-            await _await_maybe(self._pool.closeCachedConnections())  # type: ignore[no-untyped-call]
+            for pool in (self._pool, self._fresh_pool):
+                await _await_maybe(pool.closeCachedConnections())  # type: ignore[no-untyped-call]
             self.logs.stopService()
 
         return Deferred.fromCoroutine(stop_in_order())

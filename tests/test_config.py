@@ -1327,6 +1327,32 @@ class SendLoadingStateTests(SynchronousTestCase):
         self.assertEqual(config.upstream_ignore_paths, ())
 
 
+class ReuseConnectionsTests(ErrorAssertions):
+    """C{reuseConnections}: off for models (a connection per request), on for peers."""
+
+    def test_defaults(self) -> None:
+        config = parse(
+            """
+            models:
+              m: {cmd: m, proxy: "http://127.0.0.1:1"}
+              k: {cmd: k, proxy: "http://127.0.0.1:2", reuseConnections: true}
+            peers:
+              p: {proxy: "http://10.0.0.5:8080", models: [a]}
+              q: {proxy: "http://10.0.0.6:8080", models: [b], reuseConnections: false}
+            """
+        )
+        self.assertFalse(config.models["m"].reuse_connections)
+        self.assertTrue(config.models["k"].reuse_connections)
+        self.assertTrue(config.peers["p"].reuse_connections)
+        self.assertFalse(config.peers["q"].reuse_connections)
+
+    def test_must_be_a_boolean(self) -> None:
+        self.assertModelError(
+            "cmd: a\nproxy: http://h:1\nreuseConnections: 'yes'\n",
+            "models.m.reuseConnections: must be true or false, not a string",
+        )
+
+
 class ProfileTests(ErrorAssertions):
     """Seed-style profiles and Config.resolve."""
 

@@ -1,0 +1,170 @@
+"""
+The upstream HTTP client (llamaswap.http): connection reuse and its one replay.
+
+A raw in-process server stands in for a model server whose sockets die under a
+kept-alive connection (what llama-server does after every streamed answer), so
+each test decides exactly which bytes a connection gets before it closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web._newclient import ResponseFailed
+
+from llamaswap.http import make_http
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+
+
+class _Scripted(Protocol):
+    """
+    Reads requests (head + Content-Length body) and acts per the factory's
+    C{script}: for the Nth request on this connection, C{"answer"} echoes
+    the body back, C{"close"} closes without a byte, C{"half"} sends part of
+    a status line and closes.
+    """
+
+    factory: _ScriptedFactory
+
+    def connectionMade(self) -> None:
+        self._buffer = b""
+        self._served = 0
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\r\n\r\n" in self._buffer:
+            head, rest = self._buffer.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            body, self._buffer = rest[:length], rest[length:]
+            self.factory.bodies.append(body)
+            self.factory.heads.append(head)
+            action = self.factory.script[min(self._served, len(self.factory.script) - 1)]
+            self._served += 1
+            assert self.transport is not None
+            if action == "answer":
+                self.transport.write(_OK % (len(body), body))
+            elif action == "half":
+                self.transport.write(b"HTTP/1.1 2")
+                self.transport.loseConnection()
+                return
+            else:
+                self.transport.loseConnection()
+                return
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.closed += 1
+
+
+class _ScriptedFactory(Factory):
+    protocol = _Scripted
+    noisy = False
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = script
+        self.connections = 0
+        self.closed = 0
+        self.bodies: list[bytes] = []
+        self.heads: list[bytes] = []
+
+
+class ReuseTests(TestCase):
+    """A request on a reused connection is replayed once when it dies unanswered."""
+
+    def serve(self, script: list[str]) -> tuple[_ScriptedFactory, str]:
+        factory = _ScriptedFactory(script)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return factory, f"http://127.0.0.1:{port.getHost().port}/v1/chat/completions"
+
+    def client(self, *, persistent: bool = True) -> Any:
+        http, pool = make_http(reactor, persistent=persistent)
+        self.addCleanup(pool.closeCachedConnections)
+        return http
+
+    @inlineCallbacks
+    def post(self, http: Any, url: str, body: bytes) -> Any:
+        response = yield http.request("POST", url.encode("ascii"), data=body, unbuffered=True)
+        content = yield treq.content(response)
+        return response.code, content
+
+    @inlineCallbacks
+    def test_post_replayed_on_a_fresh_connection(self) -> Any:
+        """
+        The server answers the first request of each connection and closes the
+        kept-alive socket when the second arrives: that POST is sent again, with
+        its body, on a new connection, and the caller sees only the answer.
+        """
+        factory, url = self.serve(["answer", "close"])
+        http = self.client()
+        for i in range(5):
+            code, content = yield self.post(http, url, b'{"n": %d}' % i)
+            self.assertEqual((code, content), (200, b'{"n": %d}' % i))
+        # Requests 2..5 each went to a dead reused socket first, then to a new one.
+        self.assertEqual(
+            factory.bodies, [b'{"n": 0}'] + [b'{"n": %d}' % i for i in range(1, 5) for _ in (0, 1)]
+        )
+        self.assertEqual(factory.connections, 5)
+
+    @inlineCallbacks
+    def test_fresh_connection_is_not_retried(self) -> Any:
+        """A new connection that dies unanswered is the server's real answer: one try, an error."""
+        factory, url = self.serve(["close"])
+        http = self.client()
+        yield self.assertFailure(self.post(http, url, b"{}"), ResponseFailed)
+        self.assertEqual(factory.bodies, [b"{}"])
+
+    @inlineCallbacks
+    def test_partial_answer_is_not_retried(self) -> Any:
+        """Once a byte of the answer came, a replay could double it: no retry on a reused socket."""
+        factory, url = self.serve(["answer", "half"])
+        http = self.client()
+        code, _ = yield self.post(http, url, b"{}")
+        self.assertEqual(code, 200)
+        failure = yield self.assertFailure(self.post(http, url, b'{"n": 1}'), ResponseFailed)
+        self.assertNotIn("ResponseNeverReceived", type(failure).__name__)
+        self.assertEqual(factory.bodies, [b"{}", b'{"n": 1}'])
+        self.assertEqual(factory.connections, 1)
+
+    @inlineCallbacks
+    def test_no_reuse_sends_connection_close(self) -> Any:
+        """Without keep-alive every request has its own connection, announced with Connection: close."""
+        factory, url = self.serve(["answer", "close"])
+        http = self.client(persistent=False)
+        for i in range(3):
+            code, _ = yield self.post(http, url, b"%d" % i)
+            self.assertEqual(code, 200)
+        self.assertEqual(factory.connections, 3)
+        self.assertEqual(factory.bodies, [b"0", b"1", b"2"])
+        for head in factory.heads:
+            self.assertIn(b"connection: close", head.lower())
+
+    @inlineCallbacks
+    def test_concurrent_posts_on_dying_sockets(self) -> Any:
+        """
+        Eight callers at once, four rounds, on a server that never answers twice on a
+        socket: every POST is answered with its own body, none fails.
+        """
+        factory, url = self.serve(["answer", "close"])
+        http = self.client()
+        for round_ in range(4):
+            calls: list[Deferred[Any]] = [
+                self.post(http, url, b"%d-%d" % (round_, i)) for i in range(8)
+            ]
+            results = yield gatherResults(calls)
+            self.assertEqual(
+                sorted(results), sorted((200, b"%d-%d" % (round_, i)) for i in range(8))
+            )
+        self.assertGreater(factory.connections, 8)
