@@ -12,6 +12,15 @@ content), and flags make it misbehave the way real upstreams do: slow to load
 (``--startup-delay``), never healthy, exiting during start-up, crashing after
 N requests, deaf to SIGTERM, leaving a grandchild in its process group.
 
+Connections can be handled the way llama-server's cpp-httplib does it (all off
+by default; ``--like-llama-server`` turns on the first three):
+``--http-threads N`` (N workers, each tied to one connection from accept to
+close, idle keep-alive included; later connections wait unread, FIFO),
+``--close-after-stream`` (close after every chunked answer, with no
+``Connection: close``), ``--keep-alive-timeout S`` (silently close a connection
+idle for S seconds), plus ``--accept-delay S`` (a new connection is read S after
+its accept) and ``--read-delay S`` (every request is handled S after it arrived).
+
 Routes (JSON unless said otherwise; errors use OpenAI's ``{"error": {...}}``):
 
 - ``GET /health`` (503 ``{"status": "loading"}`` while loading), ``/v1/models``,
@@ -27,12 +36,15 @@ Routes (JSON unless said otherwise; errors use OpenAI's ``{"error": {...}}``):
   ``/v1/audio/speech``, ``GET /v1/audio/voices``, ``/v1/images/generations``,
   ``/v1/images/edits`` (multipart). While loading, every POST route answers 503.
 - Test helpers: ``/slow-respond?echo=TEXT&delay=100ms``, ``/big?mb=N``,
-  ``/sse?events=N``, ``/status/<code>[?location=URL]``, ``/echo/...`` (any
-  method), ``/exit?code=N`` (dies without answering), ``GET /debug/stats``,
-  ``GET /debug/disconnects``.
+  ``/sse?events=N[&delay=S]``, ``/status/<code>[?location=URL]``, ``/echo/...`` (any
+  method), ``/exit?code=N`` (dies without answering), ``GET /debug/stats``
+  (counters, connections included), ``GET /debug/disconnects``. ``/sse`` is
+  paced by ``--token-delay`` unless ``?delay=`` says otherwise.
 
 The tree also runs in-process (``StubTreq(build_root(FakeServer(FakeOptions(
-name="x"), clock)))``), driven by a test clock.
+name="x"), clock)))``), driven by a test clock. The connection options live in
+L{FakeSite} and its channels, so they need ``FakeSite(build_root(fake), fake)``
+(a real port, or ``buildProtocol`` on an in-memory transport), not StubTreq.
 """
 
 from __future__ import annotations
@@ -48,16 +60,17 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from types import FrameType
-from typing import IO, Any, TypeAlias, cast
+from typing import IO, Any, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qs
 from weakref import WeakKeyDictionary
 
 from attrs import field, frozen
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import (
     FilteringLogObserver,
@@ -80,6 +93,7 @@ from zope.interface import implementer
 JSONObject: TypeAlias = dict[str, Any]
 RenderResult: TypeAlias = bytes | int
 Handler: TypeAlias = Callable[[Request], RenderResult]
+_T = TypeVar("_T")
 
 LOG_NAMESPACE = "llamaswap.fakeserver"
 EMBEDDING_DIM = 8
@@ -110,6 +124,17 @@ class FakeOptions:
     echo: bool = False
     quiet: bool = False
     expect_model: str | None = None
+    http_threads: int = 0  # 0: unlimited
+    close_after_stream: bool = False
+    keep_alive_timeout: float = 0.0  # 0: never
+    accept_delay: float = 0.0
+    read_delay: float = 0.0
+
+
+# What --like-llama-server turns on: cpp-httplib's habits, with llama-server's
+# n_threads_http for -np 1 (n_parallel + 4; the nproc - 1 alternative is machine-dependent).
+LLAMA_SERVER_HTTP_THREADS = 5
+LLAMA_SERVER_KEEP_ALIVE = 5.0
 
 
 def _non_negative_float(text: str) -> float:
@@ -161,11 +186,63 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeOptions:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--fork-grandchild", action="store_true")
     parser.add_argument("--tokens", type=_non_negative_int, default=8, metavar="N")
-    parser.add_argument("--token-delay", type=_non_negative_float, default=0.0, metavar="S")
+    parser.add_argument(
+        "--token-delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="seconds between token events (one write each) on every streamed route",
+    )
     parser.add_argument("--echo", action="store_true", help="echo request headers and body")
     parser.add_argument("--quiet", action="store_true", help="no per-request log line")
     parser.add_argument("--expect-model", default=None, metavar="MODEL")
+    # Connection handling as llama-server (cpp-httplib) does it. None = not given,
+    # so that --like-llama-server can fill in what was not given explicitly.
+    parser.add_argument(
+        "--http-threads",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="serve at most N connections at once, each held from accept to close "
+        "(idle keep-alive included); later ones wait unread, FIFO. 0: unlimited (default)",
+    )
+    parser.add_argument(
+        "--close-after-stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="close the connection after each chunked (streamed) answer, "
+        "without a Connection: close header",
+    )
+    parser.add_argument(
+        "--keep-alive-timeout",
+        type=_non_negative_float,
+        default=None,
+        metavar="S",
+        help="silently close a connection idle (no request in progress) for S seconds. "
+        "0: never (default)",
+    )
+    parser.add_argument(
+        "--accept-delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="read nothing from a new connection until S seconds after it was accepted",
+    )
+    parser.add_argument(
+        "--read-delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="handle each request S seconds after it arrived (every request of a connection)",
+    )
+    parser.add_argument(
+        "--like-llama-server",
+        action="store_true",
+        help=f"preset: --close-after-stream --keep-alive-timeout {LLAMA_SERVER_KEEP_ALIVE:g} "
+        f"--http-threads {LLAMA_SERVER_HTTP_THREADS}, each unless given explicitly",
+    )
     ns = parser.parse_args(argv)
+    like = bool(ns.like_llama_server)
     return FakeOptions(
         port=ns.port,
         host=ns.host,
@@ -181,7 +258,16 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeOptions:
         echo=ns.echo,
         quiet=ns.quiet,
         expect_model=ns.expect_model,
+        http_threads=_given(ns.http_threads, LLAMA_SERVER_HTTP_THREADS if like else 0),
+        close_after_stream=_given(ns.close_after_stream, like),
+        keep_alive_timeout=_given(ns.keep_alive_timeout, LLAMA_SERVER_KEEP_ALIVE if like else 0.0),
+        accept_delay=ns.accept_delay,
+        read_delay=ns.read_delay,
     )
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 def parse_duration(text: str) -> float:
@@ -247,20 +333,154 @@ class _Stream:
     content_type: bytes = b"text/event-stream"
 
 
+# Why a connection is not being read yet (see _Channel._hold).
+_HOLD_WORKER = "worker"  # every --http-threads slot is taken
+_HOLD_ACCEPT = "accept"  # its --accept-delay is not over
+
+
 class _Channel(http.HTTPChannel):
-    """HTTPChannel that reports when its socket is really closed (after flushing)."""
+    """
+    HTTPChannel that reports when its socket is really closed (after flushing),
+    and that can be held unread: while it waits for a worker slot
+    (--http-threads) or for its --accept-delay, its transport is paused, so the
+    request stays in the socket as it does in llama-server's accept queue.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._holds: set[str] = set()
+        self._accept_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._gone = False
+
+    @property
+    def _fake(self) -> FakeServer | None:
+        site = getattr(self, "site", None)
+        return site.fake if isinstance(site, FakeSite) else None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        fake = self._fake
+        if fake is None:
+            return
+        if fake.options.accept_delay > 0:
+            self._hold(_HOLD_ACCEPT)
+            self._accept_call = fake.clock.callLater(
+                fake.options.accept_delay, self._accept_delay_over
+            )
+        if not fake.on_channel_open(self):
+            self._hold(_HOLD_WORKER)
+        if not self._holds:
+            self._arm_idle()
+
+    def worker_granted(self) -> None:
+        """A worker slot freed up for this waiting connection."""
+        self._release(_HOLD_WORKER)
+
+    def _accept_delay_over(self) -> None:
+        self._accept_call = None
+        self._release(_HOLD_ACCEPT)
+
+    def _hold(self, why: str) -> None:
+        if not self._holds:
+            IPushProducer(self.transport).pauseProducing()
+        self._holds.add(why)
+
+    def _release(self, why: str) -> None:
+        self._holds.discard(why)
+        if not self._holds and not self._gone:
+            # Served from now on: read what waited in the socket.
+            IPushProducer(self.transport).resumeProducing()
+            self._arm_idle()
+
+    # -- keep-alive timeout: armed while no request is in progress ------------
+
+    def _arm_idle(self) -> None:
+        fake = self._fake
+        if fake is None or fake.options.keep_alive_timeout <= 0 or self._gone:
+            return
+        self._cancel_idle()
+        self._idle_call = fake.clock.callLater(fake.options.keep_alive_timeout, self._idle_over)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+
+    def _idle_over(self) -> None:
+        self._idle_call = None
+        fake = self._fake
+        if self.requests or self._gone or fake is None:
+            return  # defensive: a request began (dataReceived cancels us)
+        fake.closed_idle += 1
+        self.loseConnection()  # silently, as cpp-httplib does: no response, no header
+
+    def dataReceived(self, data: bytes) -> None:
+        # Any byte starts a request: the connection is no longer idle.
+        self._cancel_idle()
+        super().dataReceived(data)
+
+    def requestDone(self, request: http.Request) -> None:
+        super().requestDone(request)
+        # Still open, and no pipelined request took over: idle again.
+        if self.persistent and not self.requests:
+            self._arm_idle()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._gone = True
+        self._cancel_idle()
+        if self._accept_call is not None and self._accept_call.active():
+            self._accept_call.cancel()
+        self._accept_call = None
         super().connectionLost(reason)
-        site = getattr(self, "site", None)
-        if isinstance(site, FakeSite):
-            site.fake.on_channel_closed(self)
+        fake = self._fake
+        if fake is not None:
+            fake.on_channel_closed(self)
+
+
+class _FakeRequest(server.Request):
+    """A request that can wait before being handled, and close its connection after a stream."""
+
+    @property
+    def _fake(self) -> FakeServer | None:
+        # No channel once the request is done (finish called twice only warns).
+        site = getattr(getattr(self, "channel", None), "site", None)
+        return site.fake if isinstance(site, FakeSite) else None
+
+    def process(self) -> None:
+        fake = self._fake
+        delay = 0.0 if fake is None else fake.options.read_delay
+        if fake is None or delay <= 0:
+            super().process()
+            return
+        # The whole request has arrived; HTTPChannel buffers anything after it.
+        call = fake.clock.callLater(delay, super().process)
+        self.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+
+    def finish(self) -> None:
+        fake = self._fake
+        if (
+            fake is not None
+            and fake.options.close_after_stream
+            and self.chunked
+            and not self.finished
+            and not self._disconnected
+            and self.channel.persistent
+        ):
+            # cpp-httplib closes after every chunked answer, and says nothing
+            # about it (no Connection: close; the headers are long gone anyway).
+            # The terminating chunk is still written; requestDone then closes.
+            self.channel.persistent = False
+            fake.closed_after_stream += 1
+        super().finish()
 
 
 class FakeSite(server.Site):
     """Site without an access log (one stdout line per request is ours to write)."""
 
     protocol = _Channel  # type: ignore[assignment]
+    requestFactory = _FakeRequest
     noisy = False
 
     def __init__(self, resource: IResource, fake: FakeServer) -> None:
@@ -306,6 +526,14 @@ class FakeServer:
         self._exit_process = exit_process
         self._crash_channel: http.HTTPChannel | None = None
         self._ids = 0
+        # Connections, and the --http-threads worker pool.
+        self.connections_accepted = 0
+        self.closed_after_stream = 0
+        self.closed_idle = 0
+        self.max_connections_served = 0
+        self.max_connections_waiting = 0
+        self._served: set[_Channel] = set()
+        self._waiting: deque[_Channel] = deque()
 
     @property
     def loading(self) -> bool:
@@ -368,7 +596,34 @@ class FakeServer:
         self.disconnects.append(_Disconnect(path, time.monotonic(), written))
         self.log.info("client disconnected: {path}", path=path)
 
-    def on_channel_closed(self, channel: http.HTTPChannel) -> None:
+    def on_channel_open(self, channel: _Channel) -> bool:
+        """
+        A connection was accepted: give it a worker slot if one is free
+        (C{True}), else queue it (C{False}: L{_Channel.worker_granted} later).
+        """
+        self.connections_accepted += 1
+        limit = self.options.http_threads
+        if limit and len(self._served) >= limit:
+            self._waiting.append(channel)
+            self.max_connections_waiting = max(self.max_connections_waiting, len(self._waiting))
+            return False
+        self._serve(channel)
+        return True
+
+    def _serve(self, channel: _Channel) -> None:
+        self._served.add(channel)
+        self.max_connections_served = max(self.max_connections_served, len(self._served))
+
+    def on_channel_closed(self, channel: _Channel) -> None:
+        if channel in self._served:
+            self._served.discard(channel)
+            # The freed worker takes the oldest waiting connection.
+            if self._waiting:
+                following = self._waiting.popleft()
+                self._serve(following)
+                following.worker_granted()
+        elif channel in self._waiting:
+            self._waiting.remove(channel)
         if channel is self._crash_channel:
             self.crash(f"served {self.options.crash_after} requests (--crash-after)")
 
@@ -391,6 +646,16 @@ class FakeServer:
             "grandchild_pid": self.grandchild_pid,
             "loading": self.loading,
             "served_by": self.name,
+            "connections_accepted": self.connections_accepted,
+            "connections_served": len(self._served),
+            "connections_waiting": len(self._waiting),
+            "max_connections_served": self.max_connections_served,
+            "max_connections_waiting": self.max_connections_waiting,
+            "closed_after_stream": self.closed_after_stream,
+            "closed_idle": self.closed_idle,
+            "http_threads": self.options.http_threads,
+            "close_after_stream": self.options.close_after_stream,
+            "keep_alive_timeout": self.options.keep_alive_timeout,
         }
 
     # -- lifecycle helpers used by main() -----------------------------------
@@ -649,6 +914,9 @@ class _Routes:
 
     async def _paced(self, request: Request, stream: _Stream) -> None:
         fake = self.fake
+        # The status line and headers go out at once, as llama-server's do,
+        # even for streams whose first frame is a token (completions, /sse).
+        request.write(b"")
         for frame in stream.head:
             fake.write_frame(request, frame)
         for frame in stream.paced:
@@ -756,6 +1024,11 @@ class _Routes:
             count = int(_query(request, b"events", "100"))
         except ValueError:
             return self.error(request, 400, "events must be an integer", "invalid_request_error")
+        try:
+            # Paced like the token routes (--token-delay) unless ?delay= says otherwise.
+            delay = parse_duration(_query(request, b"delay", str(self.fake.options.token_delay)))
+        except ValueError:
+            return self.error(request, 400, "delay: bad duration", "invalid_request_error")
         # Pre-split template: formatting one number is all the per-event work.
         prefix = (
             b'data: {"object":"chat.completion.chunk","model":"'
@@ -763,7 +1036,7 @@ class _Routes:
             + b'","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}],"i":'
         )
         frames = (prefix + b"%d}\n\n" % i for i in range(max(count, 0)))
-        return self.start_stream(request, _Stream((), frames, (SSE_DONE,)))
+        return self.start_stream(request, _Stream((), frames, (SSE_DONE,), delay))
 
     def gzip(self, request: Request) -> bytes:
         accept = request.getHeader(b"accept-encoding") or b""

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.test_http,tests.test_relay -*-
 """
 The one way we build HTTP clients to upstream servers.
 

@@ -23,12 +23,22 @@ from typing import Any
 
 import anthropic
 import openai
-from treq import collect
+from treq import collect, content
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http import HTTPChannel
 
-from llamaswap.fakeserver import FakeOptions, FakeServer, build_root, parse_duration
+from llamaswap.fakeserver import (
+    FakeOptions,
+    FakeServer,
+    FakeSite,
+    build_root,
+    parse_args,
+    parse_duration,
+)
 from tests.fakeserver_helper import (
     FakeServerProcess,
     free_port,
@@ -655,3 +665,455 @@ class InProcessTests(SynchronousTestCase):
         _, stub = self.stub()
         stub.get("http://fake/exit?code=4")
         self.assertEqual(self.exits, [4])
+
+
+# -- connection handling like llama-server (cpp-httplib) ----------------------------
+
+# Every streamed route, as (method, path, JSON body or None).
+STREAMED_ROUTES: list[tuple[bytes, bytes, dict[str, Any] | None]] = [
+    (b"POST", b"/v1/chat/completions", {"model": "m", "stream": True, "messages": []}),
+    (b"POST", b"/v1/completions", {"model": "m", "stream": True, "prompt": "x"}),
+    (b"POST", b"/completion", {"stream": True, "prompt": "x"}),
+    (b"POST", b"/infill", {"stream": True, "prompt": "x"}),
+    (b"POST", b"/v1/responses", {"model": "m", "stream": True, "input": "x"}),
+    (b"POST", b"/v1/messages", {"model": "m", "stream": True, "max_tokens": 9, "messages": []}),
+    (b"GET", b"/sse?events=3", None),
+]
+
+
+def raw_request(method: bytes, path: bytes, payload: object = None) -> bytes:
+    """The bytes of one keep-alive HTTP/1.1 request."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\n" % (method, path)
+    if payload is not None:
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
+
+
+def read_response(sock: socket.socket) -> tuple[http.client.HTTPResponse, bytes]:
+    """Read one whole response from C{sock}: (response, body). A truncated body raises."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response, response.read()
+
+
+def exchange(
+    sock: socket.socket, method: bytes, path: bytes, payload: object = None
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """Send one request on C{sock} and read its whole response."""
+    sock.sendall(raw_request(method, path, payload))
+    return read_response(sock)
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bytes | None:
+    """
+    Wait for the server to close C{sock}; return what it sent first (b"" when
+    nothing), or None if it did not close within C{timeout}.
+    """
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return received
+
+
+class ConnectionUnitTests(SynchronousTestCase):
+    """
+    The connection options on an in-memory transport, with a Clock: the fake's
+    own FakeSite and channels, minus the sockets.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def site(self, **options: Any) -> tuple[FakeServer, FakeSite]:
+        fake = FakeServer(FakeOptions(name="unit", quiet=True, **options), self.clock)
+        return fake, FakeSite(build_root(fake), fake)
+
+    def connect(self, site: FakeSite) -> tuple[HTTPChannel, StringTransportWithDisconnection]:
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert isinstance(channel, HTTPChannel)
+        transport = StringTransportWithDisconnection()
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def answers(self, transport: StringTransportWithDisconnection) -> int:
+        return transport.value().count(b"HTTP/1.1 200 OK")
+
+    def test_http_threads_queue_fifo(self) -> None:
+        """
+        With --http-threads 1 a second and third connection stay unread (paused)
+        while the first is open, even idle; each close hands the worker to the oldest.
+        """
+        fake, site = self.site(http_threads=1)
+        first, t1 = self.connect(site)
+        _, t2 = self.connect(site)
+        third, t3 = self.connect(site)
+        self.assertEqual([t.producerState for t in (t1, t2, t3)], ["producing", "paused", "paused"])
+        first.dataReceived(raw_request(b"GET", b"/pid"))
+        self.assertEqual(self.answers(t1), 1)
+        self.assertEqual(t2.producerState, "paused")  # an idle keep-alive still holds it
+        stats = fake.stats()
+        self.assertEqual((stats["connections_waiting"], stats["max_connections_waiting"]), (2, 2))
+        t1.loseConnection()
+        self.assertEqual((t2.producerState, t3.producerState), ("producing", "paused"))
+        t2.loseConnection()
+        self.assertEqual(t3.producerState, "producing")
+        third.dataReceived(raw_request(b"GET", b"/pid"))
+        self.assertEqual(self.answers(t3), 1)
+        stats = fake.stats()
+        self.assertEqual(stats["connections_accepted"], 3)
+        self.assertEqual((stats["max_connections_served"], stats["connections_waiting"]), (1, 0))
+
+    def test_unlimited_by_default(self) -> None:
+        """Without --http-threads every connection is read at once."""
+        fake, site = self.site()
+        transports = [self.connect(site)[1] for _ in range(10)]
+        self.assertEqual({t.producerState for t in transports}, {"producing"})
+        self.assertEqual(fake.stats()["max_connections_served"], 10)
+
+    def test_close_after_stream_every_route(self) -> None:
+        """
+        --close-after-stream: every streamed answer is complete (terminating
+        chunk), then the server closes, without a Connection: close header.
+        """
+        fake, site = self.site(close_after_stream=True, tokens=2)
+        for method, path, payload in STREAMED_ROUTES:
+            channel, transport = self.connect(site)
+            channel.dataReceived(raw_request(method, path, payload))
+            head, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertIn(b"Transfer-Encoding: chunked", head, path)
+            self.assertNotIn(b"connection:", head.lower(), path)
+            self.assertTrue(body.endswith(b"\r\n0\r\n\r\n"), path)
+            self.assertFalse(transport.connected, path)
+        self.assertEqual(fake.stats()["closed_after_stream"], len(STREAMED_ROUTES))
+
+    def test_close_after_paced_stream(self) -> None:
+        """A paced stream closes only once its last token and terminator are out."""
+        _, site = self.site(close_after_stream=True, tokens=2, token_delay=1.0)
+        channel, transport = self.connect(site)
+        channel.dataReceived(raw_request(b"POST", b"/v1/chat/completions", STREAMED_ROUTES[0][2]))
+        self.clock.advance(1)
+        self.assertTrue(transport.connected)
+        self.clock.advance(1)
+        self.assertFalse(transport.connected)
+        self.assertTrue(transport.value().endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"))
+
+    def test_non_streamed_keeps_alive(self) -> None:
+        """Answers with a Content-Length (JSON, /big) leave the connection reusable."""
+        fake, site = self.site(close_after_stream=True)
+        channel, transport = self.connect(site)
+        chat = {"model": "m", "messages": []}
+        channel.dataReceived(raw_request(b"POST", b"/v1/chat/completions", chat))
+        channel.dataReceived(raw_request(b"GET", b"/big?mb=0.001"))
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        self.assertEqual(self.answers(transport), 3)
+        self.assertTrue(transport.connected)
+        self.assertEqual(fake.stats()["closed_after_stream"], 0)
+
+    def test_streams_keep_alive_by_default(self) -> None:
+        """Without the option a streamed answer leaves the connection open, as before."""
+        _, site = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(raw_request(*STREAMED_ROUTES[0]))
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        self.assertEqual(self.answers(transport), 2)
+        self.assertTrue(transport.connected)
+
+    def test_keep_alive_timeout(self) -> None:
+        """
+        An idle connection is closed, silently, --keep-alive-timeout seconds
+        after its last answer (or its accept); a request in progress is never idle.
+        """
+        fake, site = self.site(keep_alive_timeout=5.0, tokens=3, token_delay=4.0)
+        channel, transport = self.connect(site)
+        self.clock.advance(4.9)
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        self.clock.advance(4.9)
+        self.assertTrue(transport.connected)
+        # A 12 s stream outlives the timeout without being cut.
+        channel.dataReceived(raw_request(*STREAMED_ROUTES[0]))
+        for _ in range(3):
+            self.clock.advance(4)
+        self.assertTrue(transport.value().endswith(b"\r\n0\r\n\r\n"))
+        self.assertTrue(transport.connected)
+        sent = transport.value()
+        self.clock.advance(4.9)
+        self.assertTrue(transport.connected)
+        self.clock.advance(0.2)
+        self.assertFalse(transport.connected)
+        self.assertEqual(transport.value(), sent)  # nothing said on the way out
+        self.assertEqual(fake.stats()["closed_idle"], 1)
+
+    def test_idle_connection_holds_its_worker(self) -> None:
+        """
+        As in llama-server, an idle keep-alive connection keeps its worker until
+        the keep-alive timeout closes it; only then is the waiting one read.
+        """
+        _, site = self.site(http_threads=1, keep_alive_timeout=5.0)
+        first, t1 = self.connect(site)
+        first.dataReceived(raw_request(b"GET", b"/pid"))
+        self.clock.advance(1)
+        _, t2 = self.connect(site)
+        self.clock.advance(3.9)
+        self.assertEqual(t2.producerState, "paused")
+        self.clock.advance(0.2)
+        self.assertFalse(t1.connected)
+        self.assertEqual(t2.producerState, "producing")
+        # Its own idle time counts from when it got the worker, not from its accept.
+        self.clock.advance(4.9)
+        self.assertTrue(t2.connected)
+        self.clock.advance(0.2)
+        self.assertFalse(t2.connected)
+
+    def test_accept_delay(self) -> None:
+        """--accept-delay: nothing is read from a new connection for S seconds; then all is."""
+        _, site = self.site(accept_delay=2.0)
+        channel, transport = self.connect(site)
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(1.9)
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.advance(0.1)
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        self.assertEqual(self.answers(transport), 2)  # a reused connection is not delayed
+
+    def test_accept_delay_and_worker_wait(self) -> None:
+        """A connection is read once both its accept delay is over and it has a worker."""
+        _, site = self.site(accept_delay=1.0, http_threads=1)
+        _, t1 = self.connect(site)
+        _, t2 = self.connect(site)
+        self.clock.advance(5)
+        self.assertEqual((t1.producerState, t2.producerState), ("producing", "paused"))
+        t1.loseConnection()
+        self.assertEqual(t2.producerState, "producing")
+
+    def test_read_delay(self) -> None:
+        """--read-delay: every request, reused connection included, is handled S later."""
+        fake, site = self.site(read_delay=1.0)
+        channel, transport = self.connect(site)
+        self.assertEqual(transport.producerState, "producing")
+        for answered in (1, 2):
+            channel.dataReceived(raw_request(b"GET", b"/pid"))
+            self.clock.advance(0.9)
+            self.assertEqual(self.answers(transport), answered - 1)
+            self.clock.advance(0.1)
+            self.assertEqual(self.answers(transport), answered)
+        self.assertEqual(fake.requests, 2)
+
+    def test_read_delay_client_leaves(self) -> None:
+        """A request whose client left during the read delay is never handled."""
+        fake, site = self.site(read_delay=1.0)
+        channel, transport = self.connect(site)
+        channel.dataReceived(raw_request(b"GET", b"/pid"))
+        transport.loseConnection()
+        self.clock.advance(2)
+        self.assertEqual((fake.requests, transport.value()), (0, b""))
+
+
+class StreamPacingTests(SynchronousTestCase):
+    """--token-delay paces every streamed route, one event per token."""
+
+    def test_every_streamed_route_is_paced(self) -> None:
+        """Each token event is written when the clock reaches it, not before, nor batched."""
+        clock = Clock()
+        fake = FakeServer(FakeOptions(name="unit", tokens=3, token_delay=1.0), clock)
+        stub = StubTreq(build_root(fake))
+        for method, path, payload in STREAMED_ROUTES:
+            marker = b'"i":' if path.startswith(b"/sse") else b"(token "
+            url = "http://fake" + path.decode()
+            d = stub.request(method.decode(), url, json=payload)
+            stub.flush()
+            chunks: list[bytes] = []
+            done = collect(self.successResultOf(d), chunks.append)
+            for seen in (0, 1, 2):
+                stub.flush()
+                self.assertEqual(b"".join(chunks).count(marker), seen, path)
+                clock.advance(0.9)
+                stub.flush()
+                self.assertEqual(b"".join(chunks).count(marker), seen, path)
+                clock.advance(0.1)
+            stub.flush()
+            self.successResultOf(done)
+
+    def test_sse_delay_query(self) -> None:
+        """/sse?delay= overrides --token-delay; a bad one is a 400."""
+        clock = Clock()
+        stub = StubTreq(build_root(FakeServer(FakeOptions(name="unit", token_delay=5.0), clock)))
+        d = stub.get("http://fake/sse?events=2&delay=0")
+        stub.flush()
+        self.assertEqual(len(sse_data(self.successResultOf(d.addCallback(content)))), 3)
+        bad = self.successResultOf(stub.get("http://fake/sse?delay=soon"))
+        self.assertEqual(bad.code, 400)
+
+
+class ParseArgsTests(SynchronousTestCase):
+    """The connection options and the --like-llama-server preset."""
+
+    def test_defaults_off(self) -> None:
+        """Without options the fake behaves as it always did."""
+        o = parse_args(["--port", "0"])
+        self.assertEqual(
+            (o.http_threads, o.close_after_stream, o.keep_alive_timeout),
+            (0, False, 0.0),
+        )
+        self.assertEqual((o.accept_delay, o.read_delay), (0.0, 0.0))
+
+    def test_options(self) -> None:
+        o = parse_args(
+            [
+                *("--port", "0", "--http-threads", "2", "--close-after-stream"),
+                *("--keep-alive-timeout", "1.5", "--accept-delay", "0.2", "--read-delay", "0.3"),
+            ]
+        )
+        self.assertEqual(
+            (o.http_threads, o.close_after_stream, o.keep_alive_timeout), (2, True, 1.5)
+        )
+        self.assertEqual((o.accept_delay, o.read_delay), (0.2, 0.3))
+
+    def test_like_llama_server(self) -> None:
+        """The preset sets the three, each unless given explicitly."""
+        o = parse_args(["--port", "0", "--like-llama-server"])
+        self.assertEqual(
+            (o.http_threads, o.close_after_stream, o.keep_alive_timeout), (5, True, 5.0)
+        )
+        o = parse_args(
+            [
+                *("--port", "0", "--like-llama-server", "--http-threads", "0"),
+                *("--no-close-after-stream", "--keep-alive-timeout", "2"),
+            ]
+        )
+        self.assertEqual(
+            (o.http_threads, o.close_after_stream, o.keep_alive_timeout), (0, False, 2.0)
+        )
+
+
+class ConnectionIntegrationTests(TestCase):
+    """
+    The same options on a real server process and real sockets. Negative
+    checks ("not answered yet") wait a little and can only pass wrongly under
+    load, never fail wrongly; positive ones wait on the event itself.
+    """
+
+    def start(self, *flags: str) -> tuple[FakeServerProcess, int]:
+        server, port = start_fakeserver("--name", "conn", "--quiet", *flags)
+        self.addCleanup(server.stop)
+        return server, port
+
+    def test_http_threads(self) -> None:
+        """--http-threads 1: a second connection is answered only once the first closes."""
+        server, port = self.start("--http-threads", "1")
+        first = connect(port)
+        self.addCleanup(first.close)
+        self.assertEqual(exchange(first, b"GET", b"/pid")[0].status, 200)
+        second = connect(port)
+        self.addCleanup(second.close)
+        second.sendall(raw_request(b"GET", b"/pid"))
+        second.settimeout(0.5)
+        self.assertRaises(TimeoutError, second.recv, 1)  # still unread in its socket
+        first.close()
+        second.settimeout(10)
+        self.assertEqual(read_response(second)[0].status, 200)
+        second.close()
+        stats = call_json(server, "GET", "/debug/stats")[1]
+        self.assertEqual((stats["max_connections_served"], stats["http_threads"]), (1, 1))
+        self.assertGreaterEqual(stats["max_connections_waiting"], 1)
+        self.assertEqual(stats["connections_accepted"], 3)
+
+    def test_close_after_stream(self) -> None:
+        """
+        --close-after-stream: the streamed answer is whole, then the socket is
+        closed with no word; a client reusing it fails; JSON answers keep it.
+        """
+        server, port = self.start("--close-after-stream", "--tokens", "3")
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        chat = {"model": "m", "stream": True, "messages": []}
+        response, body = exchange(sock, b"POST", b"/v1/chat/completions", chat)
+        self.assertIsNone(response.getheader("connection"))
+        self.assertEqual(response.getheader("transfer-encoding"), "chunked")
+        self.assertEqual(sse_data(body)[-1], "[DONE]")
+        self.assertEqual(closed_by_server(sock), b"")
+        # http.client reuses the connection (no Connection: close) and fails.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat))
+        self.assertEqual(sse_data(conn.getresponse().read())[-1], "[DONE]")
+
+        def again() -> None:
+            conn.request("POST", "/v1/chat/completions", json.dumps(chat))
+            conn.getresponse()
+
+        self.assertRaises(ConnectionError, again)
+        # Answers with a Content-Length: one connection serves them all.
+        keep = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(keep.close)
+        sockets = []
+        for _ in range(3):
+            keep.request("POST", "/v1/chat/completions", json.dumps({"messages": []}))
+            self.assertEqual(keep.getresponse().read().count(b"(token "), 3)
+            sockets.append(keep.sock)
+        self.assertEqual(len(set(map(id, sockets))), 1)
+        stats = call_json(server, "GET", "/debug/stats")[1]
+        self.assertEqual((stats["closed_after_stream"], stats["closed_idle"]), (2, 0))
+
+    def test_keep_alive_timeout(self) -> None:
+        """--keep-alive-timeout: idle connections are closed silently after S; long streams not."""
+        # 1 s: the request must reach it within 1 s of the connect, even on a loaded machine.
+        server, port = self.start("--keep-alive-timeout", "1")
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        slow = {"stream": True, "messages": [], "fake_tokens": 3, "fake_token_delay": 0.6}
+        _, body = exchange(sock, b"POST", b"/v1/chat/completions", slow)
+        self.assertEqual(sse_data(body)[-1], "[DONE]")
+        idle_since = time.monotonic()
+        self.assertEqual(closed_by_server(sock), b"")
+        self.assertGreater(time.monotonic() - idle_since, 0.9)
+        stats = wait_until(lambda: call_json(server, "GET", "/debug/stats")[1]["closed_idle"])
+        self.assertEqual(stats, 1)
+
+    def test_accept_delay(self) -> None:
+        """--accept-delay: the first answer on a connection comes no sooner than S."""
+        _, port = self.start("--accept-delay", "0.5")
+        started = time.monotonic()
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        self.assertEqual(exchange(sock, b"GET", b"/pid")[0].status, 200)
+        self.assertGreater(time.monotonic() - started, 0.45)
+        self.assertEqual(exchange(sock, b"GET", b"/pid")[0].status, 200)
+
+    def test_read_delay(self) -> None:
+        """--read-delay: every request waits S, reused connection included."""
+        _, port = self.start("--read-delay", "0.3")
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        for _ in range(2):
+            started = time.monotonic()
+            self.assertEqual(exchange(sock, b"GET", b"/pid")[0].status, 200)
+            self.assertGreater(time.monotonic() - started, 0.25)
+
+    def test_like_llama_server(self) -> None:
+        """--like-llama-server turns on all three; a stream ends with the socket closed."""
+        server, port = self.start("--like-llama-server")
+        stats = call_json(server, "GET", "/debug/stats")[1]
+        self.assertEqual(
+            (stats["http_threads"], stats["close_after_stream"], stats["keep_alive_timeout"]),
+            (5, True, 5.0),
+        )
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        _, body = exchange(sock, b"GET", b"/sse?events=2")
+        self.assertEqual(sse_data(body)[-1], "[DONE]")
+        self.assertEqual(closed_by_server(sock), b"")

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http -*-
 """
 The upstream HTTP client (llamaswap.http): connection reuse and its one replay.
 
@@ -140,7 +141,7 @@ class ReuseTests(TestCase):
 
     @inlineCallbacks
     def test_no_reuse_sends_connection_close(self) -> Any:
-        """Without keep-alive every request has its own connection, announced with Connection: close."""
+        """Without keep-alive each request has its own connection, with Connection: close."""
         factory, url = self.serve(["answer", "close"])
         http = self.client(persistent=False)
         for i in range(3):
