@@ -326,7 +326,8 @@ class Metrics:
             family(
                 "llamaswap_requests_total",
                 "counter",
-                "Proxied requests by model and HTTP status (499: the client left first).",
+                "Proxied requests by model and recorded status (499: the client left before "
+                "the end; 502: the model's answer was cut short, even after a 200 status line).",
                 (({"model": m, "status": s}, n) for (m, s), n in sorted(self.requests.items())),
             ),
             summary(

@@ -94,6 +94,7 @@ class LeaseSource(Protocol):
 BodyFor = Callable[[Lease], bytes]
 LOADING_TICK = 0.75  # seconds between the "." frames of a loading stream
 _ERROR_BODY_LIMIT = 64 * 1024  # upstream error bytes kept to report after a loading stream
+TRUNCATED = 502  # the status recorded for an answer whose upstream body was cut short
 
 
 def _end_to_end(headers: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:
@@ -263,10 +264,14 @@ class LoadingStream:
         self.stop()
         self.send(f"\nDone! ({self._clock.seconds() - self._started:.1f}s)\n\n")
 
-    def fail(self, error: bytes) -> None:
-        """End the stream with an error event (OpenAI's envelope) and C{[DONE]}."""
+    def fail(self, error: bytes, status: int) -> None:
+        """
+        End the stream with an error event (OpenAI's envelope) and C{[DONE]};
+        the request is recorded with the error's C{status}, not the 200 sent.
+        """
         self.stop()
         if getattr(self._request, "channel", None) is not None:
+            request_info(self._request).outcome = status
             self._write(sse_frame(error) + sse_frame(b"[DONE]"))
             self._request.finish()
 
@@ -381,7 +386,8 @@ class Relay:
         except Exception as e:
             if stream is None:
                 raise
-            stream.fail(self._error_for(e, request).body())
+            error = self._error_for(e, request)
+            stream.fail(error.body(), error.status)
             return
         finally:
             if stream is not None:
@@ -405,7 +411,7 @@ class Relay:
                 )
                 if stream is None:
                     raise error from e
-                stream.fail(self._error_for(error, request).body())
+                stream.fail(error.body(), error.status)
                 return
             if stream is not None and response.code >= 400:
                 await self._fail_stream(stream, response, lease.model.id)
@@ -482,7 +488,7 @@ class Relay:
             event = ProxyError(
                 f"model {model}: upstream answered {response.code}: {text}", response.code
             ).body()
-        stream.fail(event)
+        stream.fail(event, response.code)
 
     def _error_for(self, error: BaseException, request: Request) -> ProxyError:
         """A L{ProxyError} as is; anything else is logged and becomes a 500."""
@@ -528,13 +534,18 @@ class Relay:
         body: BodyRelay,
         model_id: str,
     ) -> None:
-        """Finish the client's response, or cut it if the upstream's was truncated."""
+        """
+        Finish the client's response, or cut it if the upstream's was truncated
+        (recorded as 502: the client saw a 200 status line, not a whole answer).
+        """
         if getattr(request, "channel", None) is None:
-            return  # the client left; the upstream socket is closed
-        request_info(request).usage = body.usage()
+            return  # the client left (recorded as 499); the upstream socket is closed
+        info = request_info(request)
+        info.usage = body.usage()
         if isinstance(reason, (ResponseDone, PotentialDataLoss)):
             request.finish()
             return
+        info.outcome = TRUNCATED
         self.log.error(
             "model {model}: upstream failed after {bytes} bytes of {method} {uri}: {reason}",
             model=model_id,
@@ -561,5 +572,8 @@ class Relay:
         else:
             self.log.failure("proxying {uri} failed", failure, uri=request.uri)
             error = ProxyError("internal error while proxying the request", 500)
+        if request.startedWriting:
+            # A loading stream said 200 already: send_error can only cut it.
+            request_info(request).outcome = error.status
         send_error(request, error)
         return None

@@ -35,6 +35,7 @@ from llamaswap.jsonweb import error_payload, request_accept
 # instead of a connection reset (what nginx calls a lingering close).
 REFUSED_BODY_LINGER = 2.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first"
+CUT_BY_US = 500  # a started response we cut, when whoever cut it named no status
 
 _access_log = Logger(namespace="llamaswap.http")
 
@@ -46,6 +47,13 @@ class RequestInfo:
     model: str | None = None
     proxied: bool = False  # a model route or /upstream: publish a "request" event
     usage: dict[str, Any] | None = None
+    # The status we record when it differs from the status line sent: once the
+    # 200 is out, an answer that ends badly is recorded as what went wrong (502:
+    # the relay's upstream body was cut short; the error's status when a loading
+    # stream ends with an error event; 500: any other response we cut). The
+    # client leaving first (499) is decided by LlamaSwapRequest itself, unless
+    # an outcome was set before it left.
+    outcome: int | None = None
 
 
 def request_info(request: Any) -> RequestInfo:
@@ -188,19 +196,45 @@ class LlamaSwapRequest(Request):
         super().finish()
         self._end()
 
+    def loseConnection(self) -> None:
+        """
+        Cut the response: ours to record (500 unless the caller set an outcome
+        first, as the relay does with 502), never the client's 499.
+        """
+        if self.startedWriting and not self.finished:
+            info = request_info(self)
+            if info.outcome is None:
+                info.outcome = CUT_BY_US
+        super().loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_linger()
+        # Fires notifyFinish's errbacks first: the relay stops, releases its lease
+        # (and may set an outcome) before the end is recorded.
         super().connectionLost(reason)
-        self._end()
+        self._end(lost=True)
 
     def _now(self) -> float:
         return float(self._site.reactor.seconds()) if self._site is not None else 0.0
 
-    def _end(self) -> None:
+    def _end(self, lost: bool = False) -> None:
+        """
+        Record the end (once): an outcome if one was set, else 499 for a
+        connection lost (C{lost}: before C{finish()}) before the status line
+        went out, or during a proxied answer (the client left before the end);
+        else the status line's code. Non-proxied streams (C{/api/events},
+        C{/logs/stream}) end only when their client leaves: 200, not 499.
+        """
         if self._ended or self._site is None:
             return
         self._ended = True
-        status = self.code if (self.startedWriting or self._refused) else CLIENT_CLOSED_REQUEST
+        info = getattr(self, "llamaswap_info", None)
+        if info is not None and info.outcome is not None:
+            status: int = info.outcome
+        elif lost and (not self.startedWriting or (info is not None and info.proxied)):
+            status = CLIENT_CLOSED_REQUEST
+        else:
+            status = self.code
         self._site.request_ended(self, status, self._now() - self._started)
 
 

@@ -8,11 +8,13 @@ responses and body transports the tests drive by hand.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, LoopingCall
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import ResponseFailed
@@ -28,6 +30,7 @@ from llamaswap.http import make_http
 from llamaswap.logs import LogHub
 from llamaswap.relay import LOADING_TICK, copy_response_headers, find_usage, forward_headers
 from llamaswap.resources import build_root
+from tests.test_metrics import parse_exposition
 from tests.webfakes import (
     CONFIG,
     Exchange,
@@ -226,7 +229,7 @@ class CancellationTests(SynchronousTestCase):
         exchange.disconnect()
         self.assertIn("stop", upstream.transport.calls)
         self.assertEqual(self.h.supervisor.released, ["alpha"])
-        self.assertEqual(self.h.requests[0]["status"], 200)
+        self.assertEqual(self.h.requests[0]["status"], 499)  # see OutcomeTests
 
     def test_client_leaves_before_headers(self) -> None:
         """Leaving while the upstream thinks cancels the upstream request."""
@@ -507,6 +510,209 @@ class LoadingStateTests(SynchronousTestCase):
         self.assertEqual(self.h.supervisor.cancelled, ["alpha"])
         self.assertFalse(self.h.ticking())
         self.assertEqual(self.h.http.calls, [])
+
+
+def requests_total(h: Harness) -> dict[tuple[str, str], float]:
+    """C{llamaswap_requests_total} from C{GET /metrics}: C{{(model, status): count}}."""
+    response = h.client.request("GET", "/metrics")
+    assert response.status == 200, response.body
+    counts = {}
+    for key, value in parse_exposition(response.body.decode()).items():
+        match = re.fullmatch(r'llamaswap_requests_total\{model="(.*)",status="(\d+)"\}', key)
+        if match:
+            counts[(match[1], match[2])] = value
+    return counts
+
+
+class Breaking(FakeResponse):
+    """An upstream response whose body cannot be read (a bug of ours, say)."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        raise RuntimeError("cannot read the body")
+
+
+class OutcomeTests(SynchronousTestCase):
+    """
+    What is recorded (the "request" event, C{/metrics}, the access log line)
+    for answers that started with a 200 but did not end well: 499 when the
+    client hung up, 502 when the upstream's body was cut short, the error's
+    status when a loading stream ends with an error event.
+    """
+
+    def setUp(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logs.append)
+        self.h = self.harness()
+
+    def harness(self, text: str = CONFIG) -> Harness:
+        h = Harness(text)
+        h.client.site.log_requests = True
+        return h
+
+    def access_lines(self) -> list[tuple[str, int, int]]:
+        """C{(path, status, bytes)} of each access log line but /metrics' (all at info level)."""
+        lines = [
+            e
+            for e in self.logs
+            if e["log_namespace"] == "llamaswap.http" and e.get("path") not in (None, "/metrics")
+        ]
+        self.assertEqual({e["log_level"] for e in lines} - {LogLevel.info}, set())
+        return [(e["path"], e["status"], e["bytes"]) for e in lines]
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+
+    def recorded(self, h: Harness | None = None) -> list[tuple[int, int]]:
+        """C{(status, bytes)} of each "request" event so far."""
+        return [(e["status"], e["bytes"]) for e in (h or self.h).requests]
+
+    def test_client_hangs_up_mid_stream(self) -> None:
+        """The client saw a 200 and left mid-stream: 499 with the bytes sent; no error logged."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        self.assertEqual(self.h.requests, [])  # still streaming: nothing recorded yet
+        exchange.disconnect()
+        self.assertEqual(exchange.response().status, 200)
+        self.assertIn("stop", upstream.transport.calls)
+        self.assertEqual(self.recorded(), [(499, 11)])
+        self.assertEqual(self.access_lines(), [("/v1/chat/completions", 499, 11)])
+        self.assertEqual(requests_total(self.h), {("alpha", "499"): 1})
+        self.assertEqual(self.errors(), [])
+
+    def test_client_hangs_up_during_a_long_plain_answer(self) -> None:
+        """The same for a non-streamed answer whose body had only partly arrived."""
+        exchange = self.h.chat(stream=False)
+        upstream = self.h.http.answer(FakeResponse(200, {"Content-Type": "application/json"}, 100))
+        upstream.send(b'{"choices": ')
+        exchange.disconnect()
+        self.assertEqual(exchange.response().header("content-length"), "100")
+        self.assertEqual(self.recorded(), [(499, 12)])
+        self.assertEqual(requests_total(self.h), {("alpha", "499"): 1})
+
+    def test_upstream_dies_mid_stream(self) -> None:
+        """
+        A truncated upstream body: the client's connection is cut (it saw a
+        200, then no clean end), the error is logged at error level, and the
+        request is recorded as 502 with the bytes relayed. The next request is
+        served and recorded as usual.
+        """
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        upstream.end(Failure(ResponseFailed([Failure(ConnectionRefusedError("reset"))])))
+        self.assertTrue(exchange.closed)
+        self.assertEqual(exchange.response().status, 200)
+        self.assertFalse(exchange.response().complete)
+        exchange.disconnect()  # the connection we closed is gone
+        self.assertEqual(self.recorded(), [(502, 11)])
+        self.assertEqual(self.access_lines(), [("/v1/chat/completions", 502, 11)])
+        (error,) = self.errors()
+        self.assertEqual(error["log_namespace"], "llamaswap.relay.Relay")
+        self.assertEqual((error["model"], error["bytes"]), ("alpha", 11))
+        self.assertIn("upstream failed after 11 bytes", formatEvent(error))
+        self.assertEqual(self.h.supervisor.released, ["alpha"])
+
+        other = self.h.chat()
+        self.h.http.answer(FakeResponse(200, SSE)).end()
+        self.assertTrue(other.response().complete)
+        self.assertEqual(self.recorded(), [(502, 11), (200, 0)])
+        self.assertEqual(requests_total(self.h), {("alpha", "502"): 1, ("alpha", "200"): 1})
+
+    def test_complete_stream_is_200_even_if_the_client_then_leaves(self) -> None:
+        """A stream that ended normally is 200, also when the client hangs up right after."""
+        exchange = self.h.chat()
+        upstream = self.h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        upstream.send(b"data: [DONE]\n\n")
+        upstream.end()
+        self.assertTrue(exchange.response().complete)
+        exchange.disconnect()
+        self.assertEqual(self.recorded(), [(200, 25)])
+        self.assertEqual(self.access_lines(), [("/v1/chat/completions", 200, 25)])
+        self.assertEqual(requests_total(self.h), {("alpha", "200"): 1})
+        self.assertEqual(self.errors(), [])
+
+    def test_upstream_error_status_is_kept(self) -> None:
+        """An upstream's own 500, relayed whole, is recorded as 500."""
+        exchange = self.h.chat(stream=False)
+        upstream = self.h.http.answer(FakeResponse(500, {"Content-Type": "application/json"}))
+        upstream.send(b'{"error": "oops"}')
+        upstream.end()
+        self.assertEqual(exchange.response().status, 500)
+        self.assertEqual(self.recorded(), [(500, 17)])
+        self.assertEqual(requests_total(self.h), {("alpha", "500"): 1})
+
+    def test_loading_stream_outcomes(self) -> None:
+        """
+        A loading stream (status 200 already sent) is recorded with its real
+        outcome: the start failure's 502, the upstream's own error status, 502
+        for a truncated body, 499 when the client left while loading, 200 when
+        the answer is whole.
+        """
+        h = self.harness(LOADING_CONFIG)
+        h.supervisor.hold = True
+
+        exchange = h.chat()
+        waiting, _ = h.supervisor.waiting.pop()
+        waiting.errback(StartFailed("model alpha exited during startup"))
+        self.assertEqual((exchange.response().status, exchange.response().complete), (200, True))
+
+        for status in (503, 400):
+            exchange = h.chat()
+            h.supervisor.grant()
+            upstream = h.http.answer(FakeResponse(status, {"Content-Type": "text/plain"}))
+            upstream.send(b"no")
+            upstream.end()
+            self.assertTrue(exchange.response().complete)
+
+        exchange = h.chat()
+        h.supervisor.grant()
+        upstream = h.http.answer(FakeResponse(200, SSE))
+        upstream.send(b"data: one\n\n")
+        upstream.end(Failure(ResponseFailed([Failure(ConnectionRefusedError("reset"))])))
+        self.assertTrue(exchange.closed)
+        exchange.disconnect()
+
+        exchange = h.chat()
+        h.tick(1)
+        exchange.disconnect()
+
+        exchange = h.chat()
+        h.supervisor.grant()
+        h.http.answer(FakeResponse(200, SSE)).end()
+        self.assertTrue(exchange.response().complete)
+
+        self.assertEqual([e["status"] for e in h.requests], [502, 503, 400, 502, 499, 200])
+        self.assertEqual(
+            requests_total(h),
+            {
+                ("alpha", "200"): 1,
+                ("alpha", "400"): 1,
+                ("alpha", "499"): 1,
+                ("alpha", "502"): 2,
+                ("alpha", "503"): 1,
+            },
+        )
+        self.assertEqual([s for _, s, _ in self.access_lines()], [502, 503, 400, 502, 499, 200])
+
+    def test_failure_after_a_loading_stream(self) -> None:
+        """
+        An unexpected failure once a loading stream said 200 cuts the
+        connection (nothing else can be said) and is recorded as the 500 it is.
+        """
+        h = self.harness(LOADING_CONFIG)
+        h.supervisor.hold = True
+        exchange = h.chat()
+        h.supervisor.grant()
+        h.http.answer(Breaking(200, SSE))
+        self.assertTrue(exchange.closed)
+        self.assertFalse(exchange.response().complete)
+        exchange.disconnect()
+        self.assertEqual([e["status"] for e in h.requests], [500])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(h.supervisor.released, ["alpha"])
 
 
 class HeaderTests(SynchronousTestCase):

@@ -795,6 +795,58 @@ class RequestLogTests(SynchronousTestCase):
         self.assertEqual((lines[0]["model"], lines[0]["status"]), ("alpha", 200))
         self.assertEqual(lines[2]["path"], "/health")
 
+    def watch(self) -> tuple[Harness, list[dict[str, Any]]]:
+        """A harness that logs requests, and the access lines it logs."""
+        h = Harness()
+        h.client.site.log_requests = True
+        lines: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "llamaswap.http" and "duration" in event:
+                lines.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return h, lines
+
+    def test_endless_stream_left_by_its_client_is_200(self) -> None:
+        """
+        A non-proxied stream (C{/logs/stream}) ends only when its client
+        leaves: that is its normal end, logged 200 (not 499), with no event.
+        """
+        h, lines = self.watch()
+        seen = events_of(h.events, "request")
+        exchange = h.client.start("GET", "/logs/stream")
+        self.assertEqual(exchange.response().status, 200)
+        exchange.disconnect()
+        self.assertEqual([(e["path"], e["status"]) for e in lines], [("/logs/stream", 200)])
+        self.assertEqual(seen, [])
+
+    def test_response_cut_by_us_is_500(self) -> None:
+        """
+        A resource failing after its status line went out: the connection is
+        cut (never a clean-looking end) and the line says 500, not 200 or 499.
+        """
+        h, lines = self.watch()
+        mount(h.root, "/half", HalfThenBoom())  # type: ignore[arg-type]
+        exchange = h.client.start("GET", "/half")
+        self.assertTrue(exchange.closed)
+        self.assertEqual(exchange.response().status, 200)
+        self.assertFalse(exchange.response().complete)
+        exchange.disconnect()
+        self.assertEqual([(e["path"], e["status"], e["bytes"]) for e in lines], [("/half", 500, 4)])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class HalfThenBoom(JSONResource):
+    """Starts a streamed answer, then fails."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.write(b"half")
+        raise RuntimeError("kaboom")
+
 
 PEER_CONFIG = (
     CONFIG
