@@ -64,7 +64,7 @@ class ChildOutput(ProcessProtocol):
         self.done = False  # processEnded was called
         self.status: Status | None = None
         self._reason: Failure | None = None  # an end that is not an exit status
-        self._seen: list[tuple[bytes, Deferred[None]]] = []
+        self._seen: list[tuple[bytes, Deferred[None], int]] = []
         self._ended: list[Deferred[Status]] = []
 
     @property
@@ -79,16 +79,16 @@ class ChildOutput(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.output += data
         for item in list(self._seen):
-            if item[0] in self.output:
+            if self.output.find(item[0], item[2]) != -1:
                 self._seen.remove(item)
                 item[1].callback(None)
 
-    def wait_for(self, text: bytes) -> Deferred[None]:
-        """Fires once the output contains C{text}."""
-        if text in self.output:
+    def wait_for(self, text: bytes, after: int = 0) -> Deferred[None]:
+        """Fires once the output contains C{text} (starting at or after byte C{after})."""
+        if self.output.find(text, after) != -1:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        self._seen.append((text, d))
+        self._seen.append((text, d, after))
         return d
 
     def processEnded(self, reason: Failure) -> None:
