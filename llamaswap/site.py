@@ -248,6 +248,18 @@ class LlamaSwapChannel(HTTPChannel):
     see nothing they can parse; these overrides answer in OpenAI's shape.
     """
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Each streamed event must leave at once. With Nagle's algorithm a write
+        # waits for the ACK of the previous one, which a reading client delays
+        # up to 40 ms: tokens would arrive in bursts. llama-server sets it too.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not TCP (a Unix socket from systemd): no Nagle there
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuse(400, "Bad Request", "malformed HTTP request")
 

@@ -9,6 +9,7 @@ each test decides exactly which bytes a connection gets before it closes.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import treq
@@ -17,8 +18,10 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web._newclient import ResponseFailed
+from twisted.web.resource import Resource
 
 from llamaswap.http import make_http
+from llamaswap.site import LlamaSwapSite
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
 
@@ -169,3 +172,30 @@ class ReuseTests(TestCase):
                 sorted(results), sorted((200, b"%d-%d" % (round_, i)) for i in range(8))
             )
         self.assertGreater(factory.connections, 8)
+
+
+class ClientSocketTests(TestCase):
+    """The proxy's own listening side."""
+
+    @inlineCallbacks
+    def test_client_connections_have_no_delay(self) -> Any:
+        """
+        Connections from clients have TCP_NODELAY (as llama-server's do): a
+        streamed token event is not held back waiting for the ACK of the last.
+        """
+        site = LlamaSwapSite(Resource(), max_body_size=1024, reactor=reactor)
+        accepted: Deferred[Any] = Deferred()
+        build = site.buildProtocol
+
+        def recording(addr: Any) -> Any:
+            protocol = build(addr)
+            reactor.callLater(0, accepted.callback, protocol)  # type: ignore[attr-defined]
+            return protocol
+
+        site.buildProtocol = recording  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        protocol = yield accepted
+        self.assertTrue(protocol._channel.transport.getTcpNoDelay())  # the wrapped channel
