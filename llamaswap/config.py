@@ -104,8 +104,9 @@ class ModelConfig:
     port: int | None = None
     filters: Filters = Filters()
     send_loading_state: bool = False  # the model's own setting, else the global one
-    # Keep-alive to the server (False: a connection per request; docs/llama-server.md).
-    reuse_connections: bool = False
+    # Keep-alive while requests do not overlap (False: a connection per request;
+    # docs/llama-server.md).
+    reuse_connections: bool = True
 
 
 @frozen(kw_only=True)
@@ -122,7 +123,7 @@ class PeerConfig:
     models: tuple[str, ...]
     api_key: str | None = None  # sent as Authorization: Bearer and x-api-key
     filters: Filters = Filters()
-    reuse_connections: bool = True  # keep-alive: a peer is usually across a network
+    reuse_connections: bool = True  # keep-alive, as for models
 
 
 @frozen(kw_only=True)
@@ -911,7 +912,7 @@ def _read_model(
         send_loading_state=_bool(
             f"{where}.sendLoadingState", raw.get("sendLoadingState", send_loading_state)
         ),
-        reuse_connections=_bool(f"{where}.reuseConnections", raw.get("reuseConnections", False)),
+        reuse_connections=_bool(f"{where}.reuseConnections", raw.get("reuseConnections", True)),
     )
     return model, alias_paths
 

@@ -126,20 +126,75 @@ class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
         return result
 
 
+class _Awaited:
+    """
+    A connection (or its replaying wrapper) that counts, per upstream, the
+    requests sent and not yet answered (no status line and headers yet).
+    """
+
+    def __init__(self, connection: Any, awaiting: dict[Any, int], key: Any) -> None:
+        self._connection = connection
+        self._awaiting = awaiting
+        self._key = key
+
+    def request(self, request: Any) -> Deferred[Any]:
+        key, awaiting = self._key, self._awaiting
+        awaiting[key] = awaiting.get(key, 0) + 1
+
+        def answered(result: Any) -> Any:
+            left = awaiting[key] - 1
+            if left:
+                awaiting[key] = left
+            else:
+                del awaiting[key]
+            return result
+
+        answer: Deferred[Any] = self._connection.request(request)
+        return answer.addBoth(answered)
+
+
 class _UpstreamPool(HTTPConnectionPool):
-    """A pool whose reused connections replay a failed request (L{_ReplayOnFreshConnection})."""
+    """
+    Keep-alive that never holds a server's worker while a request waits for one.
+
+    llama-server (cpp-httplib) ties one of its few HTTP threads to each open
+    connection, idle or not, until the client closes it or 5 s pass; requests
+    on other connections wait unread meanwhile (docs/llama-server.md). So a
+    connection that finishes while another request to the same server still
+    waits for its answer is closed instead of kept: its thread may be the one
+    that request needs. Requests one after another still share a connection.
+
+    Reused connections replay a request that dies unanswered
+    (L{_ReplayOnFreshConnection}).
+    """
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent)  # type: ignore[no-untyped-call]
+        self._awaiting: dict[Any, int] = {}
 
     def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        connection: Deferred[Any] | None = None
         connections = self._connections.get(key)
         while connections:
-            connection = connections.pop(0)
-            self._timeouts.pop(connection).cancel()
-            if connection.state == "QUIESCENT":
+            cached = connections.pop(0)
+            self._timeouts.pop(cached).cancel()
+            if cached.state == "QUIESCENT":
                 replay = _ReplayOnFreshConnection(
-                    connection, lambda: self._newConnection(key, endpoint)
+                    cached, lambda: self._newConnection(key, endpoint)
                 )
-                return succeed(replay)
-        return self._newConnection(key, endpoint)
+                connection = succeed(replay)
+                break
+        if connection is None:
+            connection = self._newConnection(key, endpoint)
+        if not self.persistent:
+            return connection  # closed after each answer anyway: nothing to count
+        return connection.addCallback(_Awaited, self._awaiting, key)
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self._awaiting.get(key):
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)  # type: ignore[no-untyped-call]
 
 
 class _CachedEndpoints:
@@ -258,13 +313,13 @@ def make_http(
     """
     Return a treq client and the pool to close when done.
 
-    C{persistent}: keep connections open between requests (keep-alive), and
-    replay a request that fails on a reused one before any answer (once, on a
-    fresh connection). Without it, every request has a connection of its own,
-    sent with C{Connection: close} (docs/llama-server.md says why that is the
-    default for the model servers we start).
+    C{persistent}: keep connections open between requests while requests to
+    the same server do not overlap (L{_UpstreamPool}), and replay a request
+    that fails on a reused one before any answer (once, on a fresh
+    connection). Without it, every request has a connection of its own, sent
+    with C{Connection: close} (C{reuseConnections: false}).
     """
-    pool = _UpstreamPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
+    pool = _UpstreamPool(reactor, persistent=persistent)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 16  # idle sockets kept per upstream; not a concurrency cap
     # llama-server (cpp-httplib) closes idle keep-alive sockets after 5 s: stay below.

@@ -314,8 +314,8 @@ class Relay:
     ) -> None:
         """
         C{http} keeps connections alive (for models and peers with
-        C{reuseConnections}); C{fresh_http}, when given, opens one connection
-        per request for the others (docs/llama-server.md: why by default).
+        C{reuseConnections}, the default); C{fresh_http}, when given, opens one
+        connection per request for the others (docs/llama-server.md).
         """
         self.supervisor = supervisor
         self._clock = clock

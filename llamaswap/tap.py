@@ -123,8 +123,8 @@ class LlamaSwapService(MultiService):
         self.events = EventBus()
         self.logs = LogHub(config, events=self.events)
         self.supervisor = Supervisor(config, reactor=reactor, events=self.events)
-        # Keep-alive for what reuses connections, one connection per request for
-        # the rest (model servers by default: docs/llama-server.md).
+        # Keep-alive for what reuses connections (the default), one connection
+        # per request for the rest (docs/llama-server.md).
         self._http, self._pool = make_http(reactor)
         fresh_http, self._fresh_pool = make_http(reactor, persistent=False)
         root = build_root(

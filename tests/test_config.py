@@ -1328,21 +1328,21 @@ class SendLoadingStateTests(SynchronousTestCase):
 
 
 class ReuseConnectionsTests(ErrorAssertions):
-    """C{reuseConnections}: off for models (a connection per request), on for peers."""
+    """C{reuseConnections}: on by default for models and peers, off on request."""
 
     def test_defaults(self) -> None:
         config = parse(
             """
             models:
               m: {cmd: m, proxy: "http://127.0.0.1:1"}
-              k: {cmd: k, proxy: "http://127.0.0.1:2", reuseConnections: true}
+              k: {cmd: k, proxy: "http://127.0.0.1:2", reuseConnections: false}
             peers:
               p: {proxy: "http://10.0.0.5:8080", models: [a]}
               q: {proxy: "http://10.0.0.6:8080", models: [b], reuseConnections: false}
             """
         )
-        self.assertFalse(config.models["m"].reuse_connections)
-        self.assertTrue(config.models["k"].reuse_connections)
+        self.assertTrue(config.models["m"].reuse_connections)
+        self.assertFalse(config.models["k"].reuse_connections)
         self.assertTrue(config.peers["p"].reuse_connections)
         self.assertFalse(config.peers["q"].reuse_connections)
 

@@ -76,15 +76,15 @@ class LlamaServerLikeUpstreamTests(TestCase):
     async def test_concurrent_streams_never_fail_on_reuse(self) -> None:
         """
         8 clients, 400 requests, mostly streamed, on two models side by side:
-        one with the default (a connection per request), one with
-        C{reuseConnections: true}, whose kept-alive sockets the server closes
-        after every stream. Every request is a complete 200 from its model:
-        a request sent into a socket the server just closed is replayed.
+        one with the default (keep-alive, whose sockets the server closes after
+        every stream), one with C{reuseConnections: false} (a connection per
+        request). Every request is a complete 200 from its model: a request
+        sent into a socket the server just closed is replayed.
         """
         config = make_config(
             {
-                "fresh": fake_model("fresh", LIKE_LLAMA),
-                "reused": fake_model("reused", LIKE_LLAMA, reuseConnections=True),
+                "reused": fake_model("reused", LIKE_LLAMA),
+                "fresh": fake_model("fresh", LIKE_LLAMA, reuseConnections=False),
             },
             groups={"both": {"swap": False, "members": ["fresh", "reused"]}},
         )
@@ -108,7 +108,8 @@ class LlamaServerLikeUpstreamTests(TestCase):
         with 5 worker threads: all are answered within 0.5 s of the model
         becoming ready. Connections kept open after an answer would each pin a
         worker while 3 requests wait unread in the server's accept queue,
-        until the proxy or the server dropped them (2 to 5 s).
+        until the proxy or the server dropped them (2 to 5 s); the pool closes
+        a finished connection while another request still waits for its answer.
         """
         config = make_config(
             {
