@@ -58,7 +58,10 @@ class _Scripted(Protocol):
             action = self.factory.script[min(self._served, len(self.factory.script) - 1)]
             self._served += 1
             assert self.transport is not None
-            if action == "answer":
+            if action == "answer" and body.startswith(b"slow"):
+                answer = _OK % (len(body), body)
+                reactor.callLater(0.3, self.transport.write, answer)  # type: ignore[attr-defined]
+            elif action == "answer":
                 self.transport.write(_OK % (len(body), body))
             elif action == "half":
                 self.transport.write(b"HTTP/1.1 2")
@@ -84,8 +87,8 @@ class _ScriptedFactory(Factory):
         self.heads: list[bytes] = []
 
 
-class ReuseTests(TestCase):
-    """A request on a reused connection is replayed once when it dies unanswered."""
+class _ServerCase(TestCase):
+    """A scripted server and the proxy's upstream client."""
 
     def serve(self, script: list[str]) -> tuple[_ScriptedFactory, str]:
         factory = _ScriptedFactory(script)
@@ -103,6 +106,10 @@ class ReuseTests(TestCase):
         response = yield http.request("POST", url.encode("ascii"), data=body, unbuffered=True)
         content = yield treq.content(response)
         return response.code, content
+
+
+class ReuseTests(_ServerCase):
+    """A request on a reused connection is replayed once when it dies unanswered."""
 
     @inlineCallbacks
     def test_post_replayed_on_a_fresh_connection(self) -> Any:
@@ -172,6 +179,51 @@ class ReuseTests(TestCase):
                 sorted(results), sorted((200, b"%d-%d" % (round_, i)) for i in range(8))
             )
         self.assertGreater(factory.connections, 8)
+
+
+class OverlapTests(_ServerCase):
+    """Keep-alive only while requests to a server do not overlap."""
+
+    @inlineCallbacks
+    def test_sequential_requests_share_a_connection(self) -> Any:
+        factory, url = self.serve(["answer"])
+        http = self.client()
+        for i in range(3):
+            code, _ = yield self.post(http, url, b"%d" % i)
+            self.assertEqual(code, 200)
+        self.assertEqual(factory.connections, 1)
+        self.assertEqual(factory.closed, 0)
+
+    @inlineCallbacks
+    def test_connection_closed_while_another_request_waits(self) -> Any:
+        """
+        A quick answer that ends while a slow request still waits for its own:
+        its connection is closed at once (on llama-server it may hold the thread
+        the slow one needs). Once nothing waits, the next connection is kept.
+        """
+        factory, url = self.serve(["answer"])
+        http = self.client()
+        slow = self.post(http, url, b"slow")
+        code, _ = yield self.post(http, url, b"quick")
+        self.assertEqual(code, 200)
+        self.assertFalse(slow.called)
+        yield _until(lambda: factory.closed == 1)  # closed by us, before the slow answer
+        self.assertFalse(slow.called)
+        self.assertEqual((yield slow), (200, b"slow"))
+        code, _ = yield self.post(http, url, b"after")
+        self.assertEqual(code, 200)
+        self.assertEqual((factory.connections, factory.closed), (2, 1))
+
+
+@inlineCallbacks
+def _until(check: Any, timeout: float = 5.0) -> Any:
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        yield deferLater(reactor, 0.01)  # type: ignore[arg-type]
+    raise AssertionError("condition not met in time")
 
 
 class ClientSocketTests(TestCase):
