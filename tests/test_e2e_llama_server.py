@@ -30,7 +30,7 @@ from typing import Any
 import openai
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tests.chat_clients import ChatAnswer, ChatClients, gather
 from tests.gguf_models import ensure_models, find_llama_server
 from tests.proctools import TWISTD, ChildOutput, alive, send_signal, sleep, twistd_env
 
@@ -230,70 +231,6 @@ class _Proxy:
     def servers(self) -> set[int]:
         """pids of the llama-servers started for this proxy that are alive."""
         return _llama_servers(self.model_ports)
-
-
-class _Answer:
-    """What one client saw of one request: status, who answered, a complete body."""
-
-    def __init__(self, code: int, body: bytes, stream: bool, ended: float) -> None:
-        self.code = code
-        self.body = body
-        self.stream = stream
-        self.ended = ended  # time.monotonic() when the last byte came
-        self.model: str | None = None
-        self.complete = False
-        text = body.decode("utf-8", "replace")
-        if code != 200:
-            return
-        if stream:
-            events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
-            chunks = [json.loads(e) for e in events if e != "[DONE]"]
-            finished = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
-            self.complete = bool(events) and events[-1] == "[DONE]" and len(finished) == 1
-            self.model = chunks[-1].get("model") if chunks else None
-        else:
-            answer = json.loads(text)
-            self.complete = answer["choices"][0]["finish_reason"] is not None
-            self.model = answer.get("model")
-
-    def __repr__(self) -> str:
-        return f"<{self.code} stream={self.stream} model={self.model} {self.body[-200:]!r}>"
-
-
-class _Clients:
-    """
-    Ordinary HTTP clients of the proxy, on kept-alive connections as curl,
-    httpx and the SDKs use them (raw treq: no retry hides a failure).
-    """
-
-    def __init__(self, base: str, test: TestCase) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-        pool.maxPersistentPerHost = 64
-        pool.retryAutomatically = False
-        test.addCleanup(pool.closeCachedConnections)
-        self._http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
-        self._url = f"{base}/v1/chat/completions"
-
-    async def chat(self, model: str, stream: bool, max_tokens: int = 4) -> _Answer:
-        body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, **EXACT}
-        if stream:
-            body["stream"] = True
-        try:
-            response = await self._http.post(self._url, json=body)
-            content = await response.content()
-        except Exception as e:  # a failed request is an answer the test counts
-            return _Answer(-1, repr(e).encode(), stream, time.monotonic())
-        return _Answer(response.code, content, stream, time.monotonic())
-
-
-async def _gather(calls: Iterable[Awaitable[Any]]) -> list[Any]:
-    deferreds = [Deferred.fromCoroutine(_await(c)) for c in calls]
-    results: list[Any] = await gatherResults(deferreds, consumeErrors=True)
-    return results
-
-
-async def _await(call: Awaitable[Any]) -> Any:
-    return await call
 
 
 class _MostServers:
@@ -648,15 +585,15 @@ class LlamaServerConcurrencyTests(_LlamaServerCase):
         complete (one finish reason, then C{[DONE]}).
         """
         proxy = await self._start()
-        clients = _Clients(proxy.base, self)
-        answers: list[_Answer] = []
+        clients = ChatClients(self, proxy.base, max_tokens=4, **EXACT)
+        answers: list[ChatAnswer] = []
         total = 1000
 
         async def client(index: int) -> None:
             for n in range(index, total, 8):
                 answers.append(await clients.chat("tiny-a", stream=n % 2 == 0))
 
-        await _gather(client(i) for i in range(8))
+        await gather(client(i) for i in range(8))
         bad = [a for a in answers if not (a.code == 200 and a.complete and a.model == "tiny-a")]
         self.assertEqual(len(answers), total)
         self.assertEqual(bad, [], f"{len(bad)} of {total} failed")
@@ -672,7 +609,7 @@ class LlamaServerConcurrencyTests(_LlamaServerCase):
         printed once its model is loaded, as llamaswap relays it).
         """
         proxy = await self._start()
-        clients = _Clients(proxy.base, self)
+        clients = ChatClients(self, proxy.base, max_tokens=4, **EXACT)
         ports = dict(zip(MODEL_IDS, proxy.model_ports, strict=True))
         lags = []
         for round_ in range(10):
@@ -683,7 +620,7 @@ class LlamaServerConcurrencyTests(_LlamaServerCase):
             # Whole answers keep a kept-alive connection (and so a server thread)
             # busy; streams end with the server closing: all three mixes.
             streamed = [(i < round_ % 3 * 4) for i in range(8)]
-            answers = await _gather(clients.chat(model, stream=s) for s in streamed)
+            answers = await gather(clients.chat(model, stream=s) for s in streamed)
             ready = await ready_at
             bad = [a for a in answers if not (a.code == 200 and a.complete and a.model == model)]
             self.assertEqual(bad, [], f"round {round_}")

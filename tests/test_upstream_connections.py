@@ -9,65 +9,16 @@ in C{tests.test_e2e_llama_server.LlamaServerConcurrencyTests}.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
 from typing import Any
 
-from treq.client import HTTPClient
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
+from tests.chat_clients import ChatAnswer, ChatClients, gather
 from tests.fakeserver_helper import fake_model, make_config
 from tests.test_reliability import RunningProxy
 
 LIKE_LLAMA = "--like-llama-server"
-
-
-class _Clients:
-    """Clients of the proxy on kept-alive connections, as curl, httpx or the SDKs; no retries."""
-
-    def __init__(self, case: TestCase, port: int) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-        pool.maxPersistentPerHost = 32
-        pool.retryAutomatically = False
-        case.addCleanup(pool.closeCachedConnections)
-        self._http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
-        self._url = f"http://127.0.0.1:{port}/v1/chat/completions"
-
-    async def chat(self, model: str, stream: bool) -> tuple[int, str | None, bool, float]:
-        """(status, who answered, complete, time.monotonic() at the last byte)."""
-        body: dict[str, Any] = {"model": model, "messages": [], "fake_tokens": 4}
-        if stream:
-            body["stream"] = True
-        try:
-            response = await self._http.post(self._url, json=body)
-            content = (await response.content()).decode()
-        except Exception as e:  # a failed request is an outcome the test counts
-            return -1, repr(e), False, time.monotonic()
-        ended = time.monotonic()
-        if response.code != 200:
-            return response.code, content[-300:], False, ended
-        if stream:
-            events = [line[6:] for line in content.split("\n") if line.startswith("data: ")]
-            chunks = [json.loads(e) for e in events[:-1]]
-            finished = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-            complete = events[-1:] == ["[DONE]"] and len(finished) == 1
-            served = content.split("Hello from ", 1)[-1].split(" ", 1)[0]
-        else:
-            answer = json.loads(content)
-            complete = answer["choices"][0]["finish_reason"] is not None
-            served = answer["served_by"]
-        return response.code, served, complete, ended
-
-
-async def _gather(calls: Iterable[Any]) -> list[Any]:
-    results: list[Any] = await gatherResults(
-        [Deferred.fromCoroutine(c) for c in calls], consumeErrors=True
-    )
-    return results
 
 
 class LlamaServerLikeUpstreamTests(TestCase):
@@ -89,16 +40,16 @@ class LlamaServerLikeUpstreamTests(TestCase):
             groups={"both": {"swap": False, "members": ["fresh", "reused"]}},
         )
         proxy = RunningProxy(self, config)
-        clients = _Clients(self, proxy.port)
-        results: list[tuple[str, tuple[int, str | None, bool, float]]] = []
+        clients = ChatClients(self, f"http://127.0.0.1:{proxy.port}", fake_tokens=4)
+        results: list[tuple[str, ChatAnswer]] = []
 
         async def client(index: int) -> None:
             for n in range(index, 400, 8):
                 model = ("fresh", "reused")[n % 2]
                 results.append((model, await clients.chat(model, stream=n % 5 != 0)))
 
-        await _gather(client(i) for i in range(8))
-        bad = [(m, r) for m, r in results if r[:3] != (200, m, True)]
+        await gather(client(i) for i in range(8))
+        bad = [(m, a) for m, a in results if (a.code, a.served_by, a.complete) != (200, m, True)]
         self.assertEqual(len(results), 400)
         self.assertEqual(bad, [])
 
@@ -118,7 +69,7 @@ class LlamaServerLikeUpstreamTests(TestCase):
             }
         )
         proxy = RunningProxy(self, config)
-        clients = _Clients(self, proxy.port)
+        clients = ChatClients(self, f"http://127.0.0.1:{proxy.port}", fake_tokens=4)
         ready: dict[str, float] = {}
 
         def observe(kind: str, data: dict[str, Any]) -> None:
@@ -130,7 +81,8 @@ class LlamaServerLikeUpstreamTests(TestCase):
         for round_ in range(6):
             model = ("one", "two")[round_ % 2]
             ready.pop(model, None)
-            results = await _gather(clients.chat(model, stream=False) for _ in range(8))
-            self.assertEqual([r[:3] for r in results], [(200, model, True)] * 8)
-            lags.append(max(r[3] for r in results) - ready[model])
+            answers = await gather(clients.chat(model, stream=False) for _ in range(8))
+            seen = [(a.code, a.served_by, a.complete) for a in answers]
+            self.assertEqual(seen, [(200, model, True)] * 8)
+            lags.append(max(a.ended for a in answers) - ready[model])
         self.assertLess(max(lags), 0.5, [round(lag, 3) for lag in lags])
