@@ -6,7 +6,7 @@ CONFIG ?= config.example.yaml
 LISTEN ?= tcp:8080:interface=127.0.0.1
 TRIAL_ARGS ?= tests
 
-.PHONY: run test check lint typecheck trial e2e bench llama-server clean
+.PHONY: run test check lint typecheck trial e2e bench bench-real llama-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ models: $(VENV)/.installed
 # Proxy vs direct benchmark (docs/performance.md); needs Debian's nginx and wrk. Not part of `make test`.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The proxy in front of the real llama-server: streams direct vs proxy at 1/8/32 clients, and
+# swap bursts (docs/performance.md, "Real llama-server"); about 2 minutes. Not part of `make test`.
+bench-real: $(VENV)/.installed llama-server models
+	$(BIN)/python bench/real.py $(BENCH_ARGS)
 
 # End-to-end tests against the real llama-server (tests/test_e2e_llama_server.py, about 15-30 s
 # once built; docs/llama-server.md). `make test` runs them too, or skips them without the binary.
