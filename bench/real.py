@@ -47,7 +47,6 @@ import itertools
 import json
 import os
 import platform
-import random
 import re
 import shlex
 import shutil
@@ -248,6 +247,15 @@ class Client:
             else:
                 whole.extend(data)
 
+        async def pass_on(left: int, where: str) -> None:
+            """Feed the next C{left} bytes, whatever part is there now, as it comes."""
+            while left:
+                data = await reader.read(left)
+                if not data:
+                    raise ConnectionError(f"connection closed inside {where}")
+                left -= len(data)
+                feed(data)
+
         reusable = not answer.close_header
         if "chunked" in headers.get("transfer-encoding", ""):
             while True:
@@ -255,23 +263,10 @@ class Client:
                 if size == 0:
                     await reader.readuntil(b"\r\n")  # no trailers expected
                     break
-                # Whatever part of the chunk is there now, as it comes.
-                left = size
-                while left:
-                    data = await reader.read(left)
-                    if not data:
-                        raise ConnectionError("connection closed inside a chunk")
-                    left -= len(data)
-                    feed(data)
+                await pass_on(size, "a chunk")
                 await reader.readexactly(2)
         elif "content-length" in headers:
-            left = int(headers["content-length"])
-            while left:
-                data = await reader.read(left)
-                if not data:
-                    raise ConnectionError("connection closed inside the body")
-                left -= len(data)
-                feed(data)
+            await pass_on(int(headers["content-length"]), "the body")
         else:
             reusable = False
             while data := await reader.read(1 << 16):
@@ -441,28 +436,6 @@ def summarise_cell(runs: list[dict[str, Any]], max_tokens: int) -> dict[str, Any
 # --- processes -------------------------------------------------------------------
 
 
-def port_block(count: int) -> list[int]:
-    """
-    `count` consecutive ports that were free a moment ago, below Linux's
-    ephemeral range (so that outgoing connections cannot take one meanwhile).
-    """
-    for _ in range(100):
-        first = random.randrange(20000, 32768 - count)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((HOST, port))
-            return list(range(first, first + count))
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports")
-
-
 def server_cmd(binary: Path, model: Path, alias: str, port: int, flags: str) -> list[str]:
     return [
         str(binary),
@@ -492,27 +465,6 @@ def proxy_config(
     return "\n".join(lines) + "\n"
 
 
-def llama_servers(binary: Path, ports: Sequence[int]) -> list[int]:
-    """Live llama-servers of this run: the binary, with --port one of ours."""
-    wanted = {str(p) for p in ports}
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, UnicodeDecodeError, IndexError):
-            continue
-        if exe != str(binary) or "--port" not in argv or state == "Z":
-            continue
-        index = argv.index("--port") + 1
-        if index < len(argv) and argv[index] in wanted:
-            found.append(int(entry))
-    return found
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path, binary: Path) -> None:
         self.args = args
@@ -521,7 +473,10 @@ class Bench:
         self.tree: Path = (args.tree or ROOT).resolve()
         self.procs: list[Proc] = []
         self.results: dict[str, Any] = {}
-        ports = port_block(4)
+        from tests.fakeserver_helper import port_block
+
+        first = port_block(4, HOST)
+        ports = list(range(first, first + 4))
         self.model_ports = dict(zip((CELL_MODEL, *MODELS), ports[:3], strict=True))
         self.direct_port = ports[3]
         self.proxy_port = 0
@@ -586,6 +541,8 @@ class Bench:
                 proc.stop()
             except Exception as e:  # keep stopping the others
                 log(f"stopping {proc.name}: {e}")
+        from tests.gguf_models import llama_servers
+
         left = llama_servers(self.binary, [*self.model_ports.values(), self.direct_port])
         for pid in left:
             log(f"llama-server {pid} outlived the proxy: killing it")

@@ -121,10 +121,6 @@ class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
             return False  # the client left: nothing to retry for
         return bodyProducer is None or isinstance(bodyProducer, _BytesProducer)
 
-    def request(self, request: Any) -> Deferred[Any]:
-        result: Deferred[Any] = super().request(request)  # type: ignore[no-untyped-call]
-        return result
-
 
 class _Awaited:
     """
@@ -173,6 +169,8 @@ class _UpstreamPool(HTTPConnectionPool):
         self._awaiting: dict[Any, int] = {}
 
     def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        # HTTPConnectionPool.getConnection, with our replaying wrapper in place
+        # of Twisted's (which it names directly), and the counting wrapper.
         connection: Deferred[Any] | None = None
         connections = self._connections.get(key)
         while connections:

@@ -20,6 +20,7 @@ two daemon threads into ``server.stdout_lines``/``server.stderr_lines``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,6 +58,29 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS may hand it out again)."""
     return free_ports(1, host)[0]
+
+
+def port_block(count: int, host: str = "127.0.0.1") -> int:
+    """
+    First of C{count} consecutive ports that were all free a moment ago, for a
+    config's C{startPort}. Taken below Linux's ephemeral range (32768+), so
+    that outgoing connections made meanwhile cannot grab one of them.
+    """
+    for _ in range(100):
+        first = random.randrange(20000, 32768 - count)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports")
 
 
 def fakeserver_command(*args: str) -> list[str]:

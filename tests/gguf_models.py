@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,31 @@ def find_llama_server() -> Path | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate.resolve()
     return None
+
+
+def llama_servers(binary: Path, ports: Iterable[int]) -> set[int]:
+    """
+    pids of the live llama-servers listening on one of C{ports}: found by
+    executable and command line in /proc, so servers that lost their parent
+    count too, and other people's llama-servers on this machine do not.
+    """
+    wanted = {str(port) for port in ports}
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, UnicodeDecodeError, IndexError):
+            continue  # gone, or a kernel thread
+        if exe != str(binary) or "--port" not in argv or state == "Z":
+            continue  # not ours, or ended (a zombie only waits to be reaped)
+        index = argv.index("--port") + 1
+        if index < len(argv) and argv[index] in wanted:
+            found.add(int(entry))
+    return found
 
 
 def _vocab_candidates(vocab: str) -> Iterator[Path]:

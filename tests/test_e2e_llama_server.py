@@ -16,12 +16,9 @@ docs/llama-server.md). The models are generated on first use (a few seconds).
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import shlex
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -39,7 +36,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.chat_clients import ChatAnswer, ChatClients, gather
-from tests.gguf_models import ensure_models, find_llama_server
+from tests.fakeserver_helper import port_block
+from tests.gguf_models import ensure_models, find_llama_server, llama_servers
 from tests.proctools import TWISTD, ChildOutput, alive, send_signal, sleep, twistd_env
 
 LLAMA_SERVER = find_llama_server()
@@ -90,51 +88,10 @@ def _config(models: dict[str, Path], start_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _port_block(count: int) -> int:
-    """
-    First of C{count} consecutive ports that were all free a moment ago. Taken
-    below Linux's ephemeral range (32768+), so that outgoing connections made
-    meanwhile cannot grab one of them.
-    """
-    for _ in range(100):
-        first = random.randrange(20000, 32768 - count)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports")
-
-
 def _llama_servers(ports: Iterable[int]) -> set[int]:
-    """
-    Live llama-server processes listening on one of C{ports}: found by
-    executable and command line, so servers that lost their parent count too,
-    and other people's llama-servers on this machine do not.
-    """
-    wanted = {str(port) for port in ports}
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
-        except (OSError, UnicodeDecodeError):
-            continue  # gone, a zombie, or a kernel thread
-        if exe != str(LLAMA_SERVER) or "--port" not in argv:
-            continue
-        index = argv.index("--port") + 1
-        if index < len(argv) and argv[index] in wanted and alive(int(entry)):
-            found.add(int(entry))
-    return found
+    """Live llama-servers of this test: its binary, listening on one of C{ports}."""
+    assert LLAMA_SERVER is not None
+    return llama_servers(LLAMA_SERVER, ports)
 
 
 async def _until(
@@ -262,7 +219,7 @@ class _LlamaServerCase(TestCase):
         models = ensure_models()
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
-        first = _port_block(len(MODEL_IDS))
+        first = port_block(len(MODEL_IDS))
         config = folder / "config.yaml"
         config.write_text(_config(models, first))
 
