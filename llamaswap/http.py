@@ -122,31 +122,43 @@ class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
         return bodyProducer is None or isinstance(bodyProducer, _BytesProducer)
 
 
-class _Awaited:
+class _Waits:
     """
-    A connection (or its replaying wrapper) that counts, per upstream, the
-    requests sent and not yet answered (no status line and headers yet).
+    Per upstream: requests sent on new connections and not answered yet (no
+    status line and headers), and how many kept connections were closed to
+    free a server thread for them: at most one each.
     """
 
-    def __init__(self, connection: Any, awaiting: dict[Any, int], key: Any) -> None:
+    __slots__ = ("freed", "unanswered")
+
+    def __init__(self) -> None:
+        self.unanswered = 0
+        self.freed = 0
+
+    def answered(self, result: Any) -> Any:
+        self.unanswered -= 1
+        self.freed = min(self.freed, self.unanswered)
+        return result
+
+    def free_one(self) -> bool:
+        """Whether a connection that just finished should be closed for a waiting request."""
+        if self.unanswered > self.freed:
+            self.freed += 1
+            return True
+        return False
+
+
+class _Counted:
+    """A new connection whose request counts in its upstream's L{_Waits} until answered."""
+
+    def __init__(self, connection: Any, waits: _Waits) -> None:
         self._connection = connection
-        self._awaiting = awaiting
-        self._key = key
+        self._waits = waits
 
     def request(self, request: Any) -> Deferred[Any]:
-        key, awaiting = self._key, self._awaiting
-        awaiting[key] = awaiting.get(key, 0) + 1
-
-        def answered(result: Any) -> Any:
-            left = awaiting[key] - 1
-            if left:
-                awaiting[key] = left
-            else:
-                del awaiting[key]
-            return result
-
+        self._waits.unanswered += 1
         answer: Deferred[Any] = self._connection.request(request)
-        return answer.addBoth(answered)
+        return answer.addBoth(self._waits.answered)
 
 
 class _UpstreamPool(HTTPConnectionPool):
@@ -154,11 +166,16 @@ class _UpstreamPool(HTTPConnectionPool):
     Keep-alive that never holds a server's worker while a request waits for one.
 
     llama-server (cpp-httplib) ties one of its few HTTP threads to each open
-    connection, idle or not, until the client closes it or 5 s pass; requests
-    on other connections wait unread meanwhile (docs/llama-server.md). So a
-    connection that finishes while another request to the same server still
-    waits for its answer is closed instead of kept: its thread may be the one
-    that request needs. Requests one after another still share a connection.
+    connection, idle or not, until the client closes it or 5 s pass; new
+    connections wait unread meanwhile (docs/llama-server.md). So a connection
+    that finishes while a request sent on a new connection to the same server
+    still waits for its answer is closed instead of kept: its thread may be
+    the one that request needs. One such close per waiting request, no more:
+    closing every finished connection while any new one waits would make a
+    busy server's clients open a connection per request (each close makes the
+    next request open a new one, which makes the next finished one close).
+    Otherwise connections are kept and reused, and requests one after
+    another share one.
 
     Reused connections replay a request that dies unanswered
     (L{_ReplayOnFreshConnection}).
@@ -166,12 +183,11 @@ class _UpstreamPool(HTTPConnectionPool):
 
     def __init__(self, reactor: Any, persistent: bool = True) -> None:
         super().__init__(reactor, persistent)  # type: ignore[no-untyped-call]
-        self._awaiting: dict[Any, int] = {}
+        self._waits: dict[Any, _Waits] = {}
 
     def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
         # HTTPConnectionPool.getConnection, with our replaying wrapper in place
         # of Twisted's (which it names directly), and the counting wrapper.
-        connection: Deferred[Any] | None = None
         connections = self._connections.get(key)
         while connections:
             cached = connections.pop(0)
@@ -180,16 +196,19 @@ class _UpstreamPool(HTTPConnectionPool):
                 replay = _ReplayOnFreshConnection(
                     cached, lambda: self._newConnection(key, endpoint)
                 )
-                connection = succeed(replay)
-                break
-        if connection is None:
-            connection = self._newConnection(key, endpoint)
+                return succeed(replay)  # the server serves it already: not counted
+        connection = self._newConnection(key, endpoint)
         if not self.persistent:
             return connection  # closed after each answer anyway: nothing to count
-        return connection.addCallback(_Awaited, self._awaiting, key)
+        # Only a new connection may wait unread for a server thread.
+        waits = self._waits.get(key)
+        if waits is None:
+            waits = self._waits[key] = _Waits()
+        return connection.addCallback(_Counted, waits)
 
     def _putConnection(self, key: Any, connection: Any) -> None:
-        if self._awaiting.get(key):
+        waits = self._waits.get(key)
+        if waits is not None and waits.free_one():
             connection.transport.loseConnection()
             return
         super()._putConnection(key, connection)  # type: ignore[no-untyped-call]

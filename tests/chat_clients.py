@@ -78,6 +78,11 @@ class ChatClients:
             return ChatAnswer(-1, repr(e).encode(), stream, time.monotonic())
         return ChatAnswer(response.code, content, stream, time.monotonic())
 
+    async def get_json(self, url: str) -> Any:
+        """GET any URL (a model server's own routes too) on the same pool; its JSON."""
+        response = await self._http.get(url)
+        return json.loads(await response.content())
+
 
 async def gather(calls: Iterable[Awaitable[Any]]) -> list[Any]:
     """Run coroutines concurrently; their results in order."""

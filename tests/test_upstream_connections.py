@@ -15,7 +15,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from tests.chat_clients import ChatAnswer, ChatClients, gather
-from tests.fakeserver_helper import fake_model, make_config
+from tests.fakeserver_helper import fake_model, make_config, upstream_port
 from tests.test_reliability import RunningProxy
 
 LIKE_LLAMA = "--like-llama-server"
@@ -86,3 +86,26 @@ class LlamaServerLikeUpstreamTests(TestCase):
             self.assertEqual(seen, [(200, model, True)] * 8)
             lags.append(max(a.ended for a in answers) - ready[model])
         self.assertLess(max(lags), 0.5, [round(lag, 3) for lag in lags])
+
+    async def test_busy_server_keeps_its_connections(self) -> None:
+        """
+        8 clients, 400 whole answers from a server without worker limits: the
+        proxy reuses its connections (a few dozen at most, not one per request),
+        although requests overlap all the time. Closing every connection that
+        ends while some new one waits would open one per request.
+        """
+        config = make_config({"m": fake_model("m")})
+        proxy = RunningProxy(self, config)
+        clients = ChatClients(self, f"http://127.0.0.1:{proxy.port}", fake_tokens=2)
+        self.assertEqual((await clients.chat("m", stream=False)).code, 200)
+        stats = f"http://127.0.0.1:{upstream_port(config, 'm')}/debug/stats"
+        before = (await clients.get_json(stats))["connections_accepted"]
+
+        async def client() -> list[int]:
+            return [(await clients.chat("m", stream=False)).code for _ in range(50)]
+
+        codes = await gather(client() for _ in range(8))
+        self.assertEqual(codes, [[200] * 50] * 8)
+        after = (await clients.get_json(stats))["connections_accepted"]
+        # after - before counts this test's own two stats requests too.
+        self.assertLessEqual(after - before, 40, "upstream connections for 400 requests")
