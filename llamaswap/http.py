@@ -10,7 +10,6 @@ tests and could bind to a different reactor.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
@@ -21,21 +20,25 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IAddress, IConsumer
-from twisted.web._newclient import (
-    HTTP11ClientProtocol,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.client import (
     URI,
     Agent,
     HTTPConnectionPool,
-    _HTTP11ClientFactory,
-    _RetryingHTTP11ClientProtocol,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+from llamaswap._twisted import (
+    HookedConnectionPool,
+    HTTP11ClientFactory,
+    HTTP11ClientProtocol,
+    ReplayingConnection,
+    RequestNotSent,
+    quiescent_callback,
+    standard_endpoint_factory,
+)
 
 # Bytes read from an upstream socket per reactor turn (Twisted's default is 64 KiB).
 # Each turn costs two syscalls and their Python; a 20 MB answer read 256 KiB at a
@@ -50,13 +53,13 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
         transport.bufferSize = UPSTREAM_READ_SIZE  # tcp.Connection: the recv() size
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
+class _QuietClientFactory(HTTP11ClientFactory):
     # The default factory logs "Starting/Stopping factory" for every upstream
     # connection (each health poll!), flooding the proxy log.
     noisy = False
 
     def buildProtocol(self, addr: IAddress | None) -> HTTP11ClientProtocol:
-        return _UpstreamProtocol(self._quiescentCallback)  # type: ignore[no-untyped-call]
+        return _UpstreamProtocol(quiescent_callback(self))  # type: ignore[no-untyped-call]
 
 
 @implementer(IBodyProducer)
@@ -92,7 +95,7 @@ def _body_producer(data: Any) -> IBodyProducer:
     return producer
 
 
-class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
+class _ReplayOnFreshConnection(ReplayingConnection):
     """
     A reused connection that sends its request again, once, on a new one when
     it fails before any response byte arrived.
@@ -107,19 +110,14 @@ class _ReplayOnFreshConnection(_RetryingHTTP11ClientProtocol):
     only cached ones): its failure is the server's real answer.
     """
 
-    def __init__(
-        self, connection: HTTP11ClientProtocol, fresh: Callable[[], Deferred[Any]]
-    ) -> None:
-        super().__init__(connection, fresh)  # type: ignore[no-untyped-call]
-
-    def _shouldRetry(self, method: bytes, exception: Exception, bodyProducer: Any) -> bool:
+    def should_replay(self, method: bytes, exception: Exception, body_producer: Any) -> bool:
         if not isinstance(
             exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
         ):
             return False
         if any(f.check(CancelledError) for f in getattr(exception, "reasons", ())):
             return False  # the client left: nothing to retry for
-        return bodyProducer is None or isinstance(bodyProducer, _BytesProducer)
+        return body_producer is None or isinstance(body_producer, _BytesProducer)
 
 
 class _Waits:
@@ -161,7 +159,7 @@ class _Counted:
         return answer.addBoth(self._waits.answered)
 
 
-class _UpstreamPool(HTTPConnectionPool):
+class _UpstreamPool(HookedConnectionPool):
     """
     Keep-alive that never holds a server's worker while a request waits for one.
 
@@ -188,16 +186,11 @@ class _UpstreamPool(HTTPConnectionPool):
     def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
         # HTTPConnectionPool.getConnection, with our replaying wrapper in place
         # of Twisted's (which it names directly), and the counting wrapper.
-        connections = self._connections.get(key)
-        while connections:
-            cached = connections.pop(0)
-            self._timeouts.pop(cached).cancel()
-            if cached.state == "QUIESCENT":
-                replay = _ReplayOnFreshConnection(
-                    cached, lambda: self._newConnection(key, endpoint)
-                )
-                return succeed(replay)  # the server serves it already: not counted
-        connection = self._newConnection(key, endpoint)
+        cached = self.take_idle(key)
+        if cached is not None:
+            replay = _ReplayOnFreshConnection(cached, lambda: self.new_connection(key, endpoint))
+            return succeed(replay)  # the server serves it already: not counted
+        connection = self.new_connection(key, endpoint)
         if not self.persistent:
             return connection  # closed after each answer anyway: nothing to count
         # Only a new connection may wait unread for a server thread.
@@ -206,12 +199,12 @@ class _UpstreamPool(HTTPConnectionPool):
             waits = self._waits[key] = _Waits()
         return connection.addCallback(_Counted, waits)
 
-    def _putConnection(self, key: Any, connection: Any) -> None:
+    def put_connection(self, key: Any, connection: Any) -> None:
         waits = self._waits.get(key)
         if waits is not None and waits.free_one():
             connection.transport.loseConnection()
             return
-        super()._putConnection(key, connection)  # type: ignore[no-untyped-call]
+        self.keep_connection(key, connection)
 
 
 class _CachedEndpoints:
@@ -337,13 +330,15 @@ def make_http(
     with C{Connection: close} (C{reuseConnections: false}).
     """
     pool = _UpstreamPool(reactor, persistent=persistent)
-    pool._factory = _QuietClientFactory
+    pool.use_protocol_factory(_QuietClientFactory)
     pool.maxPersistentPerHost = 16  # idle sockets kept per upstream; not a concurrency cap
     # llama-server (cpp-httplib) closes idle keep-alive sockets after 5 s: stay below.
     pool.cachedConnectionTimeout = 2
     standard = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
     agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
-        reactor, _CachedEndpoints(reactor, standard._endpointFactory, connect_timeout), pool=pool
+        reactor,
+        _CachedEndpoints(reactor, standard_endpoint_factory(standard), connect_timeout),
+        pool=pool,
     )
     # treq's client keeps one cookie jar for all traffic: a cookie set in one
     # user's answer would ride along on everybody's next request. Store none.

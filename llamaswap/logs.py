@@ -47,6 +47,7 @@ from twisted.logger import (
 from twisted.python import threadable
 from zope.interface import implementer
 
+from llamaswap._twisted import publisher_observers
 from llamaswap.config import Config
 from llamaswap.events import EventBus
 
@@ -248,8 +249,8 @@ class LogHub(Service):
     def _wrap_existing_observers(self) -> None:
         if self._mode == "both" and self._level is LogLevel.debug:
             return  # nothing to filter
-        observers = getattr(self._publisher, "_observers", None)
-        if not isinstance(observers, list):
+        observers = publisher_observers(self._publisher)
+        if observers is None:
             self.log.warn("cannot filter twistd's log: unknown LogPublisher layout")
             return
         for index, observer in enumerate(observers):
@@ -260,9 +261,9 @@ class LogHub(Service):
             self._wrapped.append(wrapper)
 
     def _unwrap_observers(self) -> None:
-        observers = getattr(self._publisher, "_observers", None)
+        observers = publisher_observers(self._publisher)
         wrapped, self._wrapped = self._wrapped, []
-        if not isinstance(observers, list):
+        if observers is None:
             return
         for wrapper in wrapped:
             for index, observer in enumerate(observers):
