@@ -1825,7 +1825,7 @@ class ExampleConfigTests(SynchronousTestCase):
 
     def test_documents_every_key(self) -> None:
         """Every top-level key and every per-model key appears in the example."""
-        from llamaswap import config as module
+        from llamaswap.config import load as module
 
         self.assertEqual(set(self.raw), set(module._TOP_KEYS))
         used = set().union(*(spec.keys() for spec in self.raw["models"].values()))

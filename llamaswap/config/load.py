@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from attrs import field, frozen
 
+from llamaswap.config.matrix import Matrix, MatrixError, build_matrix
 from llamaswap.errors import ModelNotFound
-from llamaswap.matrix import Matrix, MatrixError, build_matrix
 
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
