@@ -38,9 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llamaswap.config import Config, ModelConfig, Target
+from llamaswap.config.matrix import Decision
 from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
-from llamaswap.matrix import Decision
 from llamaswap.process import ModelProcess, State
 
 # How long a request whose connection was refused waits for the supervisor to

@@ -1825,11 +1825,11 @@ class ExampleConfigTests(SynchronousTestCase):
 
     def test_documents_every_key(self) -> None:
         """Every top-level key and every per-model key appears in the example."""
-        from llamaswap import config as module
+        from llamaswap.config import _models, load
 
-        self.assertEqual(set(self.raw), set(module._TOP_KEYS))
+        self.assertEqual(set(self.raw), set(load._TOP_KEYS))
         used = set().union(*(spec.keys() for spec in self.raw["models"].values()))
-        self.assertEqual(used, set(module._MODEL_KEYS))
+        self.assertEqual(used, set(_models._MODEL_KEYS))
         self.assertIn("preload", self.raw["hooks"]["on_startup"])
 
     def test_profile_of_demo_models(self) -> None:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_matrix -*-
 """
-Tests for L{llamaswap.matrix}: the set expression parser, validation errors,
+Tests for L{llamaswap.config.matrix}: the set expression parser, validation errors,
 expansion into combinations and the solver (llama-swap's C{TestMatrixSolver_*}
 cases, checklist item 87).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.matrix import (
+from llamaswap.config.matrix import (
     MAX_COMBINATIONS,
     MAX_DEPTH,
     Decision,

@@ -20,7 +20,6 @@ L{MAX_COMBINATIONS}), L{Matrix.solve} answers one request.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,8 @@ from types import MappingProxyType
 from typing import Any
 
 from attrs import field, frozen
+
+from llamaswap.config._readers import ConfigError, _alias_hint, _check_keys, _mapping
 
 # Expansion is exponential in the worst case; realistic matrices have a few
 # dozen combinations, so a hard cap keeps a typo from eating memory at load.
@@ -44,7 +45,7 @@ def _readonly(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
-class MatrixError(ValueError):
+class MatrixError(ConfigError, ValueError):
     """The C{matrix} section is invalid; C{str()} is one line naming the dotted path."""
 
 
@@ -104,64 +105,73 @@ def parse_dsl(text: str) -> _Node:
     tokens = _tokens(text)
     if not tokens:
         raise MatrixError("empty expression")
-    index = 0
-    depth = 0
+    parser = _Parser(tokens)
+    node = parser.parse_or()
+    if parser.index < len(tokens):
+        raise MatrixError(f"unexpected {parser.where()}")
+    return node
 
-    def peek() -> str | None:
-        return tokens[index][1] if index < len(tokens) else None
 
-    def where() -> str:
-        if index < len(tokens):
-            return f"{tokens[index][1]!r} at position {tokens[index][0] + 1}"
+class _Parser:
+    """A recursive descent over one expression's tokens; one method per rule."""
+
+    def __init__(self, tokens: list[tuple[int, str]]) -> None:
+        self.tokens = tokens
+        self.index = 0
+        self.depth = 0  # open parentheses
+
+    def peek(self) -> str | None:
+        return self.tokens[self.index][1] if self.index < len(self.tokens) else None
+
+    def where(self) -> str:
+        if self.index < len(self.tokens):
+            position, token = self.tokens[self.index]
+            return f"{token!r} at position {position + 1}"
         return "the end"
 
-    def take() -> str:
-        nonlocal index
-        index += 1
-        return tokens[index - 1][1]
+    def take(self) -> str:
+        self.index += 1
+        return self.tokens[self.index - 1][1]
 
-    def parse_or() -> _Node:
-        parts = [parse_and()]
-        while peek() == "|":
-            take()
-            parts.append(parse_and())
+    def parse_or(self) -> _Node:
+        parts = [self.parse_and()]
+        while self.peek() == "|":
+            self.take()
+            parts.append(self.parse_and())
         return parts[0] if len(parts) == 1 else _Any(tuple(parts))
 
-    def parse_and() -> _Node:
-        parts = [parse_atom()]
-        while peek() == "&":
-            take()
-            parts.append(parse_atom())
+    def parse_and(self) -> _Node:
+        parts = [self.parse_atom()]
+        while self.peek() == "&":
+            self.take()
+            parts.append(self.parse_atom())
         return parts[0] if len(parts) == 1 else _All(tuple(parts))
 
-    def parse_atom() -> _Node:
-        nonlocal depth
-        token = peek()
+    def parse_atom(self) -> _Node:
+        token = self.peek()
         if token == "(":
-            if depth == MAX_DEPTH:
-                raise MatrixError(f"parentheses nested deeper than {MAX_DEPTH} levels")
-            take()
-            depth += 1
-            node = parse_or()
-            depth -= 1
-            if peek() != ")":
-                raise MatrixError(f"expected ')', found {where()}")
-            take()
-            return node
+            return self.parse_group()
         if token == "+":
-            take()
-            name = peek()
+            self.take()
+            name = self.peek()
             if name is None or not _IDENT.fullmatch(name):
-                raise MatrixError(f"expected a set name after '+', found {where()}")
-            return _Ref(take())
+                raise MatrixError(f"expected a set name after '+', found {self.where()}")
+            return _Ref(self.take())
         if token is not None and _IDENT.fullmatch(token):
-            return _Name(take())
-        raise MatrixError(f"expected a model, +set or '(', found {where()}")
+            return _Name(self.take())
+        raise MatrixError(f"expected a model, +set or '(', found {self.where()}")
 
-    node = parse_or()
-    if index < len(tokens):
-        raise MatrixError(f"unexpected {where()}")
-    return node
+    def parse_group(self) -> _Node:
+        if self.depth == MAX_DEPTH:
+            raise MatrixError(f"parentheses nested deeper than {MAX_DEPTH} levels")
+        self.take()
+        self.depth += 1
+        node = self.parse_or()
+        self.depth -= 1
+        if self.peek() != ")":
+            raise MatrixError(f"expected ')', found {self.where()}")
+        self.take()
+        return node
 
 
 def _refs(node: _Node) -> list[str]:
@@ -256,23 +266,6 @@ class Matrix:
 # --- building from YAML -------------------------------------------------------------
 
 
-def _unknown_model(
-    where: str, name: str, aliases: Mapping[str, str], hint: str = ""
-) -> MatrixError:
-    if name in aliases:
-        hint = f" ({name!r} is an alias of {aliases[name]!r}; use model ids or vars)"
-    return MatrixError(f"{where}: unknown model {name!r}{hint}")
-
-
-def _mapping(where: str, value: object) -> dict[object, object]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        kind = "a list" if isinstance(value, list) else f"a {type(value).__name__}"
-        raise MatrixError(f"{where}: must be a mapping, not {kind}")
-    return value
-
-
 def build_matrix(
     value: object, model_ids: Sequence[str], aliases: Mapping[str, str] | None = None
 ) -> Matrix:
@@ -283,39 +276,81 @@ def build_matrix(
     @raise MatrixError: one line naming the dotted path, e.g.
         C{matrix.sets.coding: unknown model 'x'}.
     """
-    aliases = aliases or {}
-    models = set(model_ids)
-    raw = _mapping("matrix", value)
-    for key in raw:
-        if key not in _KEYS:
-            close = difflib.get_close_matches(str(key), _KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise MatrixError(f"matrix.{key}: unknown key{hint}")
+    try:
+        return _build(value, frozenset(model_ids), aliases or {})
+    except MatrixError:
+        raise
+    except ConfigError as e:  # from the shared readers: the same line, as a MatrixError
+        raise MatrixError(str(e)) from None
 
+
+def _build(value: object, models: frozenset[str], aliases: Mapping[str, str]) -> Matrix:
+    raw = _mapping("matrix", value)
+    _check_keys("matrix", raw, _KEYS)
+    names = _Names(
+        models=models, aliases=aliases, vars=_read_vars(raw.get("vars"), models, aliases)
+    )
+    costs = _read_costs(raw.get("evict_costs"), names)
+    texts, trees = _read_sets(raw)
+    expansion = _Expansion(names, trees)
+    candidates: dict[frozenset[str], str] = {}
+    for name in _dependency_order(trees):
+        for combination in expansion.expand_set(name):
+            candidates.setdefault(combination, name)  # an earlier set keeps a shared combination
+        if len(candidates) > MAX_COMBINATIONS:
+            raise MatrixError(
+                f"matrix.sets.{name}: the sets expand to more than {MAX_COMBINATIONS} combinations"
+            )
+    return Matrix(
+        vars=names.vars,
+        evict_costs=costs,
+        sets=texts,
+        combinations=tuple(Combination(set=s, models=m) for m, s in candidates.items()),
+    )
+
+
+@frozen(kw_only=True)
+class _Names:
+    """What a name in the matrix may denote: a var, else a model id."""
+
+    models: frozenset[str]
+    aliases: Mapping[str, str]  # alias -> model id, for hints
+    vars: Mapping[str, str] = MappingProxyType({})
+
+    def resolve(self, where: str, name: str, hint: str = "") -> str:
+        """The model id C{name} denotes; a var wins over a model id of the same name."""
+        if name in self.vars:
+            return self.vars[name]
+        if name in self.models:
+            return name
+        raise self.unknown(where, name, hint)
+
+    def unknown(self, where: str, name: str, hint: str = "") -> MatrixError:
+        hint = _alias_hint(name, self.aliases, "use model ids or vars") or hint
+        return MatrixError(f"{where}: unknown model {name!r}{hint}")
+
+
+def _read_vars(value: object, models: frozenset[str], aliases: Mapping[str, str]) -> dict[str, str]:
+    """C{matrix.vars}: short names for model ids."""
+    names = _Names(models=models, aliases=aliases)
     variables: dict[str, str] = {}
-    for name, target in _mapping("matrix.vars", raw.get("vars")).items():
+    for name, target in _mapping("matrix.vars", value).items():
         where = f"matrix.vars.{name}"
         if not isinstance(name, str) or not _VAR_NAME.fullmatch(name):
             raise MatrixError(f"{where}: names use letters, digits, _, - and . (at most 32)")
         if not isinstance(target, str):
             raise MatrixError(f"{where}: must be a model id (a string)")
-        if target not in models:
-            raise _unknown_model(where, target, aliases)
-        variables[name] = target
+        variables[name] = names.resolve(where, target)
+    return variables
 
-    def resolve(where: str, name: str, hint: str = "") -> str:
-        """A var wins over a model id of the same name."""
-        if name in variables:
-            return variables[name]
-        if name in models:
-            return name
-        raise _unknown_model(where, name, aliases, hint)
 
+def _read_costs(value: object, names: _Names) -> dict[str, int]:
+    """C{matrix.evict_costs}: by var or model id, keyed by model id."""
     costs: dict[str, int] = {}
     named_by: dict[str, str] = {}
-    for name, cost in _mapping("matrix.evict_costs", raw.get("evict_costs")).items():
+    for name, cost in _mapping("matrix.evict_costs", value).items():
         where = f"matrix.evict_costs.{name}"
-        model_id = resolve(where, str(name))
+        model_id = names.resolve(where, str(name))
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise MatrixError(f"{where}: must be a positive integer")
         if model_id in named_by:
@@ -324,15 +359,19 @@ def build_matrix(
             )
         named_by[model_id] = str(name)
         costs[model_id] = cost
+    return costs
 
+
+def _read_sets(raw: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, _Node]]:
+    """C{matrix.sets}: each set's expression (stripped) and its parse tree."""
     if "sets" not in raw:
         raise MatrixError("matrix.sets: required (a mapping of set name to expression)")
-    sets_raw = _mapping("matrix.sets", raw["sets"])
-    if not sets_raw:
+    sets = _mapping("matrix.sets", raw["sets"])
+    if not sets:
         raise MatrixError("matrix.sets: define at least one set")
     texts: dict[str, str] = {}
     trees: dict[str, _Node] = {}
-    for name, text in sets_raw.items():
+    for name, text in sets.items():
         where = f"matrix.sets.{name}"
         if not isinstance(name, str) or not _IDENT.fullmatch(name):
             raise MatrixError(f"{where}: set names use letters, digits, _, - and .")
@@ -343,40 +382,60 @@ def build_matrix(
         except MatrixError as e:
             raise MatrixError(f"{where}: {e}") from None
         texts[name] = text.strip()
+    return texts, trees
 
-    # Dependency order: each set after the sets it references; cycles are errors.
+
+def _dependency_order(trees: Mapping[str, _Node]) -> list[str]:
+    """The sets, each after the sets it references; cycles are errors."""
     order: list[str] = []
-    visiting: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            cycle = " -> ".join([*visiting[visiting.index(name) :], name])
-            raise MatrixError(f"matrix.sets.{visiting[0]}: sets reference each other ({cycle})")
-        visiting.append(name)
-        for ref in _refs(trees[name]):
-            if ref not in trees:
-                raise MatrixError(f"matrix.sets.{name}: undefined set '+{ref}'")
-            visit(ref)
-        visiting.pop()
-        order.append(name)
-
     try:
         for name in trees:
-            visit(name)
+            _visit(name, trees, order, [])
     except RecursionError:  # a chain of about a thousand +references
         raise MatrixError("matrix.sets: sets reference each other too deeply") from None
+    return order
 
-    expanded: dict[str, list[frozenset[str]]] = {}
 
-    def expand(where: str, node: _Node) -> list[frozenset[str]]:
+def _visit(name: str, trees: Mapping[str, _Node], order: list[str], visiting: list[str]) -> None:
+    """Append C{name} to C{order} after what it references (C{visiting}: the path here)."""
+    if name in order:
+        return
+    if name in visiting:
+        cycle = " -> ".join([*visiting[visiting.index(name) :], name])
+        raise MatrixError(f"matrix.sets.{visiting[0]}: sets reference each other ({cycle})")
+    visiting.append(name)
+    for ref in _refs(trees[name]):
+        if ref not in trees:
+            raise MatrixError(f"matrix.sets.{name}: undefined set '+{ref}'")
+        _visit(ref, trees, order, visiting)
+    visiting.pop()
+    order.append(name)
+
+
+class _Expansion:
+    """
+    Sets expanded into their combinations; a set is expanded after the sets it
+    references (L{_dependency_order}), so C{+name} reads the result kept here.
+    """
+
+    def __init__(self, names: _Names, trees: Mapping[str, _Node]) -> None:
+        self.names = names
+        self.trees = trees
+        self.expanded: dict[str, list[frozenset[str]]] = {}
+
+    def expand_set(self, name: str) -> list[frozenset[str]]:
+        result = self.expanded[name] = self.expand(f"matrix.sets.{name}", self.trees[name])
+        return result
+
+    def expand(self, where: str, node: _Node) -> list[frozenset[str]]:
         if isinstance(node, _Name):
-            hint = f" (to use set {node.text!r}, write +{node.text})" if node.text in trees else ""
-            return [frozenset({resolve(where, node.text, hint)})]
+            hint = ""
+            if node.text in self.trees:
+                hint = f" (to use set {node.text!r}, write +{node.text})"
+            return [frozenset({self.names.resolve(where, node.text, hint)})]
         if isinstance(node, _Ref):
-            return expanded[node.name]
-        alternatives = [expand(where, part) for part in node.parts]
+            return self.expanded[node.name]
+        alternatives = [self.expand(where, part) for part in node.parts]
         if isinstance(node, _Any):
             result = list(dict.fromkeys(c for alt in alternatives for c in alt))
         else:
@@ -391,19 +450,3 @@ def build_matrix(
         if len(result) > MAX_COMBINATIONS:
             raise MatrixError(f"{where}: expands to more than {MAX_COMBINATIONS} combinations")
         return result
-
-    candidates: dict[frozenset[str], str] = {}
-    for name in order:
-        expanded[name] = expand(f"matrix.sets.{name}", trees[name])
-        for models_ in expanded[name]:
-            candidates.setdefault(models_, name)  # an earlier set keeps a shared combination
-        if len(candidates) > MAX_COMBINATIONS:
-            raise MatrixError(
-                f"matrix.sets.{name}: the sets expand to more than {MAX_COMBINATIONS} combinations"
-            )
-    return Matrix(
-        vars=variables,
-        evict_costs=costs,
-        sets={name: texts[name] for name in trees},
-        combinations=tuple(Combination(set=s, models=m) for m, s in candidates.items()),
-    )

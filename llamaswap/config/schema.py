@@ -1,0 +1,262 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration's values: frozen attrs classes, their defaults and the
+constants the loader and the rest of llamaswap share. Nothing here reads YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from attrs import field, frozen
+
+from llamaswap.config.matrix import Matrix
+from llamaswap.errors import ModelNotFound
+
+DEFAULT_HEALTH_CHECK_TIMEOUT = 120
+MIN_HEALTH_CHECK_TIMEOUT = 15
+DEFAULT_UNLOAD_TIMEOUT = 10
+DEFAULT_START_PORT = 5800
+DEFAULT_LOG_HISTORY_BYTES = 100 * 1024
+DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+# /upstream/<model>/<path> requests matching these never start a model (llama-swap's default).
+DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+# Request body keys filters may neither strip nor set: routing depends on them.
+PROTECTED_PARAMS = frozenset({"model"})
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
+
+
+def _mapping_proxy(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+@frozen(kw_only=True)
+class Filters:
+    """
+    Edits applied to the JSON body of a model route before it is relayed.
+
+    C{strip_params} are removed, then C{set_params} are set, then the entry of
+    C{set_params_by_id} for the name the client requested. None of them touches
+    C{model}. Values are JSON-compatible (lists as tuples, mappings read-only).
+    """
+
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
+    set_params_by_id: Mapping[str, Mapping[str, Any]] = field(
+        factory=dict, converter=_mapping_proxy
+    )
+
+    def __bool__(self) -> bool:
+        return bool(self.strip_params or self.set_params or self.set_params_by_id)
+
+    def edits_for(self, requested: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The keys to strip and the keys to set for a request naming C{requested}."""
+        values = dict(self.set_params)
+        values.update(self.set_params_by_id.get(requested, {}))
+        return self.strip_params, values
+
+
+@frozen(kw_only=True)
+class ModelConfig:
+    """One model: how to start its server and how to reach it."""
+
+    id: str
+    cmd: tuple[str, ...]
+    cmd_line: str  # the command after macro expansion, as shown by /running
+    proxy: str
+    cmd_stop: tuple[str, ...] | None = None  # may contain ${PID}
+    aliases: tuple[str, ...] = ()
+    check_endpoint: str | None = "/health"  # None: `checkEndpoint: none`
+    ttl: int = 0  # effective idle seconds before unload; 0 = never
+    unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    env: Mapping[str, str] = field(factory=dict, converter=_mapping_proxy)
+    unlisted: bool = False
+    use_model_name: str | None = None
+    name: str = ""
+    description: str = ""
+    metadata: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
+    concurrency_limit: int = 0  # 0 = unlimited
+    port: int | None = None
+    filters: Filters = Filters()
+    send_loading_state: bool = False  # the model's own setting, else the global one
+    # Keep-alive while requests do not overlap (False: a connection per request;
+    # docs/llama-server.md).
+    reuse_connections: bool = True
+
+
+@frozen(kw_only=True)
+class PeerConfig:
+    """
+    Another server (typically another llamaswap or llama-swap) whose models are
+    relayed to as they are: no local process, no swap. Its models are requested
+    as C{<peer id>/<model>}, or by the bare name when no local model or alias has
+    it and no other peer lists it.
+    """
+
+    id: str
+    proxy: str  # base URL without a trailing slash; the request path is appended
+    models: tuple[str, ...]
+    api_key: str | None = None  # sent as Authorization: Bearer and x-api-key
+    filters: Filters = Filters()
+    reuse_connections: bool = True  # keep-alive, as for models
+
+
+@frozen(kw_only=True)
+class PeerTarget:
+    """A requested name that resolved to a peer's model."""
+
+    peer: PeerConfig
+    model: str  # the name the peer knows it by (the body's "model" upstream)
+
+    @property
+    def fqn(self) -> str:
+        """The qualified name, C{<peer id>/<model>}."""
+        return f"{self.peer.id}/{self.model}"
+
+
+@frozen(kw_only=True)
+class Target:
+    """What a requested model name resolves to."""
+
+    model_id: str
+    profile: str | None = None
+    # The name the upstream should see in the body's "model", or None to keep it.
+    upstream_model: str | None = None
+
+
+DEFAULT_GROUP_ID = "(default)"  # the implicit group of models listed in no group
+
+
+@frozen(kw_only=True)
+class GroupConfig:
+    """
+    A group of models (llama-swap's C{groups}): which of them may run together.
+
+    Loading a member stops the other members if C{swap}, and the members of
+    every other group that is not C{persistent} if C{exclusive}. Models in no
+    group form the implicit default group (swap and exclusive: one at a time).
+    """
+
+    id: str
+    members: tuple[str, ...]
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+
+
+@frozen(kw_only=True)
+class Config:
+    """The whole validated configuration."""
+
+    models: Mapping[str, ModelConfig] = field(converter=_mapping_proxy)
+    profiles: Mapping[str, tuple[str, ...]] = field(factory=dict, converter=_mapping_proxy)
+    groups: Mapping[str, GroupConfig] = field(factory=dict, converter=_mapping_proxy)
+    matrix: Matrix | None = None  # llama-swap's matrix; never together with groups
+    peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
+    log_requests: bool = False
+    log_level: str = "info"
+    log_to_stdout: str = "proxy"
+    log_history_bytes: int = DEFAULT_LOG_HISTORY_BYTES
+    start_port: int = DEFAULT_START_PORT
+    global_ttl: int = 0
+    unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    include_aliases_in_list: bool = False
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    api_keys: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+    send_loading_state: bool = False
+    upstream_ignore_paths: tuple[re.Pattern[str], ...] = field(
+        factory=lambda: tuple(re.compile(p) for p in DEFAULT_IGNORE_PATHS)
+    )
+    base_dir: str = "."
+    source: str = "<string>"
+    warnings: tuple[str, ...] = ()
+
+    def group_of(self, model_id: str) -> GroupConfig:
+        """The group of model C{model_id}: its own, else the implicit default group."""
+        for group in self.groups.values():
+            if model_id in group.members:
+                return group
+        grouped = {m for group in self.groups.values() for m in group.members}
+        return GroupConfig(
+            id=DEFAULT_GROUP_ID, members=tuple(m for m in self.models if m not in grouped)
+        )
+
+    def find_model(self, name: str) -> ModelConfig | None:
+        """Return the model whose id or alias is C{name}, if any."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for candidate in self.models.values():
+            if name in candidate.aliases:
+                return candidate
+        return None
+
+    def resolve(self, requested: str) -> Target:
+        """
+        Resolve a requested name: a model id, an alias, or C{profile:model}.
+
+        Exact ids and aliases win over the profile reading, so model ids that
+        contain C{:} (C{qwen2.5:7b}) stay requestable.
+
+        @raise ModelNotFound: with a message that names only what was asked.
+        """
+        model = self.find_model(requested)
+        if model is not None:
+            return Target(model_id=model.id, upstream_model=model.use_model_name)
+        profile, sep, rest = requested.partition(":")
+        if sep and profile:
+            members = self.profiles.get(profile)
+            if members is None:
+                raise ModelNotFound(f"profile not found: {profile}")
+            model = self.find_model(rest)
+            if model is None or model.id not in members:
+                raise ModelNotFound(f"model {rest} is not part of profile {profile}")
+            return Target(
+                model_id=model.id,
+                profile=profile,
+                upstream_model=model.use_model_name or rest,
+            )
+        raise ModelNotFound(f"model not found: {requested}")
+
+    def find_peer(self, requested: str) -> PeerTarget | None:
+        """
+        The peer model C{requested} names, or None if it names none (or a local one).
+
+        Order: local model ids and aliases, then C{<peer>/<model>}, then the
+        C{profile:model} reading, then a bare name listed by exactly one peer.
+
+        @raise ModelNotFound: a bare name several peers list (ambiguous).
+        """
+        if not self.peers or self.find_model(requested) is not None:
+            return None
+        peer_id, sep, name = requested.partition("/")
+        peer = self.peers.get(peer_id) if sep else None
+        if peer is not None and name in peer.models:
+            return PeerTarget(peer=peer, model=name)
+        try:
+            self.resolve(requested)
+            return None  # a profile:model
+        except ModelNotFound:
+            pass
+        offering = [p for p in self.peers.values() if requested in p.models]
+        if len(offering) > 1:
+            choices = ", ".join(f"{p.id}/{requested}" for p in offering)
+            raise ModelNotFound(f"model {requested} is served by several peers; ask for {choices}")
+        return PeerTarget(peer=offering[0], model=requested) if offering else None
+
+
+def plain_json(value: Any) -> Any:
+    """A config value (read-only mappings, tuples) as plain JSON-ready dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return value
