@@ -41,7 +41,8 @@ from llamaswap.config import Config, ModelConfig, Target
 from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.matrix import Decision
-from llamaswap.process import ModelProcess, State
+from llamaswap.process.model import ModelProcess
+from llamaswap.process.states import State
 
 # How long a request whose connection was refused waits for the supervisor to
 # notice its server's exit (normally a few ms: the kernel closes the server's

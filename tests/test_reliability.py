@@ -114,7 +114,7 @@ class RunningProxy:
         """
         Stop the service and assert that no process it started survives.
 
-        The exec wrapper's orphan guard (see L{llamaswap._session}) is not our
+        The exec wrapper's orphan guard (see L{llamaswap.process._session}) is not our
         child: it notices its server is gone and exits on its own, a few
         milliseconds after the service stopped. It gets a short grace.
         """

@@ -8,7 +8,8 @@ One model server's lifecycle, on one screen per concern.
    polling of one start.
  - L{child}: L{Child<child.Child>}, one spawned server: signals to its process
    group, C{cmdStop}, SIGKILL after the grace, pipes held too long.
- - L{spawn}: the command lines (the exec wrapper L{llamaswap._session}, C{cmdStop}).
+ - L{spawn}: the command lines (through the exec wrapper, C{cmdStop}).
+ - L{_session}: the exec wrapper (a script: setsid, parent-death signal, group guard).
  - L{lines}: child output as bounded text lines.
  - L{waiting}: L{Waiters<waiting.Waiters>} (one Deferred per waiter) and
    L{Timers<waiting.Timers>}.

@@ -20,17 +20,19 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap.config import ModelConfig
 from llamaswap.process.lines import LineProtocol
 from llamaswap.process.spawn import resolve_executable, stop_command
 from llamaswap.process.waiting import Timers
+
+if TYPE_CHECKING:
+    from llamaswap.config import ModelConfig
 
 # After the server exited, how long anything it left holding our pipes may keep
 # "process ended" from firing before we close our ends ourselves.

@@ -13,7 +13,7 @@ all, after which it calls nobody.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -21,9 +21,11 @@ from twisted.internet.interfaces import IAddress, IConnector, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from llamaswap.config import ModelConfig
 from llamaswap.errors import StartFailed
 from llamaswap.process.waiting import Timers
+
+if TYPE_CHECKING:
+    from llamaswap.config import ModelConfig
 
 # Health polling: fast at first, so readiness is noticed within ~50 ms, then
 # backing off gently for slow loaders.

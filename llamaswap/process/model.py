@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap.config import ModelConfig
 from llamaswap.errors import HealthTimeout, StartFailed
 from llamaswap.process.child import PIPE_GRACE, Child, Kill, describe_exit
 from llamaswap.process.health import HealthPoller, ignore_cancelled
@@ -33,6 +32,9 @@ from llamaswap.process.lines import OutputTail
 from llamaswap.process.spawn import model_env, server_command
 from llamaswap.process.states import Event, State, next_state
 from llamaswap.process.waiting import Timers, Waiters
+
+if TYPE_CHECKING:
+    from llamaswap.config import ModelConfig
 
 
 class ModelProcess:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_process -*-
 """
 The command lines a model runs: its server, through the exec wrapper
-(L{llamaswap._session}: own session, parent-death signal, group guard), and
+(L{_session}, which lies beside this module and runs as a script, never
+imported: own session, parent-death signal, group guard), and
 its C{cmdStop}. Programs are resolved here, so a missing one is a clear
 one-line error before anything is spawned.
 """
@@ -12,11 +13,12 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from llamaswap import _session
-from llamaswap.config import ModelConfig
+if TYPE_CHECKING:
+    from llamaswap.config import ModelConfig
 
-SESSION_WRAPPER = os.path.abspath(_session.__file__)
+SESSION_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_session.py")
 
 
 def resolve_executable(name: str, env: Mapping[str, str], base_dir: str) -> str:
