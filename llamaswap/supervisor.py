@@ -41,7 +41,8 @@ from llamaswap.config import Config, ModelConfig, Target
 from llamaswap.config.matrix import Decision
 from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
-from llamaswap.process import ModelProcess, State
+from llamaswap.process.model import ModelProcess
+from llamaswap.process.states import State
 
 # How long a request whose connection was refused waits for the supervisor to
 # notice its server's exit (normally a few ms: the kernel closes the server's
@@ -54,7 +55,7 @@ class ModelStatus:
     """A snapshot of one configured model, for C{/running} and the UI."""
 
     model_id: str
-    state: str  # "stopped" | "starting" | "ready" | "stopping" | "failed"
+    state: State  # a str enum: compares equal to, and is written in JSON as, "ready" etc.
     pid: int | None
     in_flight: int
     ttl: int
@@ -186,7 +187,7 @@ class Supervisor(Service):
         self._pool: Any = None
         if http is None:
             from llamaswap.http import make_http
-            from llamaswap.process import PROBE_TIMEOUT
+            from llamaswap.process.health import PROBE_TIMEOUT
 
             http, self._pool = make_http(reactor, persistent=False, connect_timeout=PROBE_TIMEOUT)
         self._procs: dict[str, ModelProcess] = {
@@ -342,7 +343,7 @@ class Supervisor(Service):
         proc = self._procs[model.id]
         return ModelStatus(
             model_id=model.id,
-            state=proc.state.value,
+            state=proc.state,
             pid=proc.pid,
             in_flight=proc.in_flight,
             ttl=model.ttl,

@@ -18,11 +18,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from llamaswap import _session
 from llamaswap.config import parse_config
 from llamaswap.errors import StartFailed
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
+from llamaswap.process import _session
 from llamaswap.supervisor import Supervisor
 from tests.fakeserver_helper import REPO_ROOT, fakeserver_env, free_ports
 from tests.proctools import (

@@ -1,12 +1,15 @@
 """
 Unit tests for L{llamaswap.process}: one model's state machine, driven by a
-fake process reactor, an injected kill and a fake health client.
+fake process reactor, an injected kill and a fake health client, and its
+transition table against the diagram in docs/swapping.md.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -19,24 +22,23 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import HealthTimeout, StartFailed
-from llamaswap.process import (
-    MAX_LINE_BYTES,
-    PIPE_GRACE,
+from llamaswap.process.child import PIPE_GRACE
+from llamaswap.process.health import (
     POLL_FAST,
     POLL_MAX,
     PORT_CHECK_TIMEOUT,
     PROBE_TIMEOUT,
-    SESSION_WRAPPER,
-    TAIL_LINES,
-    ModelProcess,
-    State,
     proxy_address,
-    resolve_executable,
 )
+from llamaswap.process.lines import MAX_LINE_BYTES, TAIL_LINES
+from llamaswap.process.model import ModelProcess
+from llamaswap.process.spawn import SESSION_WRAPPER, resolve_executable
+from llamaswap.process.states import TRANSITIONS, Event, IllegalTransition, State, next_state
 from tests.process_fakes import FakeHealth, FakeKill, FakeProcessReactor, make_config
 
 PY = sys.executable
 URL = "http://127.0.0.1:5800/health"
+DOCS_SWAPPING = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "swapping.md")
 
 
 def model_yaml(extra: str = "", cmd: str = f"{PY} -m llamaswap.fakeserver --port ${{PORT}}") -> str:
@@ -495,7 +497,7 @@ class StopTests(SynchronousTestCase):
         def no_group(pgid: int, sig: int) -> None:
             raise ProcessLookupError(pgid)
 
-        h.proc._kill = no_group
+        h.proc._child._kill = no_group
         stopped = h.proc.stop()
         self.assertEqual(child.signals, [signal.SIGTERM])
         self.successResultOf(stopped)
@@ -642,3 +644,51 @@ class OutputTests(SynchronousTestCase):
         stopped: Deferred[None] = h.proc.stop()
         self.failureResultOf(ready, StartFailed)
         self.assertIsNone(self.successResultOf(stopped))
+
+
+class TransitionTableTests(SynchronousTestCase):
+    def test_docs_diagram_is_the_table(self) -> None:
+        """
+        The lifecycle diagram in docs/swapping.md lists exactly the moves of
+        TRANSITIONS: every (state, event, next) edge of the table is in the
+        diagram block, and every line of the block is an edge of the table.
+        """
+        with open(DOCS_SWAPPING, encoding="utf-8") as f:
+            text = f.read()
+        states_section = text.split("\n## States\n", 1)[1]
+        block = states_section.split("```\n", 2)[1]
+        drawn = set()
+        for line in block.splitlines():
+            match = re.match(r"(\w+)\s+--(\w+)-->\s+(\w+)(\s|$)", line)
+            self.assertIsNotNone(match, f"not an edge: {line!r}")
+            assert match is not None
+            drawn.add(match.group(1, 2, 3))
+        table = {(s.value, e.value, t.value) for (s, e), t in TRANSITIONS.items()}
+        self.assertEqual(drawn, table)
+        self.assertEqual(len(block.splitlines()), len(TRANSITIONS))
+
+    def test_every_state_is_entered_and_left(self) -> None:
+        """No state is a dead end, and none is unreachable."""
+        entered = set(TRANSITIONS.values())
+        left = {state for state, _ in TRANSITIONS}
+        self.assertEqual(entered, set(State))
+        self.assertEqual(left, set(State))
+
+    def test_an_illegal_transition_is_a_loud_bug(self) -> None:
+        """A move the table lacks raises IllegalTransition; the state stays."""
+        self.assertEqual(next_state(State.READY, Event.STOP), State.STOPPING)
+        with self.assertRaises(IllegalTransition):
+            next_state(State.READY, Event.START)
+        h = Harness()
+        h.start_ready()
+        with self.assertRaises(IllegalTransition):
+            h.proc._go(Event.HEALTHY)
+        self.assertEqual(h.proc.state, State.READY)
+        self.assertEqual(h.states, ["starting", "ready"])
+
+    def test_states_are_their_api_strings(self) -> None:
+        """A state compares equal to its name and is written as it in JSON."""
+        self.assertEqual(State.READY, "ready")
+        self.assertIn(State.STOPPING, {"stopping", "starting"})
+        self.assertEqual(f"{State.FAILED}", "failed")
+        self.assertEqual(json.dumps({"state": State.STARTING}), '{"state": "starting"}')

@@ -39,9 +39,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from llamaswap import process as process_module
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
+from llamaswap.process import child as child_module
 from llamaswap.resources import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from llamaswap.tap import LlamaSwapService, build_service
 from tests.fakeserver_helper import fake_model, free_port, make_config, upstream_port
@@ -114,7 +114,7 @@ class RunningProxy:
         """
         Stop the service and assert that no process it started survives.
 
-        The exec wrapper's orphan guard (see L{llamaswap._session}) is not our
+        The exec wrapper's orphan guard (see L{llamaswap.process._session}) is not our
         child: it notices its server is gone and exits on its own, a few
         milliseconds after the service stopped. It gets a short grace.
         """
@@ -900,7 +900,7 @@ class UpstreamFaultTests(TestCase):
         """
         held: list[Callable[[], None]] = []
         holding = [True]
-        protocol = process_module._ChildProtocol
+        protocol = child_module._ChildProtocol
         originals = {name: getattr(protocol, name) for name in ("processExited", "processEnded")}
 
         def hold(name: str) -> Callable[[Any, Any], None]:

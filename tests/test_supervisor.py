@@ -23,7 +23,7 @@ from llamaswap.errors import (
     TooManyRequests,
 )
 from llamaswap.events import EventBus
-from llamaswap.process import POLL_FAST
+from llamaswap.process.health import POLL_FAST
 from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor, may_run_with
 from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
 
