@@ -21,16 +21,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap.events import EventBus
-from llamaswap.metrics import (
-    CONTENT_TYPE,
-    Metrics,
-    cpu_times,
-    exposition,
-    family,
-    gpu_families,
-    meminfo,
-    net_bytes,
-)
+from llamaswap.metrics.counters import Metrics
+from llamaswap.metrics.hostinfo import cpu_times, gpu_families, meminfo, net_bytes
+from llamaswap.metrics.prometheus import CONTENT_TYPE, exposition, family
 from tests.fakeserver_helper import fake_model, make_config
 from tests.test_http_integration import Proxy
 from tests.test_resources import PEER_CONFIG, Harness
