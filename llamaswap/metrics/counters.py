@@ -8,8 +8,12 @@ times (C{"modelStatus"} transitions), plus each model's state and in-flight
 count read from the supervisor at scrape time. The host's come from
 L{llamaswap.metrics.hostinfo}; the text from L{llamaswap.metrics.prometheus}.
 
-Unknown model names (a client asking for anything it likes) are counted
-under C{model=""}, so clients cannot create unbounded series.
+Names are not resolved here. A C{"request"} event carries C{"model"} (the
+name the client asked for) and C{"target"} (the canonical local model id or
+the peer's fqn, as the route resolved it; "" when the name matched nothing).
+Requests are counted under C{model=<target>}, so unknown names (a client
+asking for anything it likes) all land in C{model=""} and clients cannot
+create unbounded series.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from llamaswap.config import Config
-from llamaswap.errors import ModelNotFound
 from llamaswap.events import EventBus
 from llamaswap.metrics.hostinfo import GPU_TIMEOUT, GPUGauges, HostReadings
 from llamaswap.metrics.prometheus import Family, exposition, family, summary
@@ -49,7 +51,6 @@ class Metrics:
 
     def __init__(
         self,
-        config: Config,
         supervisor: StatusSource,
         events: EventBus,
         reactor: IReactorTime,
@@ -58,7 +59,6 @@ class Metrics:
         nvidia_smi: str | None = None,
         gpu_timeout: float = GPU_TIMEOUT,
     ) -> None:
-        self._config = config
         self._supervisor = supervisor
         self._clock = reactor
         self._host = HostReadings(proc)
@@ -74,23 +74,10 @@ class Metrics:
 
     # --- events --------------------------------------------------------------------
 
-    def model_label(self, name: object) -> str:
-        """The canonical name for a requested model, or "" if it names nothing we have."""
-        if not isinstance(name, str):
-            return ""
-        try:
-            return self._config.resolve(name).model_id
-        except ModelNotFound:
-            pass
-        try:
-            peer = self._config.find_peer(name)
-        except ModelNotFound:
-            return ""
-        return peer.fqn if peer is not None else ""
-
     def _event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "request":
-            model = self.model_label(data.get("model"))
+            target = data.get("target", "")
+            model = target if isinstance(target, str) else ""
             self.requests[(model, str(data.get("status")))] += 1
             duration = self.durations[model]
             duration[0] += float(data.get("duration") or 0.0)

@@ -35,6 +35,10 @@ class MetricsResource(JSONResource):
 def build_metrics_resource(
     config: Config, supervisor: StatusSource, events: EventBus, reactor: Any
 ) -> MetricsResource:
-    """The resource mounted at C{/metrics}; GPU gauges if C{nvidia-smi} is on the PATH."""
+    """
+    The resource mounted at C{/metrics}; GPU gauges if C{nvidia-smi} is on the
+    PATH. C{config} is not read (the routes resolve names, the events carry
+    the result); it stays for the caller in the resource tree.
+    """
     nvidia_smi = shutil.which("nvidia-smi") if IReactorProcess.providedBy(reactor) else None
-    return MetricsResource(Metrics(config, supervisor, events, reactor, nvidia_smi=nvidia_smi))
+    return MetricsResource(Metrics(supervisor, events, reactor, nvidia_smi=nvidia_smi))
