@@ -109,14 +109,17 @@ class Metrics:
         The exposition text. Fires at once unless GPU gauges are being read;
         never fails (a failed C{nvidia-smi} run leaves the GPU gauges out).
         """
-        families = self._own() + self._host.families()
+        families = [
+            *self._request_families(),
+            *self._model_families(self._supervisor.statuses()),
+            *self._host.families(),
+        ]
         if self._gpu is None:
             return succeed(exposition(families))
         return self._gpu.families().addCallback(lambda more: exposition(families + more))
 
-    def _own(self) -> list[Family]:
-        statuses = self._supervisor.statuses()
-        models = [s.model_id for s in statuses]
+    def _request_families(self) -> list[Family]:
+        """The request series, fed by C{"request"} events."""
         return [
             family(
                 "llamaswap_requests_total",
@@ -130,6 +133,12 @@ class Metrics:
                 "Time from request to the end of the answer, by model.",
                 self.durations,
             ),
+        ]
+
+    def _model_families(self, statuses: list[ModelStatus]) -> list[Family]:
+        """Each configured model's series: state and in-flight now, starts, failures, loads."""
+        models = [s.model_id for s in statuses]
+        return [
             family(
                 "llamaswap_model_state",
                 "gauge",
