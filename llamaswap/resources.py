@@ -27,10 +27,10 @@ from llamaswap.jsonweb import ErrorResource, JSONResource, Redirect
 from llamaswap.logs import LogHub
 from llamaswap.logs_web import build_events_resource, build_logs_resource, build_ui_resource
 from llamaswap.management import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
-from llamaswap.metrics import build_metrics_resource
 from llamaswap.relay import Relay
 from llamaswap.routes import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
 from llamaswap.supervisor import Supervisor
+from llamaswap.web.metrics import build_metrics_resource
 
 # Routes whose model is named in the JSON body.
 JSON_ROUTES = (

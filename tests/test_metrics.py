@@ -21,16 +21,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap.events import EventBus
-from llamaswap.metrics import (
-    CONTENT_TYPE,
-    Metrics,
-    cpu_times,
-    exposition,
-    family,
-    gpu_families,
-    meminfo,
-    net_bytes,
-)
+from llamaswap.metrics.counters import Metrics
+from llamaswap.metrics.hostinfo import cpu_times, gpu_families, meminfo, net_bytes
+from llamaswap.metrics.prometheus import CONTENT_TYPE, exposition, family
 from tests.fakeserver_helper import fake_model, make_config
 from tests.test_http_integration import Proxy
 from tests.test_resources import PEER_CONFIG, Harness
@@ -145,22 +138,24 @@ class MetricsTests(SynchronousTestCase):
         self.events = EventBus()
         self.clock = Clock()
         self.proc = FakeProc(self)
-        self.metrics = Metrics(
-            self.config, self.supervisor, self.events, self.clock, proc=str(self.proc.path)
-        )
+        self.metrics = Metrics(self.supervisor, self.events, self.clock, proc=str(self.proc.path))
 
     def test_requests_by_canonical_model(self) -> None:
         """Aliases count under their model, peers under their FQN, unknown names under ""."""
-        for model, status, duration in [
-            ("a1", 200, 0.5),
-            ("alpha", 200, 0.25),
-            ("duo:beta", 502, 1.0),
-            ("small", 200, 2.0),
-            ("made-up-name-1", 404, 0.001),
-            ("made-up-name-2", 404, 0.001),
-            (None, 400, 0.001),
+        # "target" is the site's resolution of "model" (the route resolves, metrics does not).
+        for model, target, status, duration in [
+            ("a1", "alpha", 200, 0.5),
+            ("alpha", "alpha", 200, 0.25),
+            ("duo:beta", "beta", 502, 1.0),
+            ("small", "open/small", 200, 2.0),
+            ("made-up-name-1", "", 404, 0.001),
+            ("made-up-name-2", "", 404, 0.001),
+            (None, "", 400, 0.001),
         ]:
-            self.events.publish("request", {"model": model, "status": status, "duration": duration})
+            self.events.publish(
+                "request",
+                {"model": model, "target": target, "status": status, "duration": duration},
+            )
         samples = collect(self.metrics, self)
         self.assertEqual(samples['llamaswap_requests_total{model="alpha",status="200"}'], 2)
         self.assertEqual(samples['llamaswap_requests_total{model="beta",status="502"}'], 1)
@@ -229,7 +224,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_missing_proc_files(self) -> None:
         """Without /proc (another OS) the host families are left out; ours remain."""
-        metrics = Metrics(self.config, self.supervisor, self.events, self.clock, proc=self.mktemp())
+        metrics = Metrics(self.supervisor, self.events, self.clock, proc=self.mktemp())
         text = self.successResultOf(metrics.collect()).decode()
         parse_exposition(text)
         self.assertNotIn("llamaswap_memory_total_bytes", text)
@@ -240,9 +235,7 @@ class MetricsTests(SynchronousTestCase):
         config = web_config(
             "models:\n  'we\"ird\\id':\n    cmd: x\n    proxy: http://127.0.0.1:1\n"
         )
-        metrics = Metrics(
-            config, FakeSupervisor(config), EventBus(), self.clock, proc=self.mktemp()
-        )
+        metrics = Metrics(FakeSupervisor(config), EventBus(), self.clock, proc=self.mktemp())
         text = self.successResultOf(metrics.collect()).decode()
         self.assertIn('llamaswap_model_in_flight{model="we\\"ird\\\\id"} 0\n', text)
         parse_exposition(text)
@@ -298,7 +291,6 @@ class GPUTests(TestCase):
     def metrics(self, nvidia_smi: str, gpu_timeout: float = 5.0) -> Metrics:
         config = web_config()
         return Metrics(
-            config,
             FakeSupervisor(config),
             EventBus(),
             reactor,

@@ -1,0 +1,175 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+The metrics collector: our own series, plus the host's at scrape time.
+
+Our own series are fed by the L{EventBus}: requests by model and status and
+their durations (C{"request"} events), model starts, failed starts and load
+times (C{"modelStatus"} transitions), plus each model's state and in-flight
+count read from the supervisor at scrape time. The host's come from
+L{llamaswap.metrics.hostinfo}; the text from L{llamaswap.metrics.prometheus}.
+
+Names are not resolved here. A C{"request"} event carries C{"model"} (the
+name the client asked for) and C{"target"} (the canonical local model id or
+the peer's fqn, as the route resolved it; "" when the name matched nothing).
+Requests are counted under C{model=<target>}, so unknown names (a client
+asking for anything it likes) all land in C{model=""} and clients cannot
+create unbounded series.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+
+from llamaswap.events import EventBus
+from llamaswap.metrics.hostinfo import GPU_TIMEOUT, GPUGauges, HostReadings
+from llamaswap.metrics.prometheus import Family, exposition, family, summary
+from llamaswap.process import State
+from llamaswap.supervisor import ModelStatus
+
+STATES = tuple(state.value for state in State)
+
+
+class StatusSource(Protocol):
+    """What the metrics need from the supervisor."""
+
+    def statuses(self) -> list[ModelStatus]: ...
+
+
+class Metrics:
+    """
+    Counters fed by C{events}; C{collect()} adds the readings taken now.
+
+    C{proc}: where C{/proc} is (tests use a fake tree). C{nvidia_smi}: the
+    program to run for GPU gauges (C{reactor} must then provide
+    L{IReactorProcess}), or None for no GPU gauges; a run taking longer than
+    C{gpu_timeout} seconds is killed.
+    """
+
+    def __init__(
+        self,
+        supervisor: StatusSource,
+        events: EventBus,
+        reactor: IReactorTime,
+        *,
+        proc: str = "/proc",
+        nvidia_smi: str | None = None,
+        gpu_timeout: float = GPU_TIMEOUT,
+    ) -> None:
+        self._supervisor = supervisor
+        self._clock = reactor
+        self._host = HostReadings(proc)
+        self._gpu = None if nvidia_smi is None else GPUGauges(nvidia_smi, reactor, gpu_timeout)
+        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.durations: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self.starts: defaultdict[str, int] = defaultdict(int)
+        self.failures: defaultdict[str, int] = defaultdict(int)
+        self.loads: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self._states: dict[str, str] = {}
+        self._starting_since: dict[str, float] = {}
+        events.subscribe(self._event)
+
+    # --- events --------------------------------------------------------------------
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "request":
+            target = data.get("target", "")
+            model = target if isinstance(target, str) else ""
+            self.requests[(model, str(data.get("status")))] += 1
+            duration = self.durations[model]
+            duration[0] += float(data.get("duration") or 0.0)
+            duration[1] += 1
+        elif kind == "modelStatus":
+            self._transition(str(data.get("model")), str(data.get("state")))
+
+    def _transition(self, model: str, state: str) -> None:
+        before = self._states.get(model, "stopped")
+        self._states[model] = state
+        if state == before:
+            return  # a status update without a transition
+        now = self._clock.seconds()
+        if state == "starting":
+            self.starts[model] += 1
+            self._starting_since[model] = now
+        elif state == "failed":
+            self.failures[model] += 1
+        since = self._starting_since.pop(model, None) if state != "starting" else None
+        if state == "ready" and since is not None:
+            load = self.loads[model]
+            load[0] += now - since
+            load[1] += 1
+
+    # --- scrape --------------------------------------------------------------------
+
+    def collect(self) -> Deferred[bytes]:
+        """
+        The exposition text. Fires at once unless GPU gauges are being read;
+        never fails (a failed C{nvidia-smi} run leaves the GPU gauges out).
+        """
+        families = [
+            *self._request_families(),
+            *self._model_families(self._supervisor.statuses()),
+            *self._host.families(),
+        ]
+        if self._gpu is None:
+            return succeed(exposition(families))
+        return self._gpu.families().addCallback(lambda more: exposition(families + more))
+
+    def _request_families(self) -> list[Family]:
+        """The request series, fed by C{"request"} events."""
+        return [
+            family(
+                "llamaswap_requests_total",
+                "counter",
+                "Proxied requests by model and recorded status (499: the client left before "
+                "the end; 502: the model's answer was cut short, even after a 200 status line).",
+                (({"model": m, "status": s}, n) for (m, s), n in sorted(self.requests.items())),
+            ),
+            summary(
+                "llamaswap_request_duration_seconds",
+                "Time from request to the end of the answer, by model.",
+                self.durations,
+            ),
+        ]
+
+    def _model_families(self, statuses: list[ModelStatus]) -> list[Family]:
+        """Each configured model's series: state and in-flight now, starts, failures, loads."""
+        models = [s.model_id for s in statuses]
+        return [
+            family(
+                "llamaswap_model_state",
+                "gauge",
+                "1 for each model's current state, 0 for the others.",
+                (
+                    ({"model": s.model_id, "state": state}, int(s.state == state))
+                    for s in statuses
+                    for state in STATES
+                ),
+            ),
+            family(
+                "llamaswap_model_in_flight",
+                "gauge",
+                "Requests each model is serving now.",
+                (({"model": s.model_id}, s.in_flight) for s in statuses),
+            ),
+            family(
+                "llamaswap_model_starts_total",
+                "counter",
+                "Times each model was started.",
+                (({"model": m}, self.starts.get(m, 0)) for m in models),
+            ),
+            family(
+                "llamaswap_model_start_failures_total",
+                "counter",
+                "Starts that failed (exit during start-up, health check timeout, no command).",
+                (({"model": m}, self.failures.get(m, 0)) for m in models),
+            ),
+            summary(
+                "llamaswap_model_load_seconds",
+                "Time from start to ready (health check passed), by model.",
+                self.loads,
+            ),
+        ]
