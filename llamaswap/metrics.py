@@ -40,8 +40,8 @@ from twisted.web.server import Request
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import JSONResource, answer_later
 from llamaswap.supervisor import ModelStatus
+from llamaswap.web.base import JSONResource, answer_later
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 STATES = ("stopped", "starting", "ready", "stopping", "failed")

@@ -1,5 +1,6 @@
 """
-Tests for L{llamaswap.logs} and L{llamaswap.logs_web}.
+Tests for L{llamaswap.logs} and its web views (L{llamaswap.web.logs},
+L{llamaswap.web.events}, L{llamaswap.web.ui}).
 
 Unit tests drive a L{LogHub} through a private L{LogPublisher} and talk HTTP
 to the resources over a L{StringTransport} (so the test plays the part of a
@@ -42,12 +43,9 @@ from llamaswap.config import Config, ModelConfig
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub, LogStream
-from llamaswap.logs_web import (
-    SSE_BUFFER_BYTES,
-    build_events_resource,
-    build_logs_resource,
-    build_ui_resource,
-)
+from llamaswap.web.events import SSE_BUFFER_BYTES, build_events_resource
+from llamaswap.web.logs import build_logs_resource
+from llamaswap.web.ui import build_ui_resource
 from tests.fakeserver_helper import free_port
 from tests.proctools import TWISTD, ChildOutput, twistd_env
 
@@ -361,7 +359,7 @@ def dechunk(raw: bytes) -> tuple[bytes, bytes]:
 
 def logs_root(hub: LogHub) -> Resource:
     root = Resource()
-    root.putChild(b"logs", build_logs_resource(hub, hub.config))
+    root.putChild(b"logs", build_logs_resource(hub))
     root.putChild(b"ui", build_ui_resource())
     return root
 

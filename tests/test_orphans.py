@@ -463,7 +463,7 @@ class KillNineTests(TestCase):
         with a grandchild, one behind C{sh -c}) leaves none of them running.
         """
         try:
-            import llamaswap.resources  # noqa: F401
+            import llamaswap.web.tree  # noqa: F401
         except ImportError as e:
             raise SkipTest(f"the web modules are not importable yet: {e}") from e
         port_a, port_b = free_ports(2)

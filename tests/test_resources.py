@@ -1,6 +1,6 @@
 """
-Tests for the resource tree (L{llamaswap.resources} and the routes it mounts)
-and the site (L{llamaswap.site}): routing, model extraction, errors, the model
+Tests for the resource tree (L{llamaswap.web.tree} and the routes it mounts)
+and the site (L{llamaswap.web.site}): routing, model extraction, errors, the model
 list, management routes, CORS, API keys and the body limit. The upstream is a
 recording resource behind StubTreq; the client writes raw HTTP/1.1.
 """
@@ -20,10 +20,10 @@ from twisted.web.server import Request
 
 from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import JSONResource
 from llamaswap.logs import LogHub
-from llamaswap.resources import build_root, mount
-from llamaswap.site import REFUSED_BODY_LINGER
+from llamaswap.web.base import JSONResource
+from llamaswap.web.site import REFUSED_BODY_LINGER
+from llamaswap.web.tree import build_root, mount
 from tests.test_bodies import CT, multipart
 from tests.webfakes import (
     CONFIG,
@@ -99,7 +99,7 @@ class ModelRouteTests(SynchronousTestCase):
 
     def test_every_json_route(self) -> None:
         """Every JSON model route forwards to the same path with the body's model."""
-        from llamaswap.resources import JSON_ROUTES
+        from llamaswap.web.tree import JSON_ROUTES
 
         for path in JSON_ROUTES:
             response = post_json(self.h.client, path, {"model": "a1"})

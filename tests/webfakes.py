@@ -22,8 +22,8 @@ from twisted.web.server import Request
 from llamaswap.config import Config, parse_config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.site import LlamaSwapSite
 from llamaswap.supervisor import Lease, ModelStatus
+from llamaswap.web.site import LlamaSwapSite
 
 CONFIG = """
 models:

@@ -23,14 +23,16 @@ from twisted.web.server import Request
 from llamaswap.config import Config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import ErrorResource, JSONResource, Redirect
 from llamaswap.logs import LogHub
-from llamaswap.logs_web import build_events_resource, build_logs_resource, build_ui_resource
-from llamaswap.management import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
 from llamaswap.metrics import build_metrics_resource
-from llamaswap.relay import Relay
-from llamaswap.routes import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
 from llamaswap.supervisor import Supervisor
+from llamaswap.web.admin import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
+from llamaswap.web.base import ErrorResource, JSONResource, Redirect
+from llamaswap.web.events import build_events_resource
+from llamaswap.web.logs import build_logs_resource
+from llamaswap.web.models import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
+from llamaswap.web.relay import Relay
+from llamaswap.web.ui import build_ui_resource
 
 # Routes whose model is named in the JSON body.
 JSON_ROUTES = (
@@ -198,6 +200,6 @@ def build_root(
     mount(root, "/api/models/unload", UnloadAPI(supervisor))
     mount(root, "/api/models/load", LoadAPI(supervisor))
     mount(root, "/api/events", build_events_resource(events, supervisor, logs))
-    mount(root, "/logs", build_logs_resource(logs, config))
+    mount(root, "/logs", build_logs_resource(logs))
     mount(root, "/ui", build_ui_resource())
     return root

@@ -8,38 +8,28 @@ health, and the load/unload API. None of them starts a model except C{load}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from llamaswap.config import Config, ModelConfig, PeerConfig
+from llamaswap.config import Config, ModelConfig, PeerConfig, plain_json
 from llamaswap.errors import ModelNotFound
-from llamaswap.jsonweb import (
+from llamaswap.supervisor import Lease, Supervisor
+from llamaswap.web.base import (
     JSON_TYPE,
+    TEXT_TYPE,
     JSONResource,
     answer_later,
     json_bytes,
     respond,
     respond_json,
 )
-from llamaswap.supervisor import Lease, Supervisor
 
-TEXT_TYPE = b"text/plain; charset=utf-8"
 # States in which a model's process exists (llama-swap's "loaded").
 LOADED_STATES = frozenset({"starting", "ready", "stopping"})
 OWNER = "llama-swap"
-
-
-def _plain(value: Any) -> Any:
-    """Config values (mapping proxies, tuples) as JSON-ready dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _model_id_from(request: Request) -> str:
@@ -105,7 +95,7 @@ class ModelList(JSONResource):
             record["name"] = model.name
         if model.description:
             record["description"] = model.description
-        meta: dict[str, Any] = {**_plain(model.metadata), "type": "alias" if alias else "model"}
+        meta: dict[str, Any] = {**plain_json(model.metadata), "type": "alias" if alias else "model"}
         if alias:
             meta["modelID"] = model.id
         if model.aliases:

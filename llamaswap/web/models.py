@@ -16,10 +16,10 @@ from twisted.web.server import Request
 from llamaswap import bodies
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound, ProxyError
-from llamaswap.jsonweb import JSONResource, read_body, respond, respond_error, respond_json
-from llamaswap.relay import Relay
-from llamaswap.site import request_info
 from llamaswap.supervisor import Lease
+from llamaswap.web.base import JSONResource, read_body, respond, respond_error, respond_json
+from llamaswap.web.relay import Relay
+from llamaswap.web.site import request_info
 
 
 def request_uri(request: Request) -> bytes:

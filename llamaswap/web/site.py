@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap.errors import BodyTooLarge, ProxyError, error_body
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import error_payload, request_accept
+from llamaswap.web.base import error_payload, request_accept
 
 # After answering 413 we keep reading (and discarding) this long before
 # aborting, so a client busy sending its body still gets to read the answer
