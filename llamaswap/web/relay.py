@@ -242,7 +242,6 @@ def _one_line_json(body: bytes) -> bytes | None:
 class Relay:
     """Proxies requests for a model to its server (through a supervisor lease) or to a peer."""
 
-
     def __init__(
         self,
         supervisor: LeaseSource,
