@@ -623,7 +623,7 @@ class EventsTests(HubCase):
         root.putChild(b"api", api)
         api.putChild(
             b"events",
-            build_events_resource(bus, supervisor, hub, clock=self.clock),  # type: ignore[arg-type]
+            build_events_resource(hub.config, bus, supervisor, hub, clock=self.clock),
         )
         proxy(pub).info("early")
         bus.publish("request", {"id": 1, "model": "alpha", "status": 200})
@@ -708,22 +708,19 @@ class EventsTests(HubCase):
         bus = EventBus()
         clock = Clock()
         resource = build_events_resource(
-            bus,
-            FakeSupervisor(hub.config),  # type: ignore[arg-type]
-            hub,
-            clock=clock,
+            hub.config, bus, FakeSupervisor(hub.config), hub, clock=clock
         )
         root = Resource()
         root.putChild(b"events", resource)
         channel, _ = connect(root)
         get(channel, "/events")
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 1)
-        self.assertEqual(len(resource.clients), 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(resource.clients), 1)
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         channel.connectionLost(Failure(ConnectionError("gone")))
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 0)
         self.assertEqual(hub.stream(UPSTREAM).subscriber_count(), 0)
-        self.assertEqual(len(resource.clients), 0)  # type: ignore[attr-defined]
+        self.assertEqual(len(resource.clients), 0)
         self.assertEqual(clock.getDelayedCalls(), [])
         bus.publish("modelStatus", {"model": "alpha", "state": "ready", "pid": 1})
 

@@ -121,9 +121,9 @@ class Harness:
         self.http = FakeHTTP()
         self.events = EventBus()
         self.clock = Clock()
-        root: Resource = build_root(  # type: ignore[assignment]
+        root: Resource = build_root(
             self.config,
-            supervisor=self.supervisor,  # type: ignore[arg-type]
+            supervisor=self.supervisor,
             logs=LogHub(self.config, events=self.events),
             events=self.events,
             http=self.http,  # type: ignore[arg-type]

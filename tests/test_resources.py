@@ -49,7 +49,7 @@ class Harness:
         self.clock.advance(1_700_000_000)
         self.root = build_root(
             self.config,
-            supervisor=self.supervisor,  # type: ignore[arg-type]
+            supervisor=self.supervisor,
             logs=LogHub(self.config, events=self.events),
             events=self.events,
             http=StubTreq(self.upstream),  # type: ignore[arg-type]

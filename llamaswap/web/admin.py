@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
 from llamaswap.config import Config, ModelConfig, PeerConfig, plain_json
 from llamaswap.errors import ModelNotFound
-from llamaswap.supervisor import Lease, Supervisor
+from llamaswap.names import Resolver
+from llamaswap.supervisor import Lease
 from llamaswap.web.base import (
     JSON_TYPE,
     TEXT_TYPE,
+    Answer,
     JSONResource,
-    answer_later,
+    SupervisorAPI,
     json_bytes,
+    render_answer,
     respond,
     respond_json,
 )
@@ -47,7 +50,7 @@ class ModelList(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, config: Config, supervisor: Supervisor, clock: IReactorTime) -> None:
+    def __init__(self, config: Config, supervisor: SupervisorAPI, clock: IReactorTime) -> None:
         super().__init__()
         self._config = config
         self._supervisor = supervisor
@@ -125,7 +128,7 @@ class Running(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._config = config
         self._supervisor = supervisor
@@ -167,15 +170,15 @@ class LegacyUnload(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._supervisor = supervisor
 
     def render_GET(self, request: Request) -> int:
-        done = maybeDeferred(self._supervisor.unload, None)
-        return answer_later(
-            request, done.addCallback(lambda _: (200, TEXT_TYPE, b"OK")), cancel_if_gone=False
-        )
+        def unload() -> Deferred[Answer]:
+            return self._supervisor.unload(None).addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
+
+        return render_answer(request, unload, cancel=False)
 
 
 class UnloadAPI(JSONResource):
@@ -186,20 +189,20 @@ class UnloadAPI(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._supervisor = supervisor
 
     def render_POST(self, request: Request) -> int:
         model_id = _model_id_from(request)
-        done: Deferred[Any]
-        if not model_id:
-            done = maybeDeferred(self._supervisor.unload, None)
-            done.addCallback(lambda _: (200, JSON_TYPE, json_bytes({"msg": "ok"})))
-        else:
-            done = maybeDeferred(self._supervisor.unload, model_id)
-            done.addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
-        return answer_later(request, done, cancel_if_gone=False)
+
+        def unload() -> Deferred[Answer]:
+            if not model_id:
+                done = self._supervisor.unload(None)
+                return done.addCallback(lambda _: (200, JSON_TYPE, json_bytes({"msg": "ok"})))
+            return self._supervisor.unload(model_id).addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
+
+        return render_answer(request, unload, cancel=False)
 
 
 class LoadAPI(JSONResource):
@@ -210,20 +213,21 @@ class LoadAPI(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI, names: Resolver) -> None:
         super().__init__()
         self._supervisor = supervisor
+        self._names = names
 
     def render_GET(self, request: Request) -> int:
         model_id = _model_id_from(request)
         if not model_id:
             raise ModelNotFound("no model named in the path: /api/models/load/<model>")
-        acquired = maybeDeferred(self._supervisor.acquire, model_id)
+        target = self._names.local(model_id)  # raises ModelNotFound: a 404
 
-        def ready(lease: Lease) -> tuple[int, bytes, bytes]:
+        def ready(lease: Lease) -> Answer:
             lease.release()
             return 200, JSON_TYPE, json_bytes({"msg": "ok", "model": lease.model.id})
 
-        return answer_later(request, acquired.addCallback(ready), cancel_if_gone=True)
+        return render_answer(request, lambda: self._supervisor.acquire(target).addCallback(ready))
 
     render_POST = render_GET

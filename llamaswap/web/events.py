@@ -14,23 +14,20 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
-from llamaswap.errors import ProxyError
+from llamaswap.config import Config
 from llamaswap.events import EventBus
 from llamaswap.logs import PROXY, UPSTREAM, LogHub
 from llamaswap.web import sse
-from llamaswap.web.base import respond_error
-
-if TYPE_CHECKING:
-    from llamaswap.supervisor import Supervisor
+from llamaswap.web.base import JSONResource, StatusSource, client_gone, render_async
 
 # How many request summaries /api/events replays to a newly connected UI.
 RECENT_REQUESTS = 200
@@ -38,15 +35,6 @@ RECENT_REQUESTS = 200
 SSE_BUFFER_BYTES = 256 * 1024
 # How often /api/events looks for status changes no event announced.
 POLL_SECONDS = 1.0
-
-
-def _error(request: Request, status: int, message: str) -> bytes:
-    # JSON, or text/HTML when Accept asks for it: as on every other route.
-    return respond_error(request, ProxyError(message, status))
-
-
-def _alive(request: Request) -> bool:
-    return request.channel is not None and not request.finished
 
 
 def _frame(kind: str, data: Any) -> bytes:
@@ -59,7 +47,8 @@ class EventClient:
     """
     One SSE client. Frames wait in a byte-bounded queue while the socket is
     full; beyond the bound they are dropped, and the client is told with a
-    C{dropped} event followed by a fresh model snapshot.
+    C{dropped} event followed by a fresh model snapshot. C{done} fires when
+    the feed ends on our side; cancelling it (the client left) unsubscribes.
     """
 
     def __init__(self, request: Request, snapshot: Callable[[], bytes]) -> None:
@@ -71,6 +60,7 @@ class EventClient:
         self._queued = 0
         self.dropped = 0
         self._cleanups: list[Callable[[], None]] = []
+        self.done: Deferred[None] = Deferred(lambda _: self.detach())
 
     def on_close(self, cleanup: Callable[[], None]) -> None:
         self._cleanups.append(cleanup)
@@ -85,9 +75,11 @@ class EventClient:
 
     def close(self) -> None:
         self.detach()
-        if _alive(self._request):
+        if not client_gone(self._request):
             self._request.unregisterProducer()
             self._request.finish()
+        if not self.done.called:
+            self.done.callback(None)
 
     def send(self, frame: bytes) -> None:
         if self._closed:
@@ -120,7 +112,7 @@ class EventClient:
         self.detach()
 
 
-class EventsResource(Resource):
+class EventsResource(JSONResource):
     """
     C{GET /api/events}: the UI's live feed (see docs/logs-and-ui.md).
 
@@ -134,19 +126,17 @@ class EventsResource(Resource):
 
     def __init__(
         self,
+        config: Config,
         events: EventBus,
-        supervisor: Supervisor,
+        supervisor: StatusSource,
         logs: LogHub,
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
     ) -> None:
         super().__init__()
+        self._config = config
         self._events = events
         self._supervisor = supervisor
         self._logs = logs
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
         self._clock = clock
         self.clients: set[EventClient] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
@@ -206,7 +196,7 @@ class EventsResource(Resource):
 
     def models(self) -> list[dict[str, Any]]:
         """The model list the UI shows: supervisor status plus config details."""
-        config = self._supervisor.config
+        config = self._config
         out: list[dict[str, Any]] = []
         for status in self._supervisor.statuses():
             model = config.models.get(status.model_id)
@@ -242,15 +232,16 @@ class EventsResource(Resource):
         if not self.clients and self._poll.running:
             self._poll.stop()
 
-    def render(self, request: Request) -> bytes | int:
-        if request.method != b"GET":
-            request.setHeader(b"allow", b"GET")
-            return _error(request, 405, "method not allowed")
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-accel-buffering", b"no")
-        finished = request.notifyFinish()
+        if request.method == b"HEAD":
+            return b""
+        return render_async(request, lambda: self._follow(request))
+
+    def _follow(self, request: Request) -> Deferred[None]:
         client = EventClient(request, self.snapshot_frame)
         request.registerProducer(client, True)
         request.write(sse.RETRY_2S)
@@ -266,8 +257,7 @@ class EventsResource(Resource):
         client.on_close(lambda: self._remove(client))
         for source in (PROXY, UPSTREAM):
             client.on_close(self._logs.subscribe(source, _log_sender(client, source), client.close))
-        finished.addBoth(client.detach)
-        return NOT_DONE_YET
+        return client.done
 
 
 def _lines(history: bytes) -> list[str]:
@@ -282,11 +272,12 @@ def _log_sender(client: EventClient, source: str) -> Callable[[bytes], None]:
 
 
 def build_events_resource(
+    config: Config,
     events: EventBus,
-    supervisor: Supervisor,
+    supervisor: StatusSource,
     logs: LogHub,
     *,
-    clock: IReactorTime | None = None,
-) -> IResource:
-    """The resource mounted at C{/api/events} (C{clock}: the global reactor by default)."""
-    return EventsResource(events, supervisor, logs, clock)
+    clock: IReactorTime,
+) -> EventsResource:
+    """The resource mounted at C{/api/events}."""
+    return EventsResource(config, events, supervisor, logs, clock)

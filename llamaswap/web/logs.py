@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import IResource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from llamaswap.errors import ProxyError
 from llamaswap.logs import COMBINED, LogHub
-from llamaswap.web.base import TEXT_TYPE, JSONResource, respond_error
+from llamaswap.web.base import TEXT_TYPE, JSONResource, client_gone, render_async, respond_error
 
 _STREAM_HEADERS = {
     b"content-type": TEXT_TYPE,
@@ -46,15 +47,13 @@ def _has_query_key(request: Request, key: bytes) -> bool:
     return any(part.partition(b"=")[0] == key for part in query.split(b"&"))
 
 
-def _alive(request: Request) -> bool:
-    return request.channel is not None and not request.finished
-
-
 @implementer(IPushProducer)
 class LogTail:
     """
     One C{/logs/stream} client: writes each line as it comes, or, while the
     client's socket is full (paused), drops it and later says how many went.
+    C{done} fires when the hub closes the stream; cancelling it (the client
+    left) unsubscribes.
     """
 
     def __init__(self, request: Request) -> None:
@@ -63,6 +62,7 @@ class LogTail:
         self._closed = False
         self.dropped = 0
         self._unsubscribe: Callable[[], None] | None = None
+        self.done: Deferred[None] = Deferred(lambda _: self.detach())
 
     def attach(self, unsubscribe: Callable[[], None]) -> None:
         self._unsubscribe = unsubscribe
@@ -85,9 +85,11 @@ class LogTail:
     def close(self) -> None:
         """The hub is stopping: end the response cleanly."""
         self.detach()
-        if _alive(self._request):
+        if not client_gone(self._request):
             self._request.unregisterProducer()
             self._request.finish()
+        if not self.done.called:
+            self.done.callback(None)
 
     def _flush_marker(self) -> None:
         if self.dropped and not self._closed:
@@ -142,7 +144,9 @@ class LogsResource(JSONResource):
             request.setHeader(header, value)
         if request.method == b"HEAD":
             return b""
-        finished = request.notifyFinish()  # ask first: asked later it may never fire
+        return render_async(request, lambda: self._follow(request, stream_name))
+
+    def _follow(self, request: Request, stream_name: str) -> Deferred[None]:
         tail = LogTail(request)
         request.registerProducer(tail, True)
         request.write(b"")  # status and headers now, even with an empty history
@@ -151,8 +155,7 @@ class LogsResource(JSONResource):
             if history:
                 request.write(history)
         tail.attach(self._logs.subscribe(stream_name, tail.line, tail.close))
-        finished.addBoth(tail.detach)
-        return NOT_DONE_YET
+        return tail.done
 
 
 def build_logs_resource(logs: LogHub) -> IResource:

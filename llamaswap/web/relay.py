@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
@@ -38,14 +38,14 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
-from llamaswap.config import Config
-from llamaswap.errors import ModelNotFound, ProxyError, UpstreamUnreachable
+from llamaswap.errors import ProxyError, UpstreamUnreachable
+from llamaswap.names import LocalTarget, PeerTarget, Target
 from llamaswap.peers import PeerLease
-from llamaswap.supervisor import Lease, ModelStatus
-from llamaswap.web.base import send_error
+from llamaswap.supervisor import Lease
+from llamaswap.web.base import SupervisorAPI, client_gone, render_async
 from llamaswap.web.site import request_info
 from llamaswap.web.sse import LoadingStream
 
@@ -81,16 +81,6 @@ _NON_ASCII = re.compile(rb"[^\x21-\x7e]")
 
 def _percent(match: re.Match[bytes]) -> bytes:
     return b"%%%02X" % match.group()[0]
-
-
-class LeaseSource(Protocol):
-    """What the relay (and the routes) need from the supervisor."""
-
-    config: Config
-
-    def acquire(self, requested: str) -> Deferred[Lease]: ...
-
-    def status(self, model_id: str) -> ModelStatus: ...
 
 
 # The body to send for a lease (rewritten for its model), from the route.
@@ -174,7 +164,7 @@ class BodyRelay(TwistedProtocol):
         self._stopped = False
 
     def connectionMade(self) -> None:
-        if getattr(self._request, "channel", None) is None:
+        if client_gone(self._request):
             self.stopProducing()  # the client left before the body started
             return
         self._request.registerProducer(self, True)
@@ -190,9 +180,7 @@ class BodyRelay(TwistedProtocol):
         self._request.write(data)  # a no-op once the client has gone
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if getattr(self._request, "channel", None) is not None and getattr(
-            self._request, "producer", None
-        ):
+        if not client_gone(self._request) and getattr(self._request, "producer", None):
             self._request.unregisterProducer()
         if not self.done.called:
             # The exception, not the Failure: a Failure would errback the Deferred.
@@ -244,7 +232,7 @@ class Relay:
 
     def __init__(
         self,
-        supervisor: LeaseSource,
+        supervisor: SupervisorAPI,
         http: HTTPClient,
         clock: IReactorTime,
         fresh_http: HTTPClient | None = None,
@@ -254,7 +242,7 @@ class Relay:
         C{reuseConnections}, the default); C{fresh_http}, when given, opens one
         connection per request for the others (docs/llama-server.md).
         """
-        self.supervisor = supervisor
+        self._supervisor = supervisor
         self._clock = clock
         # Indexed by the model's reuse_connections: one lookup per request.
         self._clients = (fresh_http or http, http)
@@ -262,14 +250,15 @@ class Relay:
     def proxy(
         self,
         request: Request,
-        requested: str,
+        target: Target,
         upstream_uri: bytes,
         body_for: BodyFor,
         *,
         loading: bool = False,
     ) -> int:
         """
-        Answer C{request} from the server of the model named C{requested}.
+        Answer C{request} from the server of C{target}, what the route resolved
+        the requested name to (L{llamaswap.names}).
 
         C{upstream_uri} is the path and query to request on the model's server;
         C{body_for(lease)} gives the body to send (rewritten for the model).
@@ -277,45 +266,50 @@ class Relay:
         loads, if the model's C{sendLoadingState} is on.
         Returns C{NOT_DONE_YET} for C{render_*} to return.
         """
-        info = request_info(request)
-        info.proxied = True
-        info.model = requested
-        finished = request.notifyFinish()  # ask now: asked after the end it never fires
-        exchange = Deferred.fromCoroutine(
-            self._exchange(request, upstream_uri, requested, body_for, loading)
-        )
-        finished.addErrback(lambda _: exchange.cancel())  # the client left
-        exchange.addErrback(self._failed, request)
-        return NOT_DONE_YET
+        request_info(request).proxied = True
 
-    def acquire(self, requested: str) -> Deferred[Lease]:
-        """A lease for the model C{requested} names: a peer's at once, else the supervisor's."""
-        try:
-            peer = self.supervisor.config.find_peer(requested)
-        except ModelNotFound as e:
-            return fail(e)
-        if peer is not None:
-            return succeed(PeerLease(peer))
-        return self.supervisor.acquire(requested)
+        def exchange() -> Deferred[None]:
+            return Deferred.fromCoroutine(
+                self._exchange(request, upstream_uri, target, body_for, loading)
+            )
 
-    def _loading_model(self, requested: str) -> str | None:
-        """The id of the requested model if it wants loading streams."""
-        config = self.supervisor.config
-        try:
-            model = config.models[config.resolve(requested).model_id]
-        except ModelNotFound:
-            return None
-        return model.id if model.send_loading_state else None
+        return render_async(request, exchange, error=self._error)
+
+    def acquire(self, target: Target) -> Deferred[Lease]:
+        """A lease on C{target}: a peer's at once, else the supervisor's."""
+        if isinstance(target, PeerTarget):
+            return succeed(PeerLease(target))
+        return self._supervisor.acquire(target)
 
     async def _exchange(
-        self, request: Request, uri: bytes, requested: str, body_for: BodyFor, loading: bool
+        self, request: Request, uri: bytes, target: Target, body_for: BodyFor, loading: bool
     ) -> None:
-        acquired = self.acquire(requested)
+        leased = await self._lease_for(request, target, loading)
+        if leased is not None:
+            lease, stream = leased
+            await self._forward(request, uri, target, lease, body_for, stream)
+
+    async def _lease_for(
+        self, request: Request, target: Target, loading: bool
+    ) -> tuple[Lease, LoadingStream | None] | None:
+        """
+        The first phase: a lease on C{target}'s server, with a loading stream
+        meanwhile if the request may have one and the model is not ready at once.
+
+        @return: the lease, and the loading stream if one was started; None
+            if the lease was refused after a loading stream said 200 (the
+            stream ended with the error).
+        """
+        acquired = self.acquire(target)
         stream = None
         # Only while the lease is not at hand: refusals (404, 429, 503) stay plain errors.
-        model_id = self._loading_model(requested) if loading and not acquired.called else None
-        if model_id is not None:
-            stream = LoadingStream(request, model_id, self._clock)
+        if (
+            loading
+            and not acquired.called
+            and isinstance(target, LocalTarget)
+            and target.model.send_loading_state
+        ):
+            stream = LoadingStream(request, target.model_id, self._clock)
         try:
             lease = await acquired
         except CancelledError:
@@ -325,17 +319,33 @@ class Relay:
                 raise
             error = self._error_for(e, request)
             stream.fail(error.body(), error.status)
-            return
+            return None
         finally:
             if stream is not None:
                 stream.stop()
         if stream is not None:
             stream.ready()
+        return lease, stream
+
+    async def _forward(
+        self,
+        request: Request,
+        uri: bytes,
+        target: Target,
+        lease: Lease,
+        body_for: BodyFor,
+        stream: LoadingStream | None,
+    ) -> None:
+        """
+        The second phase: send the request on C{lease} and relay the answer
+        (after C{stream}'s frames, if a loading stream said 200 already).
+        The lease is released before the response is finished.
+        """
         try:
             request_info(request).model = lease.model.id
             body = body_for(lease)
             try:
-                lease, response = await self._send(request, uri, requested, lease, body)
+                lease, response = await self._send(request, uri, target, lease, body)
             except CancelledError:
                 raise
             except Exception as e:
@@ -361,7 +371,7 @@ class Relay:
         self._end(request, reason, relayed, lease.model.id)
 
     async def _send(
-        self, request: Request, uri: bytes, requested: str, lease: Lease, body: bytes
+        self, request: Request, uri: bytes, target: Target, lease: Lease, body: bytes
     ) -> tuple[Lease, IResponse]:
         """
         Send the request to C{lease}'s server; return the lease it was sent on.
@@ -382,9 +392,9 @@ class Relay:
             model=lease.model.id,
         )
         lease.release()
-        lease = await self.acquire(requested)
+        lease = await self.acquire(target)
         try:
-            # Same name, same model: the body made for the first lease fits.
+            # Same target, same model: the body made for the first lease fits.
             return lease, await self._request_upstream(request, uri, lease, body)
         except BaseException:
             lease.release()
@@ -397,8 +407,7 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         headers = forward_headers(request)
-        if isinstance(lease, PeerLease):
-            lease.authorize(headers)
+        lease.authorize(headers)
         client = self._clients[lease.model.reuse_connections]
         response: IResponse = await client.request(
             request.method.decode("ascii"),
@@ -475,7 +484,7 @@ class Relay:
         Finish the client's response, or cut it if the upstream's was truncated
         (recorded as 502: the client saw a 200 status line, not a whole answer).
         """
-        if getattr(request, "channel", None) is None:
+        if client_gone(request):
             return  # the client left (recorded as 499); the upstream socket is closed
         info = request_info(request)
         info.usage = body.usage()
@@ -493,9 +502,11 @@ class Relay:
         )
         request.loseConnection()  # never a clean-looking end for a truncated answer
 
-    def _failed(self, failure: Failure, request: Request) -> None:
-        if getattr(request, "channel", None) is None:
-            return None  # the client left first: cancellation is the expected outcome
+    def _error(self, request: Request, failure: Failure) -> ProxyError:
+        """
+        The error to answer for a failed exchange (the client is still there):
+        a L{ProxyError} as it is (logged as a warning), anything else a 500.
+        """
         if failure.check(ProxyError):
             error = failure.value
             assert isinstance(error, ProxyError)
@@ -512,5 +523,4 @@ class Relay:
         if request.startedWriting:
             # A loading stream said 200 already: send_error can only cut it.
             request_info(request).outcome = error.status
-        send_error(request, error)
-        return None
+        return error

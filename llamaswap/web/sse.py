@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web.server import Request
 
+from llamaswap.web.base import client_gone
 from llamaswap.web.site import request_info
 
 LOADING_TICK = 0.75  # seconds between the "." frames of a loading stream
@@ -63,7 +64,7 @@ class LoadingStream:
         self._write(frame(json.dumps(chunk, ensure_ascii=False).encode("utf-8")))
 
     def _write(self, data: bytes) -> None:
-        if getattr(self._request, "channel", None) is not None:
+        if not client_gone(self._request):
             self._request.write(data)
 
     def stop(self) -> None:
@@ -82,7 +83,7 @@ class LoadingStream:
         the request is recorded with the error's C{status}, not the 200 sent.
         """
         self.stop()
-        if getattr(self._request, "channel", None) is not None:
+        if not client_gone(self._request):
             request_info(self._request).outcome = status
             self._write(frame(error) + DONE)
             self._request.finish()

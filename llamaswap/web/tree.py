@@ -25,9 +25,9 @@ from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.metrics import build_metrics_resource
-from llamaswap.supervisor import Supervisor
+from llamaswap.names import Resolver
 from llamaswap.web.admin import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
-from llamaswap.web.base import ErrorResource, JSONResource, Redirect
+from llamaswap.web.base import ErrorResource, JSONResource, Redirect, SupervisorAPI
 from llamaswap.web.events import build_events_resource
 from llamaswap.web.logs import build_logs_resource
 from llamaswap.web.models import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
@@ -165,41 +165,44 @@ def mount(root: JSONResource, path: str, resource: IResource) -> None:
 def build_root(
     config: Config,
     *,
-    supervisor: Supervisor,
+    supervisor: SupervisorAPI,
     logs: LogHub,
     events: EventBus,
     http: HTTPClient,
     reactor: Any,
     fresh_http: HTTPClient | None = None,
-) -> IResource:
+) -> Root:
     """
     The whole HTTP API (see docs/api.md). C{http} keeps connections alive;
     C{fresh_http} (if given) opens one per request, for the model servers that
     do not reuse connections (L{Relay}).
     """
+    names = Resolver(config)
     relay = Relay(supervisor, http, reactor, fresh_http)
     root = Root(config.api_keys)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
         # Loading streams only where llama-swap has them: OpenAI chat.
-        mount(root, path, ModelRoute(relay, loading=path in LOADING_ROUTES))
+        mount(root, path, ModelRoute(relay, names, loading=path in LOADING_ROUTES))
     for path in FORM_ROUTES:
-        mount(root, path, FormModelRoute(relay))
+        mount(root, path, FormModelRoute(relay, names))
     for path in QUERY_ROUTES:
-        mount(root, path, QueryModelRoute(relay))
+        mount(root, path, QueryModelRoute(relay, names))
     for path in VERSIONLESS_ROUTES:
-        mount(root, f"/v/{path}", ModelRoute(relay, strip=b"/v"))
+        mount(root, f"/v/{path}", ModelRoute(relay, names, strip=b"/v"))
     models = ModelList(config, supervisor, reactor)
     mount(root, "/v1/models", models)
     mount(root, "/models", models)
-    mount(root, "/upstream", UpstreamRoot(config, relay))
+    mount(root, "/upstream", UpstreamRoot(names, relay, supervisor))
     mount(root, "/running", Running(config, supervisor))
     mount(root, "/health", Health())
     mount(root, "/metrics", build_metrics_resource(config, supervisor, events, reactor))
     mount(root, "/unload", LegacyUnload(supervisor))
     mount(root, "/api/models/unload", UnloadAPI(supervisor))
-    mount(root, "/api/models/load", LoadAPI(supervisor))
-    mount(root, "/api/events", build_events_resource(events, supervisor, logs))
+    mount(root, "/api/models/load", LoadAPI(supervisor, names))
+    mount(
+        root, "/api/events", build_events_resource(config, events, supervisor, logs, clock=reactor)
+    )
     mount(root, "/logs", build_logs_resource(logs))
     mount(root, "/ui", build_ui_resource())
     return root
