@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
 from treq.testing import StubTreq
 from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
@@ -43,6 +42,7 @@ from llamaswap.config import Config, ModelConfig
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub, LogStream
+from llamaswap.supervisor import ModelStatus
 from llamaswap.web.events import SSE_BUFFER_BYTES, build_events_resource
 from llamaswap.web.logs import build_logs_resource
 from llamaswap.web.ui import build_ui_resource
@@ -581,24 +581,24 @@ class UIResourceTests(SynchronousTestCase):
 # --- /api/events ------------------------------------------------------------------
 
 
-@frozen
-class FakeStatus:
-    model_id: str
-    state: str = "stopped"
-    pid: int | None = None
-    in_flight: int = 0
-    ttl: int = 0
-    ttl_remaining: float | None = None
-    last_error: str | None = None
-
-
 class FakeSupervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.states = {model_id: "stopped" for model_id in config.models}
 
-    def statuses(self) -> list[FakeStatus]:
-        return [FakeStatus(model_id, state) for model_id, state in self.states.items()]
+    def statuses(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(
+                model_id=model_id,
+                state=state,
+                pid=None,
+                in_flight=0,
+                ttl=0,
+                ttl_remaining=None,
+                last_error=None,
+            )
+            for model_id, state in self.states.items()
+        ]
 
 
 def sse_events(raw: bytes) -> list[dict[str, Any]]:

@@ -973,6 +973,20 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual((response.status, response.body), (503, b'{"error": "busy"}'))
         self.assertEqual([(e["model"], e["status"]) for e in seen], [("remote/llama", 503)])
 
+    def test_event_target(self) -> None:
+        """
+        The request event names what the name resolved to (C{target}): the
+        model's id, the peer's qualified name, or "" when it matched nothing.
+        """
+        seen = events_of(self.h.events, "request")
+        for name in ("a1", "small", "nope"):
+            post_json(self.h.client, "/v1/chat/completions", {"model": name})
+        self.h.client.request("GET", "/upstream/a2/health")
+        self.assertEqual(
+            [(e["model"], e["target"]) for e in seen],
+            [("alpha", "alpha"), ("open/small", "open/small"), ("nope", ""), ("alpha", "alpha")],
+        )
+
     def test_not_on_upstream_routes(self) -> None:
         """C{/upstream} reaches local models only: a peer's model there is a 404."""
         response = self.h.client.request("GET", "/upstream/remote/llama/health")
