@@ -9,6 +9,11 @@ cannot parse them. Every node of our tree derives from L{JSONResource}: unknown
 children are a 404, unknown methods a 405 (with C{Allow}), and an exception
 escaping a C{render_*} method a 500, each rendered by L{error_payload}: OpenAI's
 JSON envelope unless the client's C{Accept} asks for plain text or HTML.
+
+Every response that outlives its C{render_*} call (the relay, load/unload,
+C{/logs/stream}, C{/api/events}, C{/metrics}) goes through L{render_async};
+L{client_gone} is the one test of whether anyone is still listening. Resources
+see the supervisor through L{SupervisorAPI}, not its class.
 """
 
 from __future__ import annotations

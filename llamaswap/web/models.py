@@ -29,7 +29,7 @@ from llamaswap.web.base import (
     respond_error,
     respond_json,
 )
-from llamaswap.web.relay import Relay
+from llamaswap.web.relay import Relay, warn_refused
 from llamaswap.web.site import request_info
 
 
@@ -41,7 +41,11 @@ def resolved(request: Request, names: Resolver, requested: str) -> Target:
     """
     info = request_info(request)
     info.model = requested  # for the access log and events, even if refused
-    info.target = target = names.resolve(requested)
+    try:
+        info.target = target = names.resolve(requested)
+    except ModelNotFound as e:
+        warn_refused(request, e)  # as the relay logs every refusal
+        raise
     return target
 
 

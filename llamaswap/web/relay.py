@@ -140,6 +140,17 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def warn_refused(request: Request, error: ProxyError) -> None:
+    """Log a request to a model that is answered with C{error}."""
+    _log.warn(
+        "{method} {uri}: {status} {message}",
+        method=request.method.decode("ascii", "replace"),
+        uri=request.uri.decode("utf-8", "replace"),
+        status=error.status,
+        message=error.message,
+    )
+
+
 @implementer(IPushProducer)
 class BodyRelay(TwistedProtocol):
     """
@@ -510,13 +521,7 @@ class Relay:
         if failure.check(ProxyError):
             error = failure.value
             assert isinstance(error, ProxyError)
-            _log.warn(
-                "{method} {uri}: {status} {message}",
-                method=request.method.decode("ascii", "replace"),
-                uri=request.uri.decode("utf-8", "replace"),
-                status=error.status,
-                message=error.message,
-            )
+            warn_refused(request, error)
         else:
             _log.failure("proxying {uri} failed", failure, uri=request.uri)
             error = ProxyError("internal error while proxying the request", 500)
