@@ -50,6 +50,7 @@ from zope.interface import implementer
 from llamaswap._twisted import publisher_observers
 from llamaswap.config import Config
 from llamaswap.events import EventBus
+from llamaswap.names import Resolver
 
 UPSTREAM_NAMESPACE = "llamaswap.upstream"
 PROXY = "proxy"
@@ -183,6 +184,7 @@ class LogHub(Service):
         publisher: LogPublisher | None = None,
     ) -> None:
         self.config = config
+        self._names = Resolver(config)
         self.events = events
         self._publisher = publisher if publisher is not None else globalLogPublisher
         self._level = _LEVELS.get(config.log_level.lower(), LogLevel.info)
@@ -210,7 +212,7 @@ class LogHub(Service):
             return COMBINED
         if name in (PROXY, UPSTREAM) or (name != COMBINED and name in self.streams):
             return name
-        model = self.config.find_model(name)
+        model = self._names.find_model(name)
         if model is not None and model.id in self.streams:
             return model.id
         return None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from twisted.web.http_headers import Headers
 
-from llamaswap.config import ModelConfig, PeerTarget, Target
+from llamaswap.config import ModelConfig
+from llamaswap.names import PeerTarget
 from llamaswap.supervisor import Lease
 
 # The client's credentials are for us (or for nobody): never passed on to a peer.
@@ -40,7 +41,7 @@ class PeerLease(Lease):
             filters=peer.filters,
             reuse_connections=peer.reuse_connections,
         )
-        super().__init__(model, Target(model_id=target.fqn, upstream_model=target.model), _nothing)
+        super().__init__(model, target, _nothing)
         self.peer = peer
 
     def authorize(self, headers: Headers) -> None:

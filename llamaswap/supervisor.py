@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import frozen
 from treq.client import HTTPClient
@@ -37,12 +37,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap.config import Config, ModelConfig, Target
+from llamaswap.config import Config, ModelConfig
 from llamaswap.config.matrix import Decision
 from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
 from llamaswap.events import EventBus
+from llamaswap.names import LocalTarget, Resolver, Target
 from llamaswap.process.model import ModelProcess
 from llamaswap.process.states import State
+
+if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
 
 # How long a request whose connection was refused waits for the supervisor to
 # notice its server's exit (normally a few ms: the kernel closes the server's
@@ -63,6 +67,12 @@ class ModelStatus:
     last_error: str | None
 
 
+class StatusSource(Protocol):
+    """What the read-only views (C{/api/events}, C{/metrics}) call on the supervisor."""
+
+    def statuses(self) -> list[ModelStatus]: ...
+
+
 class Lease:
     """The right to send requests to a ready model until L{release}."""
 
@@ -78,6 +88,12 @@ class Lease:
         self.url = model.proxy
         self._release: Callable[[], None] | None = release
         self._refused = refused
+
+    def authorize(self, headers: Headers) -> None:
+        """
+        Set the credentials of the request sent on this lease, in C{headers}:
+        none for our own servers (the client's pass through as they are).
+        """
 
     def release(self) -> None:
         """End this lease (idempotent): the in-flight count drops, the TTL starts."""
@@ -111,7 +127,7 @@ class _Waiter:
 
     def __init__(
         self,
-        target: Target,
+        target: LocalTarget,
         model: ModelConfig,
         allowed: frozenset[str],
         withdraw: Callable[[_Waiter], None],
@@ -129,7 +145,7 @@ class _Waiter:
         return (self.model.id, self.allowed)
 
 
-def may_run_with(config: Config, target: Target) -> frozenset[str]:
+def may_run_with(names: Resolver, target: LocalTarget) -> frozenset[str]:
     """
     The models that may keep running while C{target}'s model is loaded (its
     own id included); loading it stops every other.
@@ -142,13 +158,14 @@ def may_run_with(config: Config, target: Target) -> frozenset[str]:
     For C{profile:model} (seed profiles): the profile's members, plus the
     members of persistent groups (which nothing but their own group stops).
     """
+    config = names.config
     persistent = {m for group in config.groups.values() if group.persistent for m in group.members}
     if target.profile is not None:
         return frozenset(config.profiles[target.profile]) | persistent
-    group = config.group_of(target.model_id)
+    group = names.group_of(target.model_id)
     allowed = {target.model_id}
     for model_id in config.models:
-        other = config.group_of(model_id)
+        other = names.group_of(model_id)
         if other.id == group.id:
             if not group.swap:
                 allowed.add(model_id)
@@ -181,6 +198,7 @@ class Supervisor(Service):
         http: HTTPClient | None = None,
     ) -> None:
         self.config = config
+        self.names = Resolver(config)
         self._reactor = reactor
         self._events = events if events is not None else EventBus()
         self._clock: IReactorTime = clock if clock is not None else reactor
@@ -224,7 +242,7 @@ class Supervisor(Service):
     async def _preload(self) -> None:
         for model_id in self.config.preload:
             try:
-                lease = await self.acquire(model_id)
+                lease = await self.acquire_by_name(model_id)
             except ShuttingDown:
                 return
             except Exception as e:
@@ -259,25 +277,21 @@ class Supervisor(Service):
 
     # --- API -----------------------------------------------------------------
 
-    def acquire(self, requested: str) -> Deferred[Lease]:
+    def acquire(self, target: LocalTarget) -> Deferred[Lease]:
         """
-        Get a lease on a ready model for C{requested} (an id, an alias or
-        C{profile:model}), starting or swapping models as needed.
+        Get a lease on a ready model for C{target} (what the request's name
+        resolved to: L{llamaswap.names}), starting or swapping models as needed.
 
         @return: a Deferred that fires with a L{Lease} (call its C{release()}
-            when the request ends). It errbacks with L{ModelNotFound},
-            L{StartFailed} (with the child's last output lines),
-            L{HealthTimeout}, L{TooManyRequests} or L{ShuttingDown}.
-            Cancelling it withdraws the request; a start it caused carries on,
-            but a request cancelled while still queued starts nothing.
+            when the request ends). It errbacks with L{StartFailed} (with the
+            child's last output lines), L{HealthTimeout}, L{TooManyRequests} or
+            L{ShuttingDown}. Cancelling it withdraws the request; a start it
+            caused carries on, but a request cancelled while still queued
+            starts nothing.
         """
         if self._shutting_down:
             return fail(ShuttingDown("llamaswap is shutting down"))
-        try:
-            target = self.config.resolve(requested)
-        except ModelNotFound as e:
-            return fail(e)
-        model = self.config.models[target.model_id]
+        model = target.model
         limit = model.concurrency_limit
         if limit > 0:
             queued = sum(1 for w in self._queue if w.model.id == model.id and not w.done)
@@ -290,7 +304,7 @@ class Supervisor(Service):
         key = (target.profile, model.id)
         allowed = self._allowed.get(key)
         if allowed is None:
-            allowed = self._allowed[key] = may_run_with(self.config, target)
+            allowed = self._allowed[key] = may_run_with(self.names, target)
         proc = self._procs[model.id]
         if (
             proc.state is State.READY
@@ -307,6 +321,20 @@ class Supervisor(Service):
         self._walk()
         return waiter.deferred
 
+    def acquire_by_name(self, requested: str) -> Deferred[Lease]:
+        """
+        L{acquire} for a local name (an id, an alias or C{profile:model}), for
+        preloading and callers without a resolved target.
+
+        @return: as L{acquire}'s, or a Deferred that errbacks with
+            L{ModelNotFound} for a name that names no local model.
+        """
+        try:
+            target = self.names.local(requested)
+        except ModelNotFound as e:
+            return fail(e)
+        return self.acquire(target)
+
     def unload(self, model_id: str | None = None) -> Deferred[None]:
         """
         Stop one model (id or alias), or all of them for C{None}, without
@@ -318,7 +346,7 @@ class Supervisor(Service):
         if model_id is None:
             procs = list(self._procs.values())
         else:
-            model = self.config.find_model(model_id)
+            model = self.names.find_model(model_id)
             if model is None:
                 return fail(ModelNotFound(f"model not found: {model_id}"))
             procs = [self._procs[model.id]]
@@ -337,7 +365,7 @@ class Supervisor(Service):
 
         @raise ModelNotFound: for an unknown id (aliases are accepted too).
         """
-        model = self.config.find_model(model_id)
+        model = self.names.find_model(model_id)
         if model is None:
             raise ModelNotFound(f"model not found: {model_id}")
         proc = self._procs[model.id]
@@ -472,7 +500,7 @@ class Supervisor(Service):
         waiter.done = True
         waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
 
-    def _lease(self, model: ModelConfig, target: Target, proc: ModelProcess) -> Lease:
+    def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
         """A lease on C{proc}, a ready model's process, counted in flight."""
         proc.request_started()
         start = proc.starts

@@ -115,9 +115,9 @@ class LlamaSwapService(MultiService):
     def __init__(self, config: Config, *, listen: str, reactor: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         from llamaswap.logs import LogHub
-        from llamaswap.resources import build_root
-        from llamaswap.site import LlamaSwapSite
         from llamaswap.supervisor import Supervisor
+        from llamaswap.web.site import LlamaSwapSite
+        from llamaswap.web.tree import build_root
 
         self.config = config
         self.events = EventBus()

@@ -21,7 +21,7 @@ from twisted.web._newclient import ResponseFailed
 from twisted.web.resource import Resource
 
 from llamaswap.http import make_http
-from llamaswap.site import LlamaSwapSite
+from llamaswap.web.site import LlamaSwapSite
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
 

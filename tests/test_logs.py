@@ -1,5 +1,6 @@
 """
-Tests for L{llamaswap.logs} and L{llamaswap.logs_web}.
+Tests for L{llamaswap.logs} and its web views (L{llamaswap.web.logs},
+L{llamaswap.web.events}, L{llamaswap.web.ui}).
 
 Unit tests drive a L{LogHub} through a private L{LogPublisher} and talk HTTP
 to the resources over a L{StringTransport} (so the test plays the part of a
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
 from treq.testing import StubTreq
 from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
@@ -42,12 +42,10 @@ from llamaswap.config import Config, ModelConfig
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub, LogStream
-from llamaswap.logs_web import (
-    SSE_BUFFER_BYTES,
-    build_events_resource,
-    build_logs_resource,
-    build_ui_resource,
-)
+from llamaswap.supervisor import ModelStatus
+from llamaswap.web.events import SSE_BUFFER_BYTES, build_events_resource
+from llamaswap.web.logs import build_logs_resource
+from llamaswap.web.ui import build_ui_resource
 from tests.fakeserver_helper import free_port
 from tests.proctools import TWISTD, ChildOutput, twistd_env
 
@@ -361,7 +359,7 @@ def dechunk(raw: bytes) -> tuple[bytes, bytes]:
 
 def logs_root(hub: LogHub) -> Resource:
     root = Resource()
-    root.putChild(b"logs", build_logs_resource(hub, hub.config))
+    root.putChild(b"logs", build_logs_resource(hub))
     root.putChild(b"ui", build_ui_resource())
     return root
 
@@ -583,24 +581,24 @@ class UIResourceTests(SynchronousTestCase):
 # --- /api/events ------------------------------------------------------------------
 
 
-@frozen
-class FakeStatus:
-    model_id: str
-    state: str = "stopped"
-    pid: int | None = None
-    in_flight: int = 0
-    ttl: int = 0
-    ttl_remaining: float | None = None
-    last_error: str | None = None
-
-
 class FakeSupervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.states = {model_id: "stopped" for model_id in config.models}
 
-    def statuses(self) -> list[FakeStatus]:
-        return [FakeStatus(model_id, state) for model_id, state in self.states.items()]
+    def statuses(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(
+                model_id=model_id,
+                state=state,
+                pid=None,
+                in_flight=0,
+                ttl=0,
+                ttl_remaining=None,
+                last_error=None,
+            )
+            for model_id, state in self.states.items()
+        ]
 
 
 def sse_events(raw: bytes) -> list[dict[str, Any]]:
@@ -625,7 +623,7 @@ class EventsTests(HubCase):
         root.putChild(b"api", api)
         api.putChild(
             b"events",
-            build_events_resource(bus, supervisor, hub, clock=self.clock),  # type: ignore[arg-type]
+            build_events_resource(hub.config, bus, supervisor, hub, clock=self.clock),
         )
         proxy(pub).info("early")
         bus.publish("request", {"id": 1, "model": "alpha", "status": 200})
@@ -710,22 +708,19 @@ class EventsTests(HubCase):
         bus = EventBus()
         clock = Clock()
         resource = build_events_resource(
-            bus,
-            FakeSupervisor(hub.config),  # type: ignore[arg-type]
-            hub,
-            clock=clock,
+            hub.config, bus, FakeSupervisor(hub.config), hub, clock=clock
         )
         root = Resource()
         root.putChild(b"events", resource)
         channel, _ = connect(root)
         get(channel, "/events")
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 1)
-        self.assertEqual(len(resource.clients), 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(resource.clients), 1)
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         channel.connectionLost(Failure(ConnectionError("gone")))
         self.assertEqual(hub.stream(PROXY).subscriber_count(), 0)
         self.assertEqual(hub.stream(UPSTREAM).subscriber_count(), 0)
-        self.assertEqual(len(resource.clients), 0)  # type: ignore[attr-defined]
+        self.assertEqual(len(resource.clients), 0)
         self.assertEqual(clock.getDelayedCalls(), [])
         bus.publish("modelStatus", {"model": "alpha", "state": "ready", "pid": 1})
 

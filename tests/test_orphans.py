@@ -67,7 +67,7 @@ class SupervisorIntegrationTests(TestCase):
     async def start_failure(self, sup: Supervisor, model: str) -> StartFailed:
         """The StartFailed with which C{model}'s start fails (the test fails if it starts)."""
         try:
-            (await sup.acquire(model)).release()
+            (await sup.acquire_by_name(model)).release()
         except StartFailed as e:
             return e
         self.fail(f"the start of {model} did not fail")
@@ -110,7 +110,7 @@ models:
         pids = set()
         for i in range(20):
             name = "ab"[i % 2]
-            lease = await sup.acquire(name)
+            lease = await sup.acquire_by_name(name)
             try:
                 pid = sup.status(name).pid
                 assert pid is not None
@@ -138,7 +138,7 @@ models:
     unloadTimeout: 5
 """
         )
-        lease = await sup.acquire("g")
+        lease = await sup.acquire_by_name("g")
         lease.release()
         pid = sup.status("g").pid
         assert pid is not None
@@ -174,7 +174,7 @@ models:
     {ENV}
 """
         )
-        (await sup.acquire("m")).release()
+        (await sup.acquire_by_name("m")).release()
         pid = sup.status("m").pid
         assert pid is not None
         self.assertEqual(len(group(pid)), 2, [command(p) for p in group(pid)])  # server, guard
@@ -198,7 +198,7 @@ models:
     unloadTimeout: 1
 """
         )
-        (await sup.acquire("deaf")).release()
+        (await sup.acquire_by_name("deaf")).release()
         pid = sup.status("deaf").pid
         assert pid is not None
         started = time.monotonic()
@@ -224,7 +224,7 @@ models:
         self.addCleanup(pool.closeCachedConnections)
         pids = []
         for _ in range(2):
-            lease = await sup.acquire("crashy")
+            lease = await sup.acquire_by_name("crashy")
             try:
                 response = await http.get(lease.url + "/pid")
                 pids.append(json.loads(await response.content())["pid"])
@@ -282,7 +282,7 @@ models:
         self.assertEqual(spawned, [])
         self.assertEqual(sup.status("m").state, "failed")
         squatter.close()
-        (await sup.acquire("m")).release()
+        (await sup.acquire_by_name("m")).release()
         self.assertEqual(len(spawned), 1)
 
     async def test_groups(self) -> None:
@@ -312,7 +312,7 @@ groups:
         self.addCleanup(pool.closeCachedConnections)
 
         async def ask(name: str) -> int:
-            lease = await sup.acquire(name)
+            lease = await sup.acquire_by_name(name)
             try:
                 response = await http.get(lease.url + "/pid")
                 answer = json.loads(await response.content())
@@ -358,7 +358,7 @@ profiles:
         sup.startService()
         try:
             for name in ("p:a", "p:b"):
-                (await sup.acquire(name)).release()
+                (await sup.acquire_by_name(name)).release()
             pids = [sup.status(m).pid for m in ("a", "b")]
             members = [p for pid in pids if pid is not None for p in group(pid)]
             # 2 servers, 2 guards, 1 grandchild
@@ -463,7 +463,7 @@ class KillNineTests(TestCase):
         with a grandchild, one behind C{sh -c}) leaves none of them running.
         """
         try:
-            import llamaswap.resources  # noqa: F401
+            import llamaswap.web.tree  # noqa: F401
         except ImportError as e:
             raise SkipTest(f"the web modules are not importable yet: {e}") from e
         port_a, port_b = free_ports(2)

@@ -1,5 +1,5 @@
 """
-Tests for L{llamaswap.relay}: streaming without buffering, backpressure,
+Tests for L{llamaswap.web.relay}: streaming without buffering, backpressure,
 cancellation before and after the upstream's headers, truncation, header
 filtering and lease release. The upstream is a fake HTTP client whose
 responses and body transports the tests drive by hand.
@@ -28,8 +28,9 @@ from llamaswap.errors import StartFailed, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import LogHub
-from llamaswap.relay import LOADING_TICK, copy_response_headers, find_usage, forward_headers
-from llamaswap.resources import build_root
+from llamaswap.web.relay import copy_response_headers, find_usage, forward_headers
+from llamaswap.web.sse import LOADING_TICK
+from llamaswap.web.tree import build_root
 from tests.test_metrics import parse_exposition
 from tests.webfakes import (
     CONFIG,
@@ -120,9 +121,9 @@ class Harness:
         self.http = FakeHTTP()
         self.events = EventBus()
         self.clock = Clock()
-        root: Resource = build_root(  # type: ignore[assignment]
+        root: Resource = build_root(
             self.config,
-            supervisor=self.supervisor,  # type: ignore[arg-type]
+            supervisor=self.supervisor,
             logs=LogHub(self.config, events=self.events),
             events=self.events,
             http=self.http,  # type: ignore[arg-type]

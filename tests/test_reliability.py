@@ -42,8 +42,8 @@ from twisted.web.server import Site
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
 from llamaswap.process import child as child_module
-from llamaswap.resources import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from llamaswap.tap import LlamaSwapService, build_service
+from llamaswap.web.tree import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from tests.fakeserver_helper import fake_model, free_port, make_config, upstream_port
 from tests.proctools import (
     alive,

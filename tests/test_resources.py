@@ -1,6 +1,6 @@
 """
-Tests for the resource tree (L{llamaswap.resources} and the routes it mounts)
-and the site (L{llamaswap.site}): routing, model extraction, errors, the model
+Tests for the resource tree (L{llamaswap.web.tree} and the routes it mounts)
+and the site (L{llamaswap.web.site}): routing, model extraction, errors, the model
 list, management routes, CORS, API keys and the body limit. The upstream is a
 recording resource behind StubTreq; the client writes raw HTTP/1.1.
 """
@@ -20,10 +20,10 @@ from twisted.web.server import Request
 
 from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import JSONResource
 from llamaswap.logs import LogHub
-from llamaswap.resources import build_root, mount
-from llamaswap.site import REFUSED_BODY_LINGER
+from llamaswap.web.base import JSONResource
+from llamaswap.web.site import REFUSED_BODY_LINGER
+from llamaswap.web.tree import build_root, mount
 from tests.test_bodies import CT, multipart
 from tests.webfakes import (
     CONFIG,
@@ -49,7 +49,7 @@ class Harness:
         self.clock.advance(1_700_000_000)
         self.root = build_root(
             self.config,
-            supervisor=self.supervisor,  # type: ignore[arg-type]
+            supervisor=self.supervisor,
             logs=LogHub(self.config, events=self.events),
             events=self.events,
             http=StubTreq(self.upstream),  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ class ModelRouteTests(SynchronousTestCase):
 
     def test_every_json_route(self) -> None:
         """Every JSON model route forwards to the same path with the body's model."""
-        from llamaswap.resources import JSON_ROUTES
+        from llamaswap.web.tree import JSON_ROUTES
 
         for path in JSON_ROUTES:
             response = post_json(self.h.client, path, {"model": "a1"})
@@ -972,6 +972,20 @@ class PeerTests(SynchronousTestCase):
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "remote/llama"})
         self.assertEqual((response.status, response.body), (503, b'{"error": "busy"}'))
         self.assertEqual([(e["model"], e["status"]) for e in seen], [("remote/llama", 503)])
+
+    def test_event_target(self) -> None:
+        """
+        The request event names what the name resolved to (C{target}): the
+        model's id, the peer's qualified name, or "" when it matched nothing.
+        """
+        seen = events_of(self.h.events, "request")
+        for name in ("a1", "small", "nope"):
+            post_json(self.h.client, "/v1/chat/completions", {"model": name})
+        self.h.client.request("GET", "/upstream/a2/health")
+        self.assertEqual(
+            [(e["model"], e["target"]) for e in seen],
+            [("alpha", "alpha"), ("open/small", "open/small"), ("nope", ""), ("alpha", "alpha")],
+        )
 
     def test_not_on_upstream_routes(self) -> None:
         """C{/upstream} reaches local models only: a peer's model there is a 404."""

@@ -23,6 +23,7 @@ from llamaswap.errors import (
     TooManyRequests,
 )
 from llamaswap.events import EventBus
+from llamaswap.names import Resolver
 from llamaswap.process.health import POLL_FAST
 from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor, may_run_with
 from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
@@ -104,7 +105,7 @@ class AcquireTests(SynchronousTestCase):
         """acquire starts a stopped model and fires with a lease once healthy."""
         h = Harness(yaml_for("a"))
         h.healthy()
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         self.assertNoResult(d)
         self.assertEqual(h.state("a"), "starting")
         h.tick()
@@ -122,23 +123,23 @@ class AcquireTests(SynchronousTestCase):
         """A second request for a ready model needs no start."""
         h = Harness(yaml_for("a"))
         h.healthy()
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.tick()
         self.successResultOf(d).release()
-        self.successResultOf(h.sup.acquire("a"))
+        self.successResultOf(h.sup.acquire_by_name("a"))
         self.assertEqual(len(h.reactor.children), 1)
 
     def test_unknown_model(self) -> None:
         """Unknown names errback with ModelNotFound, starting nothing."""
         h = Harness(yaml_for("a"))
-        self.failureResultOf(h.sup.acquire("nope"), ModelNotFound)
+        self.failureResultOf(h.sup.acquire_by_name("nope"), ModelNotFound)
         self.assertEqual(h.reactor.children, [])
 
     def test_alias_and_use_model_name(self) -> None:
         """Aliases resolve to their model; useModelName is the upstream name."""
         h = Harness(yaml_for("a", extra={"a": 'aliases: ["alpha"]\nuseModelName: "A-7B"'}))
         h.healthy()
-        d = h.sup.acquire("alpha")
+        d = h.sup.acquire_by_name("alpha")
         h.tick()
         lease = self.successResultOf(d)
         self.assertEqual(lease.model.id, "a")
@@ -147,7 +148,7 @@ class AcquireTests(SynchronousTestCase):
     def test_concurrent_requests_share_one_start(self) -> None:
         """Requests for a starting model all wait for the same single start."""
         h = Harness(yaml_for("a"))
-        waiting = [h.sup.acquire("a") for _ in range(5)]
+        waiting = [h.sup.acquire_by_name("a") for _ in range(5)]
         h.tick(10)
         self.assertEqual(len(h.reactor.children), 1)
         h.healthy()
@@ -161,7 +162,7 @@ class AcquireTests(SynchronousTestCase):
     def test_failed_start_fails_every_waiter_and_next_request_retries(self) -> None:
         """Exit during startup: all waiters get StartFailed with the tail; retry works."""
         h = Harness(yaml_for("a"))
-        first, second = h.sup.acquire("a"), h.sup.acquire("a")
+        first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
         child = h.child_of("a")
         child.output(b"bind: address already in use\n", fd=2)
         child.exit(code=1)
@@ -171,7 +172,7 @@ class AcquireTests(SynchronousTestCase):
         self.assertEqual(h.state("a"), "failed")
         self.assertIn("address already in use", h.sup.status("a").last_error or "")
         h.healthy()
-        third = h.sup.acquire("a")
+        third = h.sup.acquire_by_name("a")
         h.tick()
         self.successResultOf(third)
         self.assertEqual(len(h.reactor.children), 2)
@@ -181,7 +182,7 @@ class AcquireTests(SynchronousTestCase):
         """Another server owns the model's port: every waiter gets StartFailed (502)."""
         h = Harness(yaml_for("a"))
         h.reactor.hang_connects = True
-        first, second = h.sup.acquire("a"), h.sup.acquire("a")
+        first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
         [(host, port, factory, _, _)] = h.reactor.tcpClients  # one check for both
         factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(StringTransport())
         for d in (first, second):
@@ -194,7 +195,7 @@ class AcquireTests(SynchronousTestCase):
     def test_health_timeout_fails_waiters(self) -> None:
         """No 200 within healthCheckTimeout: HealthTimeout for every waiter."""
         h = Harness(yaml_for("a"))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.reactor.advance(30)
         self.failureResultOf(d, HealthTimeout)
         self.assertEqual(h.state("a"), "failed")
@@ -202,21 +203,21 @@ class AcquireTests(SynchronousTestCase):
     def test_concurrency_limit(self) -> None:
         """Leases held plus requests queued count against concurrencyLimit."""
         h = Harness(yaml_for("a", extra={"a": "concurrencyLimit: 2"}))
-        first, second = h.sup.acquire("a"), h.sup.acquire("a")
-        failure = self.failureResultOf(h.sup.acquire("a"), TooManyRequests)
+        first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
+        failure = self.failureResultOf(h.sup.acquire_by_name("a"), TooManyRequests)
         self.assertEqual(failure.value.status, 429)
         h.healthy()
         h.tick()
         lease = self.successResultOf(first)
         self.successResultOf(second)
-        self.failureResultOf(h.sup.acquire("a"), TooManyRequests)
+        self.failureResultOf(h.sup.acquire_by_name("a"), TooManyRequests)
         lease.release()
-        self.successResultOf(h.sup.acquire("a"))
+        self.successResultOf(h.sup.acquire_by_name("a"))
 
 
 class SwapTests(SynchronousTestCase):
     def ready(self, h: Harness, model_id: str) -> Lease:
-        d = h.sup.acquire(model_id)
+        d = h.sup.acquire_by_name(model_id)
         h.healthy()
         h.tick()
         return self.successResultOf(d)
@@ -227,7 +228,7 @@ class SwapTests(SynchronousTestCase):
         self.ready(h, "a").release()
         a = h.child_of("a")
         a.dies_on = set()
-        d = h.sup.acquire("b")
+        d = h.sup.acquire_by_name("b")
         self.assertEqual(h.kill.sent, [(a.original_pid, signal.SIGTERM)])
         self.assertEqual(h.spawned(), ["a"])  # b waits for a to end
         a.exit(sig=signal.SIGTERM)
@@ -240,7 +241,7 @@ class SwapTests(SynchronousTestCase):
         """A model with a request in flight is never stopped to make room."""
         h = Harness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
-        d = h.sup.acquire("b")
+        d = h.sup.acquire_by_name("b")
         h.reactor.advance(3600)
         self.assertEqual(h.kill.sent, [])
         self.assertEqual(h.state("a"), "ready")
@@ -255,8 +256,8 @@ class SwapTests(SynchronousTestCase):
         """Collation: the ready model serves new requests although b is queued."""
         h = Harness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
-        b = h.sup.acquire("b")
-        again = self.successResultOf(h.sup.acquire("a"))
+        b = h.sup.acquire_by_name("b")
+        again = self.successResultOf(h.sup.acquire_by_name("a"))
         lease.release()
         self.assertNoResult(b)
         self.assertEqual(h.kill.sent, [])
@@ -268,9 +269,9 @@ class SwapTests(SynchronousTestCase):
         """Queued requests for different models are started in arrival order."""
         h = Harness(yaml_for("a", "b", "c"))
         lease = self.ready(h, "a")
-        c = h.sup.acquire("c")
-        b = h.sup.acquire("b")
-        c2 = h.sup.acquire("c")
+        c = h.sup.acquire_by_name("c")
+        b = h.sup.acquire_by_name("b")
+        c2 = h.sup.acquire_by_name("c")
         lease.release()
         h.tick()
         c_lease = self.successResultOf(c)
@@ -286,7 +287,11 @@ class SwapTests(SynchronousTestCase):
         """b, c, c queued behind a busy a: b goes first, both c's after b."""
         h = Harness(yaml_for("a", "b", "c"))
         lease = self.ready(h, "a")
-        b, c1, c2 = h.sup.acquire("b"), h.sup.acquire("c"), h.sup.acquire("c")
+        b, c1, c2 = (
+            h.sup.acquire_by_name("b"),
+            h.sup.acquire_by_name("c"),
+            h.sup.acquire_by_name("c"),
+        )
         lease.release()
         h.tick()
         b_lease = self.successResultOf(b)
@@ -303,7 +308,7 @@ class SwapTests(SynchronousTestCase):
         """A thousand queued requests are served by one start, quickly."""
         h = Harness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
-        waiting = [h.sup.acquire("b") for _ in range(1000)]
+        waiting = [h.sup.acquire_by_name("b") for _ in range(1000)]
         lease.release()
         h.tick()
         leases = [self.successResultOf(d) for d in waiting]
@@ -316,7 +321,7 @@ class SwapTests(SynchronousTestCase):
         """A client that left while queued does not cause a swap."""
         h = Harness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
-        d = h.sup.acquire("b")
+        d = h.sup.acquire_by_name("b")
         d.cancel()
         self.failureResultOf(d, CancelledError)
         lease.release()
@@ -328,7 +333,7 @@ class SwapTests(SynchronousTestCase):
     def test_cancelled_waiter_of_a_start_lets_it_finish(self) -> None:
         """The only waiter of a start leaves: the model still ends up ready."""
         h = Harness(yaml_for("a"))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         d.cancel()
         self.failureResultOf(d, CancelledError)
         h.healthy()
@@ -338,10 +343,10 @@ class SwapTests(SynchronousTestCase):
     def test_starting_model_is_not_aborted_by_a_swap(self) -> None:
         """A swap away from a model that is still starting waits for it first."""
         h = Harness(yaml_for("a", "b"))
-        a = h.sup.acquire("a")
+        a = h.sup.acquire_by_name("a")
         a.cancel()
         self.failureResultOf(a, CancelledError)
-        b = h.sup.acquire("b")
+        b = h.sup.acquire_by_name("b")
         self.assertEqual(h.kill.sent, [])
         h.healthy()
         h.tick()  # a becomes ready, is stopped, then b starts
@@ -357,7 +362,7 @@ class SwapTests(SynchronousTestCase):
         h.child_of("a").dies_on = set()
         h.reactor.advance(10)
         self.assertEqual(h.state("a"), "stopping")
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         self.assertNoResult(d)
         h.child_of("a").exit(sig=signal.SIGTERM)
         self.assertEqual(h.state("a"), "starting")
@@ -372,7 +377,7 @@ class SwapTests(SynchronousTestCase):
         h.child_of("a").exit(sig=signal.SIGKILL)
         self.assertEqual(h.state("a"), "stopped")
         lease.release()  # the request that saw the crash ends
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.tick()
         self.successResultOf(d)
         self.assertEqual(len(h.reactor.children), 2)
@@ -394,7 +399,7 @@ class RefusedTests(SynchronousTestCase):
     """Lease.connection_refused: the server refused a connection (a crash not yet noticed?)."""
 
     def ready(self, h: Harness, model_id: str = "a") -> Lease:
-        d = h.sup.acquire(model_id)
+        d = h.sup.acquire_by_name(model_id)
         h.healthy()
         h.tick()
         return self.successResultOf(d)
@@ -411,7 +416,7 @@ class RefusedTests(SynchronousTestCase):
         h.child_of("a").exit(code=1)
         self.assertIs(self.successResultOf(waiting), True)
         lease.release()
-        again = h.sup.acquire("a")
+        again = h.sup.acquire_by_name("a")
         h.tick()
         self.assertEqual(self.successResultOf(again).model.id, "a")
         self.assertEqual(len(h.reactor.children), 2)
@@ -451,7 +456,7 @@ class RefusedTests(SynchronousTestCase):
     def test_lease_without_a_supervised_server(self) -> None:
         """A lease made without a refusal hook (a fake, a peer) says: do not retry."""
         model = make_config(yaml_for("a")).models["a"]
-        lease = Lease(model, make_config(yaml_for("a")).resolve("a"), lambda: None)
+        lease = Lease(model, Resolver(make_config(yaml_for("a"))).local("a"), lambda: None)
         self.assertIs(self.successResultOf(lease.connection_refused()), False)
 
 
@@ -462,7 +467,7 @@ class ProfileTests(SynchronousTestCase):
         """p:a then p:b: both run; the prefix is stripped upstream."""
         h = Harness(self.YAML)
         h.healthy()
-        da, db = h.sup.acquire("p:a"), h.sup.acquire("p:b")
+        da, db = h.sup.acquire_by_name("p:a"), h.sup.acquire_by_name("p:b")
         h.tick()
         la, lb = self.successResultOf(da), self.successResultOf(db)
         self.assertEqual((la.target.upstream_model, lb.target.upstream_model), ("a", "b"))
@@ -474,15 +479,15 @@ class ProfileTests(SynchronousTestCase):
         h = Harness(self.YAML)
         h.healthy()
         for name in ("p:a", "p:b"):
-            d = h.sup.acquire(name)
+            d = h.sup.acquire_by_name(name)
             h.tick()
             self.successResultOf(d).release()
-        d = h.sup.acquire("q:c")
+        d = h.sup.acquire_by_name("q:c")
         self.assertEqual(h.state("a"), "stopped")
         h.tick()
         self.successResultOf(d).release()
         self.assertEqual([s.state for s in h.sup.statuses()], ["stopped", "ready", "ready"])
-        d = h.sup.acquire("c")
+        d = h.sup.acquire_by_name("c")
         self.assertEqual(h.state("b"), "stopped")
         self.successResultOf(d)
         self.assertEqual(h.spawned(), ["a", "b", "c"])
@@ -490,8 +495,8 @@ class ProfileTests(SynchronousTestCase):
     def test_non_member_is_not_found(self) -> None:
         """p:c is not part of profile p."""
         h = Harness(self.YAML)
-        self.failureResultOf(h.sup.acquire("p:c"), ModelNotFound)
-        self.failureResultOf(h.sup.acquire("zz:a"), ModelNotFound)
+        self.failureResultOf(h.sup.acquire_by_name("p:c"), ModelNotFound)
+        self.failureResultOf(h.sup.acquire_by_name("zz:a"), ModelNotFound)
 
 
 class _ReadyModelsCase(SynchronousTestCase):
@@ -499,7 +504,7 @@ class _ReadyModelsCase(SynchronousTestCase):
 
     def ready(self, h: Harness, name: str) -> None:
         """Request C{name} until served; release the lease at once."""
-        d = h.sup.acquire(name)
+        d = h.sup.acquire_by_name(name)
         h.healthy()
         h.tick(2)
         self.successResultOf(d).release()
@@ -514,13 +519,13 @@ class GroupTests(_ReadyModelsCase):
     def test_no_groups_is_one_at_a_time(self) -> None:
         """may_run_with without groups: a model runs alone (plain) or with its profile."""
         config = make_config(yaml_for("a", "b", "c", top="profiles:\n  p: [a, b]"))
-        self.assertEqual(may_run_with(config, config.resolve("a")), {"a"})
-        self.assertEqual(may_run_with(config, config.resolve("p:a")), {"a", "b"})
+        self.assertEqual(may_run_with(Resolver(config), Resolver(config).local("a")), {"a"})
+        self.assertEqual(may_run_with(Resolver(config), Resolver(config).local("p:a")), {"a", "b"})
 
     def test_swap_false_members_run_side_by_side(self) -> None:
         """Members of a swap:false group run together; the default group still swaps."""
         h = Harness(yaml_for("a", "b", "c", top="groups:\n  g: {swap: false, members: [a, b]}"))
-        both = [h.sup.acquire("a"), h.sup.acquire("b")]
+        both = [h.sup.acquire_by_name("a"), h.sup.acquire_by_name("b")]
         self.assertEqual(h.spawned(), ["a", "b"])  # started in parallel
         h.healthy()
         h.tick()
@@ -584,11 +589,11 @@ class GroupTests(_ReadyModelsCase):
     def test_load_waits_for_in_flight_requests_of_the_group(self) -> None:
         """A swap inside a group still waits for the member's in-flight requests."""
         h = Harness(yaml_for("a", "b", "n", top="groups:\n  g: {members: [a, b]}"))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
         lease = self.successResultOf(d)
-        b = h.sup.acquire("b")
+        b = h.sup.acquire_by_name("b")
         h.reactor.advance(60)
         self.assertNoResult(b)
         self.assertEqual(h.kill.sent, [])
@@ -610,18 +615,18 @@ class GroupTests(_ReadyModelsCase):
         self.ready(h, "p:b")  # the profile wins over g's swap for its own members
         self.assertEqual(self.running(h), ["a", "b", "e"])
         self.assertEqual(
-            may_run_with(h.config, h.config.resolve("p:a")), frozenset({"a", "b", "e"})
+            may_run_with(h.sup.names, h.sup.names.local("p:a")), frozenset({"a", "b", "e"})
         )
 
     def test_waiters_for_compatible_models_do_not_block_each_other(self) -> None:
         """Queued requests for models that may coexist start together, in any order."""
         top = "groups:\n  g: {swap: false, members: [b, c]}"
         h = Harness(yaml_for("a", "b", "c", top=top))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
         lease = self.successResultOf(d)
-        b, c = h.sup.acquire("b"), h.sup.acquire("c")
+        b, c = h.sup.acquire_by_name("b"), h.sup.acquire_by_name("c")
         lease.release()  # a stops; then b and c start at once
         self.assertEqual(sorted(h.spawned()), ["a", "b", "c"])
         h.tick()
@@ -705,14 +710,14 @@ class MatrixTests(_ReadyModelsCase):
     def test_eviction_waits_for_in_flight_requests(self) -> None:
         """A conflicting model is stopped only once its requests ended."""
         h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
         lease = self.successResultOf(d)
-        b = h.sup.acquire("b")  # compatible: starts at once, beside the busy a
+        b = h.sup.acquire_by_name("b")  # compatible: starts at once, beside the busy a
         h.tick()
         self.successResultOf(b).release()
-        e = h.sup.acquire("e")
+        e = h.sup.acquire_by_name("e")
         h.reactor.advance(60)
         self.assertNoResult(e)
         self.assertEqual(h.state("b"), "ready")  # not stopped while a keeps e waiting
@@ -726,12 +731,12 @@ class MatrixTests(_ReadyModelsCase):
         """A later request that a queued swap would evict waits behind it (FIFO)."""
         top = "matrix:\n  sets:\n    pair: 'a & b'\n    solo: c\n"
         h = Harness(yaml_for("a", "b", "c", top=top))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
         lease = self.successResultOf(d)
-        c = h.sup.acquire("c")  # must evict a, which is busy
-        b = h.sup.acquire("b")  # fits beside a, but c is first and excludes b
+        c = h.sup.acquire_by_name("c")  # must evict a, which is busy
+        b = h.sup.acquire_by_name("b")  # fits beside a, but c is first and excludes b
         h.tick()
         self.assertNoResult(c)
         self.assertNoResult(b)
@@ -751,11 +756,11 @@ class MatrixTests(_ReadyModelsCase):
         """Queued requests for two models of one set start in parallel after the eviction."""
         top = "matrix:\n  sets:\n    pair: 'b & c'\n    solo: a\n"
         h = Harness(yaml_for("a", "b", "c", top=top))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
         lease = self.successResultOf(d)
-        b, c = h.sup.acquire("b"), h.sup.acquire("c")
+        b, c = h.sup.acquire_by_name("b"), h.sup.acquire_by_name("c")
         lease.release()
         self.assertEqual(sorted(h.spawned()), ["a", "b", "c"])
         h.tick()
@@ -782,7 +787,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
         h = Harness(text)
         h.healthy()
         for name in ("p:a", "p:b"):
-            d = h.sup.acquire(name)
+            d = h.sup.acquire_by_name(name)
             h.tick()
             self.successResultOf(d).release()
         self.successResultOf(h.sup.unload("alpha"))
@@ -795,7 +800,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
         """Explicit unload stops a model even while it serves."""
         h = Harness(yaml_for("a"))
         h.healthy()
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.tick()
         lease = self.successResultOf(d)
         self.successResultOf(h.sup.unload("a"))
@@ -805,7 +810,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
     def test_unload_while_starting_fails_the_waiters(self) -> None:
         """Unloading a starting model aborts the start."""
         h = Harness(yaml_for("a"))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         self.successResultOf(h.sup.unload("a"))
         self.assertIn("aborted", self.failureResultOf(d, StartFailed).value.message)
         self.assertEqual(h.state("a"), "stopped")
@@ -814,7 +819,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
         """statuses() lists models in config order; every transition is published."""
         h = Harness(yaml_for("b", "a", extra={"a": "ttl: 30"}))
         h.healthy()
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         h.tick()
         lease = self.successResultOf(d)
         pid = h.child_of("a").original_pid
@@ -855,7 +860,7 @@ class ServiceTests(SynchronousTestCase):
         h = Harness(yaml_for("a", "b", top="profiles:\n  p: [a, b]"))
         h.healthy()
         for name in ("p:a", "p:b"):
-            d = h.sup.acquire(name)
+            d = h.sup.acquire_by_name(name)
             h.tick()
             self.successResultOf(d)
         h.child_of("a").dies_on = {signal.SIGKILL}
@@ -866,12 +871,12 @@ class ServiceTests(SynchronousTestCase):
         h.reactor.advance(5)
         self.successResultOf(stopped)
         self.assertEqual(h.reactor.live(), [])
-        self.failureResultOf(h.sup.acquire("a"), ShuttingDown)
+        self.failureResultOf(h.sup.acquire_by_name("a"), ShuttingDown)
 
     def test_stop_service_fails_queued_requests(self) -> None:
         """Requests still waiting when shutdown starts get ShuttingDown."""
         h = Harness(yaml_for("a"))
-        d = h.sup.acquire("a")
+        d = h.sup.acquire_by_name("a")
         stopped = h.sup.stopService()
         self.failureResultOf(d, ShuttingDown)
         self.successResultOf(stopped)
@@ -896,7 +901,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(h.state("a"), "failed")
         self.assertTrue(h.sup.running)
         h.healthy()
-        d: Deferred[Lease] = h.sup.acquire("a")
+        d: Deferred[Lease] = h.sup.acquire_by_name("a")
         h.tick()
         self.successResultOf(d)
         self.successResultOf(h.sup.stopService())

@@ -22,8 +22,9 @@ from twisted.web.server import Request
 from llamaswap.config import Config, parse_config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.site import LlamaSwapSite
+from llamaswap.names import LocalTarget, Resolver
 from llamaswap.supervisor import Lease, ModelStatus
+from llamaswap.web.site import LlamaSwapSite
 
 CONFIG = """
 models:
@@ -80,14 +81,11 @@ class FakeSupervisor:
         # one pending Deferred each, for the test to fire.
         self.refusals: list[Deferred[None]] | None = None
 
-    def acquire(self, requested: str) -> Deferred[Lease]:
+    def acquire(self, target: LocalTarget) -> Deferred[Lease]:
+        requested = target.requested
         self.acquired.append(requested)
         if self.error is not None:
             return fail(self.error)
-        try:
-            target = self.config.resolve(requested)
-        except ProxyError as e:
-            return fail(e)
         model = self.config.models[target.model_id]
         lease = Lease(
             model,
@@ -117,7 +115,7 @@ class FakeSupervisor:
     def unload(self, model_id: str | None = None) -> Deferred[None]:
         if model_id is not None:
             try:
-                model_id = self.config.resolve(model_id).model_id
+                model_id = Resolver(self.config).local(model_id).model_id
             except ProxyError as e:
                 return fail(e)
         self.unloaded.append(model_id)

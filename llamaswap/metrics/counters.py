@@ -19,7 +19,7 @@ create unbounded series.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -27,16 +27,10 @@ from twisted.internet.interfaces import IReactorTime
 from llamaswap.events import EventBus
 from llamaswap.metrics.hostinfo import GPU_TIMEOUT, GPUGauges, HostReadings
 from llamaswap.metrics.prometheus import Family, exposition, family, summary
-from llamaswap.process import State
-from llamaswap.supervisor import ModelStatus
+from llamaswap.process.states import State
+from llamaswap.supervisor import StatusSource
 
 STATES = tuple(state.value for state in State)
-
-
-class StatusSource(Protocol):
-    """What the metrics need from the supervisor."""
-
-    def statuses(self) -> list[ModelStatus]: ...
 
 
 class Metrics:

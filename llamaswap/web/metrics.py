@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_metrics -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """C{GET /metrics}: the exposition of L{llamaswap.metrics.counters.Metrics}."""
 
 from __future__ import annotations
@@ -11,11 +9,11 @@ from typing import Any
 from twisted.internet.interfaces import IReactorProcess
 from twisted.web.server import Request
 
-from llamaswap.config import Config
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import JSONResource, answer_later
-from llamaswap.metrics.counters import Metrics, StatusSource
+from llamaswap.metrics.counters import Metrics
 from llamaswap.metrics.prometheus import CONTENT_TYPE
+from llamaswap.supervisor import StatusSource
+from llamaswap.web.base import JSONResource, render_answer
 
 
 class MetricsResource(JSONResource):
@@ -28,17 +26,17 @@ class MetricsResource(JSONResource):
         self._metrics = metrics
 
     def render_GET(self, request: Request) -> int:
-        answer = self._metrics.collect().addCallback(lambda body: (200, CONTENT_TYPE, body))
-        return answer_later(request, answer, cancel_if_gone=False)
+        # A reading already started is not worth cancelling: it is bounded by the GPU timeout.
+        return render_answer(
+            request,
+            lambda: self._metrics.collect().addCallback(lambda body: (200, CONTENT_TYPE, body)),
+            cancel=False,
+        )
 
 
 def build_metrics_resource(
-    config: Config, supervisor: StatusSource, events: EventBus, reactor: Any
+    supervisor: StatusSource, events: EventBus, reactor: Any
 ) -> MetricsResource:
-    """
-    The resource mounted at C{/metrics}; GPU gauges if C{nvidia-smi} is on the
-    PATH. C{config} is not read (the routes resolve names, the events carry
-    the result); it stays for the caller in the resource tree.
-    """
+    """The resource mounted at C{/metrics}; GPU gauges if C{nvidia-smi} is on the PATH."""
     nvidia_smi = shutil.which("nvidia-smi") if IReactorProcess.providedBy(reactor) else None
     return MetricsResource(Metrics(supervisor, events, reactor, nvidia_smi=nvidia_smi))

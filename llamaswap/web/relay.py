@@ -16,8 +16,8 @@ swaps see the model as idle again.
 
 Loading state (C{sendLoadingState}): a streamed chat request whose model is not
 ready at once is answered 200 C{text/event-stream} straight away, with progress
-frames (L{LoadingStream}) until the model is ready; the upstream's own events
-follow in the same response.
+frames (L{LoadingStream}, in L{llamaswap.web.sse}) until the model is ready;
+the upstream's own events follow in the same response.
 """
 
 from __future__ import annotations
@@ -25,29 +25,29 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
-from llamaswap.config import Config
-from llamaswap.errors import ModelNotFound, ProxyError, UpstreamUnreachable
-from llamaswap.jsonweb import send_error
+from llamaswap.errors import ProxyError, UpstreamUnreachable
+from llamaswap.names import LocalTarget, PeerTarget, Target
 from llamaswap.peers import PeerLease
-from llamaswap.site import request_info
-from llamaswap.supervisor import Lease, ModelStatus
+from llamaswap.supervisor import Lease
+from llamaswap.web.base import SupervisorAPI, client_gone, render_async
+from llamaswap.web.site import request_info
+from llamaswap.web.sse import LoadingStream
 
 HOP_BY_HOP = frozenset(
     {
@@ -73,6 +73,9 @@ _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _JSON = json.JSONDecoder()  # stateless: one for every find_usage call
 
 
+# The namespace the relay has always logged under (log filters and tests know it);
+# a Logger class attribute would be renamed after the class's new module.
+_log = Logger(namespace="llamaswap.relay.Relay")
 _NON_ASCII = re.compile(rb"[^\x21-\x7e]")
 
 
@@ -80,19 +83,8 @@ def _percent(match: re.Match[bytes]) -> bytes:
     return b"%%%02X" % match.group()[0]
 
 
-class LeaseSource(Protocol):
-    """What the relay (and the routes) need from the supervisor."""
-
-    config: Config
-
-    def acquire(self, requested: str) -> Deferred[Lease]: ...
-
-    def status(self, model_id: str) -> ModelStatus: ...
-
-
 # The body to send for a lease (rewritten for its model), from the route.
 BodyFor = Callable[[Lease], bytes]
-LOADING_TICK = 0.75  # seconds between the "." frames of a loading stream
 _ERROR_BODY_LIMIT = 64 * 1024  # upstream error bytes kept to report after a loading stream
 TRUNCATED = 502  # the status recorded for an answer whose upstream body was cut short
 
@@ -148,6 +140,17 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def warn_refused(request: Request, error: ProxyError) -> None:
+    """Log a request to a model that is answered with C{error}."""
+    _log.warn(
+        "{method} {uri}: {status} {message}",
+        method=request.method.decode("ascii", "replace"),
+        uri=request.uri.decode("utf-8", "replace"),
+        status=error.status,
+        message=error.message,
+    )
+
+
 @implementer(IPushProducer)
 class BodyRelay(TwistedProtocol):
     """
@@ -172,7 +175,7 @@ class BodyRelay(TwistedProtocol):
         self._stopped = False
 
     def connectionMade(self) -> None:
-        if getattr(self._request, "channel", None) is None:
+        if client_gone(self._request):
             self.stopProducing()  # the client left before the body started
             return
         self._request.registerProducer(self, True)
@@ -188,9 +191,7 @@ class BodyRelay(TwistedProtocol):
         self._request.write(data)  # a no-op once the client has gone
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if getattr(self._request, "channel", None) is not None and getattr(
-            self._request, "producer", None
-        ):
+        if not client_gone(self._request) and getattr(self._request, "producer", None):
             self._request.unregisterProducer()
         if not self.done.called:
             # The exception, not the Failure: a Failure would errback the Deferred.
@@ -211,69 +212,6 @@ class BodyRelay(TwistedProtocol):
         if self.transport is not None and not self._stopped:
             self._stopped = True
             self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-def sse_frame(data: bytes) -> bytes:
-    """One server-sent event carrying C{data} (a single line of JSON)."""
-    return b"data: " + data + b"\n\n"
-
-
-class LoadingStream:
-    """
-    The answer to a streamed chat request while its model loads: status 200 and
-    event-stream headers at once, then C{reasoning_content} deltas (the model's
-    name, a dot every L{LOADING_TICK} seconds, how long it took). Afterwards the
-    upstream's own events are appended (L{Relay}), or L{fail} ends it with an
-    error event.
-    """
-
-    def __init__(self, request: Request, model_id: str, clock: IReactorTime) -> None:
-        self._request = request
-        self._model_id = model_id
-        self._clock = clock
-        self._started = clock.seconds()
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        self.send(f"llamaswap loading model: {model_id}\n")
-        self._ticker = LoopingCall(self.send, ".")
-        self._ticker.clock = clock
-        self._ticker.start(LOADING_TICK, now=False)
-
-    def send(self, text: str) -> None:
-        """One C{chat.completion.chunk} whose delta carries C{text} as reasoning."""
-        chunk = {
-            "object": "chat.completion.chunk",
-            "model": self._model_id,
-            "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}],
-        }
-        self._write(sse_frame(json.dumps(chunk, ensure_ascii=False).encode("utf-8")))
-
-    def _write(self, data: bytes) -> None:
-        if getattr(self._request, "channel", None) is not None:
-            self._request.write(data)
-
-    def stop(self) -> None:
-        """No more dots (idempotent)."""
-        if self._ticker.running:
-            self._ticker.stop()
-
-    def ready(self) -> None:
-        """The model is ready: say how long it took."""
-        self.stop()
-        self.send(f"\nDone! ({self._clock.seconds() - self._started:.1f}s)\n\n")
-
-    def fail(self, error: bytes, status: int) -> None:
-        """
-        End the stream with an error event (OpenAI's envelope) and C{[DONE]};
-        the request is recorded with the error's C{status}, not the 200 sent.
-        """
-        self.stop()
-        if getattr(self._request, "channel", None) is not None:
-            request_info(self._request).outcome = status
-            self._write(sse_frame(error) + sse_frame(b"[DONE]"))
-            self._request.finish()
 
 
 class _Collect(TwistedProtocol):
@@ -303,11 +241,9 @@ def _one_line_json(body: bytes) -> bytes | None:
 class Relay:
     """Proxies requests for a model to its server (through a supervisor lease) or to a peer."""
 
-    log = Logger()
-
     def __init__(
         self,
-        supervisor: LeaseSource,
+        supervisor: SupervisorAPI,
         http: HTTPClient,
         clock: IReactorTime,
         fresh_http: HTTPClient | None = None,
@@ -317,7 +253,7 @@ class Relay:
         C{reuseConnections}, the default); C{fresh_http}, when given, opens one
         connection per request for the others (docs/llama-server.md).
         """
-        self.supervisor = supervisor
+        self._supervisor = supervisor
         self._clock = clock
         # Indexed by the model's reuse_connections: one lookup per request.
         self._clients = (fresh_http or http, http)
@@ -325,14 +261,15 @@ class Relay:
     def proxy(
         self,
         request: Request,
-        requested: str,
+        target: Target,
         upstream_uri: bytes,
         body_for: BodyFor,
         *,
         loading: bool = False,
     ) -> int:
         """
-        Answer C{request} from the server of the model named C{requested}.
+        Answer C{request} from the server of C{target}, what the route resolved
+        the requested name to (L{llamaswap.names}).
 
         C{upstream_uri} is the path and query to request on the model's server;
         C{body_for(lease)} gives the body to send (rewritten for the model).
@@ -340,45 +277,50 @@ class Relay:
         loads, if the model's C{sendLoadingState} is on.
         Returns C{NOT_DONE_YET} for C{render_*} to return.
         """
-        info = request_info(request)
-        info.proxied = True
-        info.model = requested
-        finished = request.notifyFinish()  # ask now: asked after the end it never fires
-        exchange = Deferred.fromCoroutine(
-            self._exchange(request, upstream_uri, requested, body_for, loading)
-        )
-        finished.addErrback(lambda _: exchange.cancel())  # the client left
-        exchange.addErrback(self._failed, request)
-        return NOT_DONE_YET
+        request_info(request).proxied = True
 
-    def acquire(self, requested: str) -> Deferred[Lease]:
-        """A lease for the model C{requested} names: a peer's at once, else the supervisor's."""
-        try:
-            peer = self.supervisor.config.find_peer(requested)
-        except ModelNotFound as e:
-            return fail(e)
-        if peer is not None:
-            return succeed(PeerLease(peer))
-        return self.supervisor.acquire(requested)
+        def exchange() -> Deferred[None]:
+            return Deferred.fromCoroutine(
+                self._exchange(request, upstream_uri, target, body_for, loading)
+            )
 
-    def _loading_model(self, requested: str) -> str | None:
-        """The id of the requested model if it wants loading streams."""
-        config = self.supervisor.config
-        try:
-            model = config.models[config.resolve(requested).model_id]
-        except ModelNotFound:
-            return None
-        return model.id if model.send_loading_state else None
+        return render_async(request, exchange, error=self._error)
+
+    def acquire(self, target: Target) -> Deferred[Lease]:
+        """A lease on C{target}: a peer's at once, else the supervisor's."""
+        if isinstance(target, PeerTarget):
+            return succeed(PeerLease(target))
+        return self._supervisor.acquire(target)
 
     async def _exchange(
-        self, request: Request, uri: bytes, requested: str, body_for: BodyFor, loading: bool
+        self, request: Request, uri: bytes, target: Target, body_for: BodyFor, loading: bool
     ) -> None:
-        acquired = self.acquire(requested)
+        leased = await self._lease_for(request, target, loading)
+        if leased is not None:
+            lease, stream = leased
+            await self._forward(request, uri, target, lease, body_for, stream)
+
+    async def _lease_for(
+        self, request: Request, target: Target, loading: bool
+    ) -> tuple[Lease, LoadingStream | None] | None:
+        """
+        The first phase: a lease on C{target}'s server, with a loading stream
+        meanwhile if the request may have one and the model is not ready at once.
+
+        @return: the lease, and the loading stream if one was started; None
+            if the lease was refused after a loading stream said 200 (the
+            stream ended with the error).
+        """
+        acquired = self.acquire(target)
         stream = None
         # Only while the lease is not at hand: refusals (404, 429, 503) stay plain errors.
-        model_id = self._loading_model(requested) if loading and not acquired.called else None
-        if model_id is not None:
-            stream = LoadingStream(request, model_id, self._clock)
+        if (
+            loading
+            and not acquired.called
+            and isinstance(target, LocalTarget)
+            and target.model.send_loading_state
+        ):
+            stream = LoadingStream(request, target.model_id, self._clock)
         try:
             lease = await acquired
         except CancelledError:
@@ -388,17 +330,33 @@ class Relay:
                 raise
             error = self._error_for(e, request)
             stream.fail(error.body(), error.status)
-            return
+            return None
         finally:
             if stream is not None:
                 stream.stop()
         if stream is not None:
             stream.ready()
+        return lease, stream
+
+    async def _forward(
+        self,
+        request: Request,
+        uri: bytes,
+        target: Target,
+        lease: Lease,
+        body_for: BodyFor,
+        stream: LoadingStream | None,
+    ) -> None:
+        """
+        The second phase: send the request on C{lease} and relay the answer
+        (after C{stream}'s frames, if a loading stream said 200 already).
+        The lease is released before the response is finished.
+        """
         try:
             request_info(request).model = lease.model.id
             body = body_for(lease)
             try:
-                lease, response = await self._send(request, uri, requested, lease, body)
+                lease, response = await self._send(request, uri, target, lease, body)
             except CancelledError:
                 raise
             except Exception as e:
@@ -424,7 +382,7 @@ class Relay:
         self._end(request, reason, relayed, lease.model.id)
 
     async def _send(
-        self, request: Request, uri: bytes, requested: str, lease: Lease, body: bytes
+        self, request: Request, uri: bytes, target: Target, lease: Lease, body: bytes
     ) -> tuple[Lease, IResponse]:
         """
         Send the request to C{lease}'s server; return the lease it was sent on.
@@ -440,14 +398,14 @@ class Relay:
         except neterror.ConnectionRefusedError:
             if not await lease.connection_refused():
                 raise
-        self.log.info(
+        _log.info(
             "model {model}: connection refused; trying once more on a fresh lease",
             model=lease.model.id,
         )
         lease.release()
-        lease = await self.acquire(requested)
+        lease = await self.acquire(target)
         try:
-            # Same name, same model: the body made for the first lease fits.
+            # Same target, same model: the body made for the first lease fits.
             return lease, await self._request_upstream(request, uri, lease, body)
         except BaseException:
             lease.release()
@@ -460,8 +418,7 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         headers = forward_headers(request)
-        if isinstance(lease, PeerLease):
-            lease.authorize(headers)
+        lease.authorize(headers)
         client = self._clients[lease.model.reuse_connections]
         response: IResponse = await client.request(
             request.method.decode("ascii"),
@@ -494,7 +451,7 @@ class Relay:
         """A L{ProxyError} as is; anything else is logged and becomes a 500."""
         if isinstance(error, ProxyError):
             return error
-        self.log.failure(
+        _log.failure(
             "proxying {uri} failed", Failure(error), uri=request.uri.decode("utf-8", "replace")
         )
         return ProxyError("internal error while proxying the request", 500)
@@ -538,7 +495,7 @@ class Relay:
         Finish the client's response, or cut it if the upstream's was truncated
         (recorded as 502: the client saw a 200 status line, not a whole answer).
         """
-        if getattr(request, "channel", None) is None:
+        if client_gone(request):
             return  # the client left (recorded as 499); the upstream socket is closed
         info = request_info(request)
         info.usage = body.usage()
@@ -546,7 +503,7 @@ class Relay:
             request.finish()
             return
         info.outcome = TRUNCATED
-        self.log.error(
+        _log.error(
             "model {model}: upstream failed after {bytes} bytes of {method} {uri}: {reason}",
             model=model_id,
             bytes=body.bytes,
@@ -556,24 +513,19 @@ class Relay:
         )
         request.loseConnection()  # never a clean-looking end for a truncated answer
 
-    def _failed(self, failure: Failure, request: Request) -> None:
-        if getattr(request, "channel", None) is None:
-            return None  # the client left first: cancellation is the expected outcome
+    def _error(self, request: Request, failure: Failure) -> ProxyError:
+        """
+        The error to answer for a failed exchange (the client is still there):
+        a L{ProxyError} as it is (logged as a warning), anything else a 500.
+        """
         if failure.check(ProxyError):
             error = failure.value
             assert isinstance(error, ProxyError)
-            self.log.warn(
-                "{method} {uri}: {status} {message}",
-                method=request.method.decode("ascii", "replace"),
-                uri=request.uri.decode("utf-8", "replace"),
-                status=error.status,
-                message=error.message,
-            )
+            warn_refused(request, error)
         else:
-            self.log.failure("proxying {uri} failed", failure, uri=request.uri)
+            _log.failure("proxying {uri} failed", failure, uri=request.uri)
             error = ProxyError("internal error while proxying the request", 500)
         if request.startedWriting:
             # A loading stream said 200 already: send_error can only cut it.
             request_info(request).outcome = error.status
-        send_error(request, error)
-        return None
+        return error

@@ -2,18 +2,11 @@
 # twisted.web's Request and Resource are unannotated; everything else stays strict.
 # mypy: disable-error-code="no-untyped-call"
 """
-HTTP views of the log hub and the event bus, and the static web UI.
+C{/api/events}: Server-Sent Events for the UI (see docs/logs-and-ui.md).
 
-  - C{/logs}: the combined history as text (C{Accept: text/html} redirects to
-    the UI's log page, C{/ui/#logs}, like llama-swap HEAD's redirect to C{/ui/});
-  - C{/logs/stream[/proxy|/upstream|/<model id or alias>]}: history, then live
-    lines, one chunk per line, until the client or the server goes away;
-  - C{/api/events}: Server-Sent Events for the UI;
-  - C{/ui/}: the static UI files in C{llamaswap/ui/}.
-
-Every live client is the push producer of its own request: while its socket
-is full Twisted pauses it and it drops lines (counting them) instead of
-buffering, so a client that never reads costs at most the transport's buffer.
+Every live client is the push producer of its own request: while its socket is
+full, frames wait in a byte-bounded queue; beyond the bound they are dropped
+and the client is told so, then resynchronised.
 """
 
 from __future__ import annotations
@@ -21,31 +14,22 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from llamaswap.config import Config
-from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import JSONResource, respond_error
-from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub
+from llamaswap.logs import PROXY, UPSTREAM, LogHub
+from llamaswap.web import sse
+from llamaswap.supervisor import StatusSource
+from llamaswap.web.base import JSONResource, client_gone, render_async
 
-if TYPE_CHECKING:
-    from llamaswap.supervisor import Supervisor
-
-UI_DIR = Path(__file__).parent / "ui"
-UI_FILES = {
-    "index.html": b"text/html; charset=utf-8",
-    "app.js": b"text/javascript; charset=utf-8",
-    "style.css": b"text/css; charset=utf-8",
-}
 # How many request summaries /api/events replays to a newly connected UI.
 RECENT_REQUESTS = 200
 # Per-client bytes of SSE frames held while the client's socket is full.
@@ -53,149 +37,10 @@ SSE_BUFFER_BYTES = 256 * 1024
 # How often /api/events looks for status changes no event announced.
 POLL_SECONDS = 1.0
 
-_STREAM_HEADERS = {
-    b"content-type": b"text/plain; charset=utf-8",
-    b"x-content-type-options": b"nosniff",
-    b"x-accel-buffering": b"no",
-    b"cache-control": b"no-cache",
-}
-
-
-def _error(request: Request, status: int, message: str) -> bytes:
-    # JSON, or text/HTML when Accept asks for it: as on every other route.
-    return respond_error(request, ProxyError(message, status))
-
-
-def _has_query_key(request: Request, key: bytes) -> bool:
-    # request.args drops keys without a value (?no-history), so read the raw query.
-    query = (request.uri or b"").partition(b"?")[2]
-    return any(part.partition(b"=")[0] == key for part in query.split(b"&"))
-
-
-def _alive(request: Request) -> bool:
-    return request.channel is not None and not request.finished
-
-
-# --- /logs ---------------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class LogTail:
-    """
-    One C{/logs/stream} client: writes each line as it comes, or, while the
-    client's socket is full (paused), drops it and later says how many went.
-    """
-
-    def __init__(self, request: Request) -> None:
-        self._request = request
-        self._paused = False
-        self._closed = False
-        self.dropped = 0
-        self._unsubscribe: Callable[[], None] | None = None
-
-    def attach(self, unsubscribe: Callable[[], None]) -> None:
-        self._unsubscribe = unsubscribe
-
-    def detach(self, _: object = None) -> None:
-        """Stop receiving lines (client left or server stopping). Idempotent."""
-        self._closed = True
-        unsubscribe, self._unsubscribe = self._unsubscribe, None
-        if unsubscribe is not None:
-            unsubscribe()
-
-    def line(self, entry: bytes) -> None:
-        if self._closed:
-            return
-        if self._paused:
-            self.dropped += 1
-            return
-        self._request.write(entry)
-
-    def close(self) -> None:
-        """The hub is stopping: end the response cleanly."""
-        self.detach()
-        if _alive(self._request):
-            self._request.unregisterProducer()
-            self._request.finish()
-
-    def _flush_marker(self) -> None:
-        if self.dropped and not self._closed:
-            marker = f"[{self.dropped} lines dropped]\n".encode()
-            self.dropped = 0
-            self._request.write(marker)
-
-    # IPushProducer
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._flush_marker()
-
-    def stopProducing(self) -> None:
-        self.detach()
-
-
-class LogsResource(JSONResource):
-    """C{/logs} and everything below it (see the module docstring)."""
-
-    isLeaf = True
-
-    def __init__(self, logs: LogHub, config: Config) -> None:
-        super().__init__()
-        self._logs = logs
-        self._config = config
-
-    def render_GET(self, request: Request) -> bytes | int:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
-        if segments in ([], [""]):
-            return self._history(request)
-        if segments[0] == "stream":
-            return self._stream(request, "/".join(segments[1:]))
-        return _error(request, 404, "not found: " + (request.path or b"").decode())
-
-    def _history(self, request: Request) -> bytes:
-        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        if "text/html" in accept:
-            request.redirect(b"/ui/#logs")
-            return b""
-        for name, value in _STREAM_HEADERS.items():
-            request.setHeader(name, value)
-        body = self._logs.history(COMBINED)
-        return b"" if request.method == b"HEAD" else body
-
-    def _stream(self, request: Request, name: str) -> bytes | int:
-        stream_name = self._logs.resolve(name)
-        if stream_name is None:
-            return _error(request, 400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
-        for header, value in _STREAM_HEADERS.items():
-            request.setHeader(header, value)
-        if request.method == b"HEAD":
-            return b""
-        finished = request.notifyFinish()  # ask first: asked later it may never fire
-        tail = LogTail(request)
-        request.registerProducer(tail, True)
-        request.write(b"")  # status and headers now, even with an empty history
-        if not _has_query_key(request, b"no-history"):
-            history = self._logs.history(stream_name)
-            if history:
-                request.write(history)
-        tail.attach(self._logs.subscribe(stream_name, tail.line, tail.close))
-        finished.addBoth(tail.detach)
-        return NOT_DONE_YET
-
-
-def build_logs_resource(logs: LogHub, config: Config) -> IResource:
-    """The resource mounted at C{/logs}."""
-    return LogsResource(logs, config)
-
-
-# --- /api/events -----------------------------------------------------------------
-
 
 def _frame(kind: str, data: Any) -> bytes:
     payload = json.dumps({"type": kind, "data": data}, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    return sse.frame(payload.encode())
 
 
 @implementer(IPushProducer)
@@ -203,7 +48,8 @@ class EventClient:
     """
     One SSE client. Frames wait in a byte-bounded queue while the socket is
     full; beyond the bound they are dropped, and the client is told with a
-    C{dropped} event followed by a fresh model snapshot.
+    C{dropped} event followed by a fresh model snapshot. C{done} fires when
+    the feed ends on our side; cancelling it (the client left) unsubscribes.
     """
 
     def __init__(self, request: Request, snapshot: Callable[[], bytes]) -> None:
@@ -215,6 +61,7 @@ class EventClient:
         self._queued = 0
         self.dropped = 0
         self._cleanups: list[Callable[[], None]] = []
+        self.done: Deferred[None] = Deferred(lambda _: self.detach())
 
     def on_close(self, cleanup: Callable[[], None]) -> None:
         self._cleanups.append(cleanup)
@@ -229,9 +76,11 @@ class EventClient:
 
     def close(self) -> None:
         self.detach()
-        if _alive(self._request):
+        if not client_gone(self._request):
             self._request.unregisterProducer()
             self._request.finish()
+        if not self.done.called:
+            self.done.callback(None)
 
     def send(self, frame: bytes) -> None:
         if self._closed:
@@ -264,7 +113,7 @@ class EventClient:
         self.detach()
 
 
-class EventsResource(Resource):
+class EventsResource(JSONResource):
     """
     C{GET /api/events}: the UI's live feed (see docs/logs-and-ui.md).
 
@@ -278,19 +127,17 @@ class EventsResource(Resource):
 
     def __init__(
         self,
+        config: Config,
         events: EventBus,
-        supervisor: Supervisor,
+        supervisor: StatusSource,
         logs: LogHub,
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
     ) -> None:
         super().__init__()
+        self._config = config
         self._events = events
         self._supervisor = supervisor
         self._logs = logs
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
         self._clock = clock
         self.clients: set[EventClient] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
@@ -350,7 +197,7 @@ class EventsResource(Resource):
 
     def models(self) -> list[dict[str, Any]]:
         """The model list the UI shows: supervisor status plus config details."""
-        config = self._supervisor.config
+        config = self._config
         out: list[dict[str, Any]] = []
         for status in self._supervisor.statuses():
             model = config.models.get(status.model_id)
@@ -386,18 +233,19 @@ class EventsResource(Resource):
         if not self.clients and self._poll.running:
             self._poll.stop()
 
-    def render(self, request: Request) -> bytes | int:
-        if request.method != b"GET":
-            request.setHeader(b"allow", b"GET")
-            return _error(request, 405, "method not allowed")
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-accel-buffering", b"no")
-        finished = request.notifyFinish()
+        if request.method == b"HEAD":
+            return b""
+        return render_async(request, lambda: self._follow(request))
+
+    def _follow(self, request: Request) -> Deferred[None]:
         client = EventClient(request, self.snapshot_frame)
         request.registerProducer(client, True)
-        request.write(b"retry: 2000\n\n")
+        request.write(sse.RETRY_2S)
         # Initial burst: models, log histories, recent requests.
         client.send(self.snapshot_frame())
         for source in (PROXY, UPSTREAM):
@@ -410,8 +258,7 @@ class EventsResource(Resource):
         client.on_close(lambda: self._remove(client))
         for source in (PROXY, UPSTREAM):
             client.on_close(self._logs.subscribe(source, _log_sender(client, source), client.close))
-        finished.addBoth(client.detach)
-        return NOT_DONE_YET
+        return client.done
 
 
 def _lines(history: bytes) -> list[str]:
@@ -426,47 +273,12 @@ def _log_sender(client: EventClient, source: str) -> Callable[[bytes], None]:
 
 
 def build_events_resource(
+    config: Config,
     events: EventBus,
-    supervisor: Supervisor,
+    supervisor: StatusSource,
     logs: LogHub,
     *,
-    clock: IReactorTime | None = None,
-) -> IResource:
-    """The resource mounted at C{/api/events} (C{clock}: the global reactor by default)."""
-    return EventsResource(events, supervisor, logs, clock)
-
-
-# --- /ui -------------------------------------------------------------------------
-
-
-class UIResource(JSONResource):
-    """
-    The static UI. C{/ui} redirects to C{/ui/}; extension-less paths get
-    C{index.html} (the UI routes with C{#fragments}); other unknown files 404.
-    """
-
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes | int:
-        segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
-        if not segments:
-            request.redirect(b"/ui/")
-            return b""
-        name = "/".join(segments) or "index.html"
-        if name not in UI_FILES:
-            if "." in segments[-1]:
-                return _error(request, 404, f"not found: /ui/{name}")
-            name = "index.html"
-        try:
-            body = (UI_DIR / name).read_bytes()
-        except OSError:
-            return _error(request, 404, f"not found: /ui/{name}")
-        request.setHeader(b"content-type", UI_FILES[name])
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        return b"" if request.method == b"HEAD" else body
-
-
-def build_ui_resource() -> IResource:
-    """The resource mounted at C{/ui}."""
-    return UIResource()
+    clock: IReactorTime,
+) -> EventsResource:
+    """The resource mounted at C{/api/events}."""
+    return EventsResource(config, events, supervisor, logs, clock)

@@ -8,38 +8,31 @@ health, and the load/unload API. None of them starts a model except C{load}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from llamaswap.config import Config, ModelConfig, PeerConfig
+from llamaswap.config import Config, ModelConfig, PeerConfig, plain_json
 from llamaswap.errors import ModelNotFound
-from llamaswap.jsonweb import (
+from llamaswap.names import Resolver
+from llamaswap.supervisor import Lease
+from llamaswap.web.base import (
     JSON_TYPE,
+    TEXT_TYPE,
+    Answer,
     JSONResource,
-    answer_later,
+    SupervisorAPI,
     json_bytes,
+    render_answer,
     respond,
     respond_json,
 )
-from llamaswap.supervisor import Lease, Supervisor
 
-TEXT_TYPE = b"text/plain; charset=utf-8"
 # States in which a model's process exists (llama-swap's "loaded").
 LOADED_STATES = frozenset({"starting", "ready", "stopping"})
 OWNER = "llama-swap"
-
-
-def _plain(value: Any) -> Any:
-    """Config values (mapping proxies, tuples) as JSON-ready dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _model_id_from(request: Request) -> str:
@@ -57,7 +50,7 @@ class ModelList(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, config: Config, supervisor: Supervisor, clock: IReactorTime) -> None:
+    def __init__(self, config: Config, supervisor: SupervisorAPI, clock: IReactorTime) -> None:
         super().__init__()
         self._config = config
         self._supervisor = supervisor
@@ -105,7 +98,7 @@ class ModelList(JSONResource):
             record["name"] = model.name
         if model.description:
             record["description"] = model.description
-        meta: dict[str, Any] = {**_plain(model.metadata), "type": "alias" if alias else "model"}
+        meta: dict[str, Any] = {**plain_json(model.metadata), "type": "alias" if alias else "model"}
         if alias:
             meta["modelID"] = model.id
         if model.aliases:
@@ -135,7 +128,7 @@ class Running(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._config = config
         self._supervisor = supervisor
@@ -177,15 +170,15 @@ class LegacyUnload(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._supervisor = supervisor
 
     def render_GET(self, request: Request) -> int:
-        done = maybeDeferred(self._supervisor.unload, None)
-        return answer_later(
-            request, done.addCallback(lambda _: (200, TEXT_TYPE, b"OK")), cancel_if_gone=False
-        )
+        def unload() -> Deferred[Answer]:
+            return self._supervisor.unload(None).addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
+
+        return render_answer(request, unload, cancel=False)
 
 
 class UnloadAPI(JSONResource):
@@ -196,20 +189,20 @@ class UnloadAPI(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI) -> None:
         super().__init__()
         self._supervisor = supervisor
 
     def render_POST(self, request: Request) -> int:
         model_id = _model_id_from(request)
-        done: Deferred[Any]
-        if not model_id:
-            done = maybeDeferred(self._supervisor.unload, None)
-            done.addCallback(lambda _: (200, JSON_TYPE, json_bytes({"msg": "ok"})))
-        else:
-            done = maybeDeferred(self._supervisor.unload, model_id)
-            done.addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
-        return answer_later(request, done, cancel_if_gone=False)
+
+        def unload() -> Deferred[Answer]:
+            if not model_id:
+                done = self._supervisor.unload(None)
+                return done.addCallback(lambda _: (200, JSON_TYPE, json_bytes({"msg": "ok"})))
+            return self._supervisor.unload(model_id).addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
+
+        return render_answer(request, unload, cancel=False)
 
 
 class LoadAPI(JSONResource):
@@ -220,20 +213,21 @@ class LoadAPI(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorAPI, names: Resolver) -> None:
         super().__init__()
         self._supervisor = supervisor
+        self._names = names
 
     def render_GET(self, request: Request) -> int:
         model_id = _model_id_from(request)
         if not model_id:
             raise ModelNotFound("no model named in the path: /api/models/load/<model>")
-        acquired = maybeDeferred(self._supervisor.acquire, model_id)
+        target = self._names.local(model_id)  # raises ModelNotFound: a 404
 
-        def ready(lease: Lease) -> tuple[int, bytes, bytes]:
+        def ready(lease: Lease) -> Answer:
             lease.release()
             return 200, JSON_TYPE, json_bytes({"msg": "ok", "model": lease.model.id})
 
-        return answer_later(request, acquired.addCallback(ready), cancel_if_gone=True)
+        return render_answer(request, lambda: self._supervisor.acquire(target).addCallback(ready))
 
     render_POST = render_GET

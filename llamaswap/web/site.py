@@ -28,7 +28,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap.errors import BodyTooLarge, ProxyError, error_body
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import error_payload, request_accept
+from llamaswap.names import Target
+from llamaswap.web.base import client_gone, error_payload, request_accept
 
 # After answering 413 we keep reading (and discarding) this long before
 # aborting, so a client busy sending its body still gets to read the answer
@@ -45,6 +46,8 @@ class RequestInfo:
     """What the routes learn about a request, for the access log and events."""
 
     model: str | None = None
+    # What the model route resolved the requested name to (once, at the edge).
+    target: Target | None = None
     proxied: bool = False  # a model route or /upstream: publish a "request" event
     usage: dict[str, Any] | None = None
     # The status we record when it differs from the status line sent: once the
@@ -56,13 +59,11 @@ class RequestInfo:
     outcome: int | None = None
 
 
-def request_info(request: Any) -> RequestInfo:
-    """The L{RequestInfo} attached to C{request} (created on first use)."""
-    info = getattr(request, "llamaswap_info", None)
-    if not isinstance(info, RequestInfo):
-        info = RequestInfo()
-        request.llamaswap_info = info
-    return info
+def request_info(request: Request) -> RequestInfo:
+    """The L{RequestInfo} of C{request}: a throwaway one if our site did not make it."""
+    if isinstance(request, LlamaSwapRequest):
+        return request.llamaswap_info
+    return RequestInfo()
 
 
 class LlamaSwapRequest(Request):
@@ -80,6 +81,7 @@ class LlamaSwapRequest(Request):
         self._linger: IDelayedCall | None = None
         self._ended = False
         self._started = self._now()
+        self.llamaswap_info = RequestInfo()
 
     # --- the body limit ---------------------------------------------------
 
@@ -178,7 +180,7 @@ class LlamaSwapRequest(Request):
         )
         if self.startedWriting:
             self.loseConnection()
-        elif not self.finished and not self._disconnected:
+        elif not client_gone(self):
             self._answer_error(ProxyError("internal error", 500))
         return reason
 
@@ -228,10 +230,10 @@ class LlamaSwapRequest(Request):
         if self._ended or self._site is None:
             return
         self._ended = True
-        info = getattr(self, "llamaswap_info", None)
-        if info is not None and info.outcome is not None:
+        info = self.llamaswap_info
+        if info.outcome is not None:
             status: int = info.outcome
-        elif lost and (not self.startedWriting or (info is not None and info.proxied)):
+        elif lost and (not self.startedWriting or info.proxied):
             status = CLIENT_CLOSED_REQUEST
         else:
             status = self.code
@@ -349,6 +351,9 @@ class LlamaSwapSite(Site):
                     "method": method,
                     "path": path,
                     "model": info.model,
+                    # The canonical name: the model's id or the peer's
+                    # <peer>/<model>, "" when the name matched nothing.
+                    "target": "" if info.target is None else info.target.canonical,
                     "status": status,
                     "bytes": sent,
                     "duration": round(duration, 6),

@@ -23,14 +23,16 @@ from twisted.web.server import Request
 from llamaswap.config import Config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
-from llamaswap.jsonweb import ErrorResource, JSONResource, Redirect
 from llamaswap.logs import LogHub
-from llamaswap.logs_web import build_events_resource, build_logs_resource, build_ui_resource
-from llamaswap.management import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
-from llamaswap.relay import Relay
-from llamaswap.routes import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
-from llamaswap.supervisor import Supervisor
+from llamaswap.names import Resolver
+from llamaswap.web.admin import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
+from llamaswap.web.base import ErrorResource, JSONResource, Redirect, SupervisorAPI
+from llamaswap.web.events import build_events_resource
+from llamaswap.web.logs import build_logs_resource
 from llamaswap.web.metrics import build_metrics_resource
+from llamaswap.web.models import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
+from llamaswap.web.relay import Relay
+from llamaswap.web.ui import build_ui_resource
 
 # Routes whose model is named in the JSON body.
 JSON_ROUTES = (
@@ -163,41 +165,44 @@ def mount(root: JSONResource, path: str, resource: IResource) -> None:
 def build_root(
     config: Config,
     *,
-    supervisor: Supervisor,
+    supervisor: SupervisorAPI,
     logs: LogHub,
     events: EventBus,
     http: HTTPClient,
     reactor: Any,
     fresh_http: HTTPClient | None = None,
-) -> IResource:
+) -> Root:
     """
     The whole HTTP API (see docs/api.md). C{http} keeps connections alive;
     C{fresh_http} (if given) opens one per request, for the model servers that
     do not reuse connections (L{Relay}).
     """
+    names = Resolver(config)
     relay = Relay(supervisor, http, reactor, fresh_http)
     root = Root(config.api_keys)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
         # Loading streams only where llama-swap has them: OpenAI chat.
-        mount(root, path, ModelRoute(relay, loading=path in LOADING_ROUTES))
+        mount(root, path, ModelRoute(relay, names, loading=path in LOADING_ROUTES))
     for path in FORM_ROUTES:
-        mount(root, path, FormModelRoute(relay))
+        mount(root, path, FormModelRoute(relay, names))
     for path in QUERY_ROUTES:
-        mount(root, path, QueryModelRoute(relay))
+        mount(root, path, QueryModelRoute(relay, names))
     for path in VERSIONLESS_ROUTES:
-        mount(root, f"/v/{path}", ModelRoute(relay, strip=b"/v"))
+        mount(root, f"/v/{path}", ModelRoute(relay, names, strip=b"/v"))
     models = ModelList(config, supervisor, reactor)
     mount(root, "/v1/models", models)
     mount(root, "/models", models)
-    mount(root, "/upstream", UpstreamRoot(config, relay))
+    mount(root, "/upstream", UpstreamRoot(names, relay, supervisor))
     mount(root, "/running", Running(config, supervisor))
     mount(root, "/health", Health())
-    mount(root, "/metrics", build_metrics_resource(config, supervisor, events, reactor))
+    mount(root, "/metrics", build_metrics_resource(supervisor, events, reactor))
     mount(root, "/unload", LegacyUnload(supervisor))
     mount(root, "/api/models/unload", UnloadAPI(supervisor))
-    mount(root, "/api/models/load", LoadAPI(supervisor))
-    mount(root, "/api/events", build_events_resource(events, supervisor, logs))
-    mount(root, "/logs", build_logs_resource(logs, config))
+    mount(root, "/api/models/load", LoadAPI(supervisor, names))
+    mount(
+        root, "/api/events", build_events_resource(config, events, supervisor, logs, clock=reactor)
+    )
+    mount(root, "/logs", build_logs_resource(logs))
     mount(root, "/ui", build_ui_resource())
     return root

@@ -4,6 +4,10 @@
 """
 The routes that reach a model: the OpenAI/Anthropic/llama-server API paths
 (the model named in the request) and C{/upstream/<model>/<path>}.
+
+This is the edge where the requested name is resolved, once (L{Resolver}):
+the target is kept on the request (L{RequestInfo.target}) and handed to the
+relay, which never resolves it again.
 """
 
 from __future__ import annotations
@@ -14,12 +18,35 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.server import Request
 
 from llamaswap import bodies
-from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound, ProxyError
-from llamaswap.jsonweb import JSONResource, read_body, respond, respond_error, respond_json
-from llamaswap.relay import Relay
-from llamaswap.site import request_info
+from llamaswap.names import LocalTarget, Resolver, Target
 from llamaswap.supervisor import Lease
+from llamaswap.web.base import (
+    JSONResource,
+    SupervisorAPI,
+    read_body,
+    respond,
+    respond_error,
+    respond_json,
+)
+from llamaswap.web.relay import Relay, warn_refused
+from llamaswap.web.site import request_info
+
+
+def resolved(request: Request, names: Resolver, requested: str) -> Target:
+    """
+    Resolve C{requested} for C{request} and keep the target on it.
+
+    @raise ModelNotFound: (a 404) the name names nothing we can serve.
+    """
+    info = request_info(request)
+    info.model = requested  # for the access log and events, even if refused
+    try:
+        info.target = target = names.resolve(requested)
+    except ModelNotFound as e:
+        warn_refused(request, e)  # as the relay logs every refusal
+        raise
+    return target
 
 
 def request_uri(request: Request) -> bytes:
@@ -46,9 +73,12 @@ class ModelRoute(JSONResource):
 
     multipart = False
 
-    def __init__(self, relay: Relay, *, strip: bytes = b"", loading: bool = False) -> None:
+    def __init__(
+        self, relay: Relay, names: Resolver, *, strip: bytes = b"", loading: bool = False
+    ) -> None:
         super().__init__()
         self._relay = relay
+        self._names = names
         self._strip = strip
         self._loading = loading
 
@@ -73,7 +103,7 @@ class ModelRoute(JSONResource):
 
         return self._relay.proxy(
             request,
-            parsed.model,
+            resolved(request, self._names, parsed.model),
             self.upstream_uri(request),
             body_for,
             loading=self._loading and parsed.stream,
@@ -91,8 +121,8 @@ class QueryModelRoute(ModelRoute):
 
     def render_GET(self, request: Request) -> bytes | int:
         request_info(request).proxied = True
-        model = bodies.from_query(request.args)
-        return self._relay.proxy(request, model, self.upstream_uri(request), lambda _: b"")
+        target = resolved(request, self._names, bodies.from_query(request.args))
+        return self._relay.proxy(request, target, self.upstream_uri(request), lambda _: b"")
 
 
 class UpstreamRoot(JSONResource):
@@ -109,10 +139,12 @@ class UpstreamRoot(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, config: Config, relay: Relay) -> None:
+    def __init__(self, names: Resolver, relay: Relay, supervisor: SupervisorAPI) -> None:
         super().__init__()
-        self._config = config
+        self._names = names
+        self._config = names.config
         self._relay = relay
+        self._supervisor = supervisor
 
     def render_any(self, request: Request) -> bytes | int:
         path, _, query = request_uri(request).partition(b"?")
@@ -121,17 +153,17 @@ class UpstreamRoot(JSONResource):
         if not segments or segments == [b""]:
             return self._index(request)
         best = 0
+        target: LocalTarget | None = None
         for i in range(1, len(segments) + 1):
             name = b"/".join(unquote_to_bytes(s) for s in segments[:i]).decode("utf-8", "replace")
             try:
-                self._config.resolve(name)
+                target = self._names.local(name)
             except ModelNotFound:
                 continue
             best = i
-        if best == 0:
+        if target is None:
             first = unquote_to_bytes(segments[0]).decode("utf-8", "replace")
             raise ModelNotFound(f"model not found: {first}")
-        model = b"/".join(unquote_to_bytes(s) for s in segments[:best]).decode("utf-8", "replace")
         mount = b"/".join(path.split(b"/")[: 1 + len(request.prepath or [])])
         if best == len(segments):
             # /upstream/<id> -> /upstream/<id>/ so the server's relative links work.
@@ -140,21 +172,23 @@ class UpstreamRoot(JSONResource):
             status = 301 if request.method in (b"GET", b"HEAD") else 308
             return respond_json(request, {"location": location.decode("ascii", "replace")}, status)
         rest = b"/" + b"/".join(segments[best:])
-        request_info(request).model = model  # for the access log, even if refused
-        self._refuse_ignored(model, unquote_to_bytes(rest).decode("utf-8", "replace"))
+        info = request_info(request)
+        info.model = target.requested  # for the access log, even if refused
+        info.target = target
+        self._refuse_ignored(target, unquote_to_bytes(rest).decode("utf-8", "replace"))
         uri = rest + (b"?" + query if query else b"")
-        request_info(request).proxied = True
+        info.proxied = True
         body = read_body(request)
-        return self._relay.proxy(request, model, uri, lambda _: body)
+        return self._relay.proxy(request, target, uri, lambda _: body)
 
-    def _refuse_ignored(self, requested: str, path: str) -> None:
+    def _refuse_ignored(self, target: LocalTarget, path: str) -> None:
         """
         @raise ProxyError: 409 if C{path} matches C{upstream.ignorePaths} while
             the model is not ready (a page left open must not reload a model).
         """
         if any(p.search(path) for p in self._config.upstream_ignore_paths):
-            model_id = self._config.resolve(requested).model_id
-            if self._relay.supervisor.status(model_id).state != "ready":
+            model_id = target.model_id
+            if self._supervisor.status(model_id).state != "ready":
                 raise ProxyError(
                     f"model {model_id} is not loaded; path matches upstream.ignorePaths", 409
                 )

@@ -9,21 +9,32 @@ cannot parse them. Every node of our tree derives from L{JSONResource}: unknown
 children are a 404, unknown methods a 405 (with C{Allow}), and an exception
 escaping a C{render_*} method a 500, each rendered by L{error_payload}: OpenAI's
 JSON envelope unless the client's C{Accept} asks for plain text or HTML.
+
+Every response that outlives its C{render_*} call (the relay, load/unload,
+C{/logs/stream}, C{/api/events}, C{/metrics}) goes through L{render_async};
+L{client_gone} is the one test of whether anyone is still listening. Resources
+see the supervisor through L{SupervisorAPI}, not its class.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llamaswap.errors import ProxyError
+from llamaswap.supervisor import StatusSource
+
+if TYPE_CHECKING:
+    from llamaswap.names import LocalTarget
+    from llamaswap.supervisor import Lease, ModelStatus
 
 _log = Logger()
 JSON_TYPE = b"application/json"
@@ -31,6 +42,29 @@ TEXT_TYPE = b"text/plain; charset=utf-8"
 HTML_TYPE = b"text/html; charset=utf-8"
 # The methods a JSONResource may implement, in the order Allow lists them.
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+
+
+class SupervisorAPI(StatusSource, Protocol):
+    """What the web resources call on the supervisor (L{llamaswap.supervisor.Supervisor})."""
+
+    def acquire(self, target: LocalTarget) -> Deferred[Lease]: ...
+
+    def unload(self, model_id: str | None = None) -> Deferred[None]: ...
+
+    def status(self, model_id: str) -> ModelStatus: ...
+
+
+# An answer computed asynchronously: (status, content type, body).
+Answer = tuple[int, bytes, bytes]
+
+
+def client_gone(request: Request) -> bool:
+    """
+    Whether nothing more can be written to C{request}: its client left, or the
+    response is finished. The one place that reads how twisted.web says so
+    (C{channel} is None once the connection is lost, deleted once finished).
+    """
+    return bool(request.finished) or getattr(request, "channel", None) is None
 
 
 def json_bytes(obj: object) -> bytes:
@@ -114,7 +148,7 @@ def respond_error(request: Request, error: ProxyError) -> bytes:
 
 def send_error(request: Request, error: ProxyError) -> None:
     """Finish an asynchronous request with a JSON error (if it can still be answered)."""
-    if getattr(request, "finished", False) or getattr(request, "_disconnected", False):
+    if client_gone(request):
         return
     if getattr(request, "startedWriting", False):
         # Status and headers are gone already: a truncated body must not look complete.
@@ -227,42 +261,77 @@ class Redirect(JSONResource):
         return respond_json(request, {"location": self._location.decode()}, self._status)
 
 
-def answer_later(
-    request: Request, result: Deferred[tuple[int, bytes, bytes]], *, cancel_if_gone: bool
+def internal_error(request: Request, failure: Failure) -> ProxyError:
+    """A L{ProxyError} as it is; anything else is logged and becomes a JSON 500."""
+    if failure.check(ProxyError):
+        error = failure.value
+        assert isinstance(error, ProxyError)
+        return error
+    _log.failure("answering {uri} failed", failure, uri=request.uri)
+    return ProxyError("internal error", 500)
+
+
+def render_async(
+    request: Request,
+    work: Callable[[], Deferred[Any]],
+    *,
+    cancel: bool = True,
+    error: Callable[[Request, Failure], ProxyError] = internal_error,
 ) -> int:
     """
-    Answer C{request} when C{result} fires with C{(status, content type, body)}.
+    Serve C{request} from C{work()}, a Deferred that answers it (writes and
+    finishes it) and fires when done: the one asynchronous render loop.
 
-    A L{ProxyError} failure becomes its JSON error, anything else a JSON 500. If
-    C{cancel_if_gone}, the client leaving cancels C{result}. Returns C{NOT_DONE_YET}.
+    One flag says the response is over, set when C{notifyFinish} fires either
+    way; it is asked for before C{work} starts, so a response finished at once
+    still sets it. The client leaving cancels the work (unless C{cancel} is
+    false: an unload goes on). A failure of the work, while the client is still
+    there, is answered as C{error(request, failure)} (a L{ProxyError}; see
+    L{send_error}); after the end it is dropped (cancellation is expected).
+
+    @return: C{NOT_DONE_YET}, for a C{render_*} method to return.
     """
-    gone: list[bool] = []
+    finished = left = False
+    work_done: Deferred[Any] | None = None
 
-    def client_left(_: Failure) -> None:
-        gone.append(True)
-        if cancel_if_gone:
-            result.cancel()
-
-    def succeeded(answer: tuple[int, bytes, bytes]) -> None:
-        if gone:
-            return
-        status, content_type, body = answer
-        respond(request, status, body, content_type)
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+    def ended(result: Failure | None) -> None:
+        nonlocal finished, left
+        finished = True
+        left = isinstance(result, Failure)  # the connection was lost first
+        if left and cancel and work_done is not None:
+            work_done.cancel()
 
     def failed(failure: Failure) -> None:
-        if gone:
+        if finished or client_gone(request):
             return
-        if failure.check(ProxyError):
-            error = failure.value
-            assert isinstance(error, ProxyError)
-        else:
-            _log.failure("answering {uri} failed", failure, uri=request.uri)
-            error = ProxyError("internal error", 500)
-        send_error(request, error)
+        send_error(request, error(request, failure))
 
-    request.notifyFinish().addErrback(client_left)
-    result.addCallbacks(succeeded, failed)
+    request.notifyFinish().addBoth(ended)
+    try:
+        work_done = work()
+    except BaseException:
+        work_done = fail()
+    if left and cancel:
+        work_done.cancel()  # the client left while the work started
+    work_done.addErrback(failed)
     return NOT_DONE_YET
+
+
+def _answer(answer: Answer, request: Request) -> None:
+    if client_gone(request):
+        return
+    status, content_type, body = answer
+    respond(request, status, body, content_type)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def render_answer(
+    request: Request, work: Callable[[], Deferred[Answer]], *, cancel: bool = True
+) -> int:
+    """
+    L{render_async} for work that fires with an L{Answer}: it is written as
+    the response (a failure becomes its JSON error). Returns C{NOT_DONE_YET}.
+    """
+    return render_async(request, lambda: work().addCallback(_answer, request), cancel=cancel)
