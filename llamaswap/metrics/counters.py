@@ -28,7 +28,7 @@ from llamaswap.events import EventBus
 from llamaswap.metrics.hostinfo import GPU_TIMEOUT, GPUGauges, HostReadings
 from llamaswap.metrics.prometheus import Family, exposition, family, summary
 from llamaswap.process.states import State
-from llamaswap.supervisor import StatusSource
+from llamaswap.supervisor import ModelStatus, StatusSource
 
 STATES = tuple(state.value for state in State)
 
