@@ -1,0 +1,8 @@
+"""C{python -m llamaswap.fakeserver}: the fake upstream, now L{llamaswap.testing.fakeserver}."""
+
+import sys
+
+from llamaswap.testing.fakeserver.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())
