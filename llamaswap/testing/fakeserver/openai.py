@@ -15,12 +15,14 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from itertools import count
 from typing import Any
 
 from twisted.web.server import Request
 
 from llamaswap.testing.fakeserver.base import (
     Endpoint,
+    Generation,
     HTTPError,
     JSONObject,
     RenderResult,
@@ -285,81 +287,13 @@ class OpenAIRoutes(Routes):
         """A minimal OpenAI Responses API: one assistant message of output_text."""
         body, raw = read_json(request)
         gen = self.generation(request, body)
-        rid, mid = self.fake.next_id("resp"), self.fake.next_id("msg")
-        created = int(time.time())
-        text = full_text(self.name, gen.tokens)
-        usage = {
-            "input_tokens": gen.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": gen.tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": gen.prompt_tokens + gen.tokens,
-        }
-
-        def message(content: str, status: str) -> JSONObject:
-            part = {"type": "output_text", "text": content, "annotations": []}
-            return {
-                "type": "message",
-                "id": mid,
-                "status": status,
-                "role": "assistant",
-                "content": [part] if status == "completed" else [],
-            }
-
-        def response(status: str, output: list[JSONObject], done: bool) -> JSONObject:
-            return {
-                "id": rid,
-                "object": "response",
-                "created_at": created,
-                "status": status,
-                "model": gen.model,
-                "output": output,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": usage if done else None,
-                "served_by": self.name,
-            }
+        answer = _Response(self.name, gen, self.fake.next_id("resp"), self.fake.next_id("msg"))
 
         def produce() -> bytes | Stream:
             if not body.get("stream"):
-                done = response("completed", [message(text, "completed")], True)
-                return json_response(request, {**done, **self.identity(request, raw, gen.model)})
-            seq = iter(range(10**9))
-
-            def event(kind: str, **fields: Any) -> bytes:
-                payload = {"type": kind, "sequence_number": next(seq), **fields}
-                return sse_json(payload, kind)
-
-            part = {"type": "output_text", "text": "", "annotations": []}
-            where = {"item_id": mid, "output_index": 0, "content_index": 0}
-            head = [
-                event("response.created", response=response("in_progress", [], False)),
-                event("response.in_progress", response=response("in_progress", [], False)),
-                event(
-                    "response.output_item.added", output_index=0, item=message("", "in_progress")
-                ),
-                event("response.content_part.added", part=part, **where),
-            ]
-            deltas = (
-                event(
-                    "response.output_text.delta",
-                    delta=token_text(self.name, i),
-                    logprobs=[],
-                    **where,
-                )
-                for i in range(gen.tokens)
-            )
-
-            def tail() -> Iterator[bytes]:
-                # A generator: runs after the deltas, so sequence numbers stay in order.
-                yield event("response.output_text.done", text=text, logprobs=[], **where)
-                yield event("response.content_part.done", part={**part, "text": text}, **where)
-                final = message(text, "completed")
-                yield event("response.output_item.done", output_index=0, item=final)
-                yield event("response.completed", response=response("completed", [final], True))
-
-            return Stream(head, deltas, tail(), gen.token_delay)
+                done = {**answer.completed(), **self.identity(request, raw, gen.model)}
+                return json_response(request, done)
+            return answer.stream()
 
         return self.deliver(request, gen.wait, produce)
 
@@ -426,3 +360,81 @@ class OpenAIRoutes(Routes):
                 **self.identity(request, raw, model),
             },
         )
+
+
+class _Response:
+    """One answer of the Responses API: its JSON shapes, and its stream of numbered events."""
+
+    def __init__(self, name: str, gen: Generation, rid: str, mid: str) -> None:
+        self._name = name
+        self._gen = gen
+        self._rid = rid
+        self._mid = mid
+        self._created = int(time.time())
+        self._seq = count()
+        self.text = full_text(name, gen.tokens)
+        self._usage = {
+            "input_tokens": gen.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": gen.tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": gen.prompt_tokens + gen.tokens,
+        }
+
+    def message(self, content: str, status: str) -> JSONObject:
+        part = {"type": "output_text", "text": content, "annotations": []}
+        return {
+            "type": "message",
+            "id": self._mid,
+            "status": status,
+            "role": "assistant",
+            "content": [part] if status == "completed" else [],
+        }
+
+    def response(self, status: str, output: list[JSONObject], done: bool) -> JSONObject:
+        return {
+            "id": self._rid,
+            "object": "response",
+            "created_at": self._created,
+            "status": status,
+            "model": self._gen.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": self._usage if done else None,
+            "served_by": self._name,
+        }
+
+    def completed(self) -> JSONObject:
+        return self.response("completed", [self.message(self.text, "completed")], True)
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": next(self._seq), **fields}
+        return sse_json(payload, kind)
+
+    def stream(self) -> Stream:
+        event, text = self.event, self.text
+        part = {"type": "output_text", "text": "", "annotations": []}
+        where = {"item_id": self._mid, "output_index": 0, "content_index": 0}
+        in_progress = self.message("", "in_progress")
+        head = [
+            event("response.created", response=self.response("in_progress", [], False)),
+            event("response.in_progress", response=self.response("in_progress", [], False)),
+            event("response.output_item.added", output_index=0, item=in_progress),
+            event("response.content_part.added", part=part, **where),
+        ]
+        deltas = (
+            event("response.output_text.delta", delta=token, logprobs=[], **where)
+            for token in (token_text(self._name, i) for i in range(self._gen.tokens))
+        )
+
+        def tail() -> Iterator[bytes]:
+            # A generator: runs after the deltas, so sequence numbers stay in order.
+            yield event("response.output_text.done", text=text, logprobs=[], **where)
+            yield event("response.content_part.done", part={**part, "text": text}, **where)
+            final = self.message(text, "completed")
+            yield event("response.output_item.done", output_index=0, item=final)
+            yield event("response.completed", response=self.completed())
+
+        return Stream(head, deltas, tail(), self._gen.token_delay)
