@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fakeserver -*-
 """C{python -m llamaswap.fakeserver}: the fake upstream, now L{llamaswap.testing.fakeserver}."""
 
 import sys

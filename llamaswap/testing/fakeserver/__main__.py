@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fakeserver -*-
 """C{python -m llamaswap.testing.fakeserver}: run the fake upstream (see the package docstring)."""
 
 import sys
