@@ -1,5 +1,5 @@
 """
-Tests for L{llamaswap.fakeserver}, run as a real child process on a real port.
+Tests for L{llamaswap.testing.fakeserver}, run as a real child process on a real port.
 
 The clients are blocking (the official openai/anthropic SDKs, http.client and
 raw sockets): the server lives in another process, so nothing here needs the
@@ -31,7 +31,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 
-from llamaswap.fakeserver import (
+from llamaswap.testing.fakeserver import (
     FakeOptions,
     FakeServer,
     FakeSite,

@@ -24,66 +24,17 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from llamaswap.config import Config
-from llamaswap.http import make_http
-from llamaswap.tap import LlamaSwapService, build_service
 from tests.fakeserver_helper import (
     fake_model,
     free_port,
     make_config,
     start_fakeserver,
-    upstream_port,
 )
+from tests.live_proxy import Proxy
 from tests.proctools import rss_kib
 
 T = TypeVar("T")
 MULTIPART_BOUNDARY = "llamaswapTestBoundary"
-
-
-class Proxy:
-    """A running llamaswap (tests call L{start} and register its stop)."""
-
-    def __init__(self, case: TestCase, config: Config) -> None:
-        self.config = config
-        self.service: LlamaSwapService = build_service(
-            config, reactor=reactor, listen="tcp:0:interface=127.0.0.1"
-        )
-        self.service.startService()
-        case.addCleanup(self.service.stopService)  # waits until every child is reaped
-        assert self.service.http.port is not None
-        self.port = self.service.http.port.getHost().port
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.http, pool = make_http(reactor)
-        case.addCleanup(pool.closeCachedConnections)
-
-    def upstream_port(self, model: str) -> int:
-        return upstream_port(self.config, model)
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """One request through treq; the whole answer."""
-        response = await self.http.request(
-            method,
-            self.base + path,
-            data=body,
-            headers={k: [v] for k, v in (headers or {}).items()},
-            unbuffered=True,
-            allow_redirects=False,
-        )
-        content = await response.content()
-        found = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
-        return response.code, found, content
-
-    async def post_json(self, path: str, obj: Any) -> tuple[int, dict[str, str], Any]:
-        status, headers, body = await self.call(
-            "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"}
-        )
-        return status, headers, json.loads(body) if body else None
 
 
 def in_thread(f: Callable[[], T]) -> Deferred[T]:

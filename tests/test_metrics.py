@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -24,11 +23,12 @@ from llamaswap.events import EventBus
 from llamaswap.metrics.counters import Metrics
 from llamaswap.metrics.hostinfo import cpu_times, gpu_families, meminfo, net_bytes
 from llamaswap.metrics.prometheus import CONTENT_TYPE, exposition, family
+from llamaswap.testing.web import FakeSupervisor, post_json
+from llamaswap.testing.web import make_config as web_config
+from tests.exposition import parse_exposition
 from tests.fakeserver_helper import fake_model, make_config
-from tests.test_http_integration import Proxy
-from tests.test_resources import PEER_CONFIG, Harness
-from tests.webfakes import FakeSupervisor, post_json
-from tests.webfakes import make_config as web_config
+from tests.live_proxy import Proxy
+from tests.resource_tree import PEER_CONFIG, ResourceTreeHarness
 
 STAT = """\
 cpu  100 0 100 800 0 0 0 0 0 0
@@ -53,36 +53,6 @@ NVIDIA_CSV = """\
 0, NVIDIA GeForce RTX 4090, GPU-aaaa, 54, 97, 40, 20000, 24564, 30, 350.25
 1, Tesla "P40", GPU-bbbb, 40, 0, 0, 10, 24576, [N/A], [N/A]
 """
-SAMPLE = re.compile(
-    r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? '
-    r"(-?[0-9.e+-]+|NaN|[+-]Inf)"
-)
-
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """
-    Check the text format strictly enough (every sample parses and follows its
-    TYPE line); return C{{"name{labels}": value}}.
-    """
-    assert text.endswith("\n")
-    typed: set[str] = set()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            name, kind = line.split()[2:4]
-            assert kind in ("counter", "gauge", "summary"), line
-            typed.add(name)
-            continue
-        if line.startswith("# HELP "):
-            continue
-        match = SAMPLE.fullmatch(line)
-        assert match, f"not a sample line: {line!r}"
-        name = match.group(1)
-        assert name in typed or re.sub(r"_(sum|count)$", "", name) in typed, line
-        key, _, value = line.rpartition(" ")
-        assert key not in samples, f"duplicate sample {key}"
-        samples[key] = float(value)
-    return samples
 
 
 class FakeProc:
@@ -246,7 +216,7 @@ class MetricsTests(SynchronousTestCase):
 class MetricsRouteTests(SynchronousTestCase):
     def test_route(self) -> None:
         """C{GET /metrics} answers the exposition with Prometheus' content type; HEAD too."""
-        h = Harness(PEER_CONFIG)
+        h = ResourceTreeHarness(PEER_CONFIG)
         post_json(h.client, "/v1/chat/completions", {"model": "a1"})
         post_json(h.client, "/v1/chat/completions", {"model": "remote/llama"})
         post_json(h.client, "/v1/chat/completions", {"model": "nope"})
@@ -263,7 +233,7 @@ class MetricsRouteTests(SynchronousTestCase):
 
     def test_behind_api_keys(self) -> None:
         """With C{apiKeys}, /metrics needs a key like every route but /health."""
-        h = Harness(api_keys=("k",))
+        h = ResourceTreeHarness(api_keys=("k",))
         self.assertEqual(h.client.request("GET", "/metrics").status, 401)
         ok = h.client.request("GET", "/metrics", headers={"Authorization": "Bearer k"})
         self.assertEqual(ok.status, 200)

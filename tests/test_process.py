@@ -34,7 +34,7 @@ from llamaswap.process.lines import MAX_LINE_BYTES, TAIL_LINES
 from llamaswap.process.model import ModelProcess
 from llamaswap.process.spawn import SESSION_WRAPPER, resolve_executable
 from llamaswap.process.states import TRANSITIONS, Event, IllegalTransition, State, next_state
-from tests.process_fakes import FakeHealth, FakeKill, FakeProcessReactor, make_config
+from llamaswap.testing.process import FakeHealth, FakeKill, FakeProcessReactor, make_config
 
 PY = sys.executable
 URL = "http://127.0.0.1:5800/health"
@@ -53,7 +53,7 @@ models:
 """
 
 
-class Harness:
+class ModelProcessHarness:
     """A ModelProcess wired to fakes, recording every state it reports."""
 
     def __init__(self, yaml_text: str | None = None, base_dir: str = ".") -> None:
@@ -94,7 +94,7 @@ class SpawnTests(SynchronousTestCase):
         and the original argv; the inherited environment plus the model's
         env; cwd = the config's folder; stdin/stdout/stderr pipes.
         """
-        h = Harness(base_dir=os.getcwd())
+        h = ModelProcessHarness(base_dir=os.getcwd())
         h.proc.start()
         child = h.child
         self.assertEqual(child.executable, PY)
@@ -123,7 +123,7 @@ class SpawnTests(SynchronousTestCase):
         with open(server, "w") as f:
             f.write("#!/bin/sh\n")
         os.chmod(server, 0o755)
-        h = Harness(model_yaml(cmd="./bin/server --port ${PORT}"), base_dir=base)
+        h = ModelProcessHarness(model_yaml(cmd="./bin/server --port ${PORT}"), base_dir=base)
         h.proc.start()
         self.assertEqual(h.child.args[5], os.path.abspath(server))
         self.assertEqual(h.child.args[6], "./bin/server")
@@ -131,7 +131,7 @@ class SpawnTests(SynchronousTestCase):
 
     def test_command_not_found_fails_the_start(self) -> None:
         """An unknown program fails the start at once with a clear message."""
-        h = Harness(model_yaml(cmd="no-such-llama-server --port ${PORT}"))
+        h = ModelProcessHarness(model_yaml(cmd="no-such-llama-server --port ${PORT}"))
         failure = self.failureResultOf(h.proc.start(), StartFailed)
         self.assertIn("command not found: no-such-llama-server", failure.value.message)
         self.assertEqual(h.proc.state, State.FAILED)
@@ -141,7 +141,7 @@ class SpawnTests(SynchronousTestCase):
 
     def test_spawn_error_fails_the_start(self) -> None:
         """An OS error from spawnProcess fails the start; a later start works."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.reactor.spawn_error = OSError(24, "Too many open files")
         self.failureResultOf(h.proc.start(), StartFailed)
         self.assertEqual(h.proc.state, State.FAILED)
@@ -157,7 +157,7 @@ class PortCheckTests(SynchronousTestCase):
         refused or timed out.
         """
         for outcome in (ConnectionRefusedError(), TimeoutError()):
-            h = Harness()
+            h = ModelProcessHarness()
             h.reactor.hang_connects = True
             ready = h.proc.start()
             self.assertEqual(h.proc.state, State.STARTING)
@@ -178,7 +178,7 @@ class PortCheckTests(SynchronousTestCase):
         StartFailed naming the port; nothing is spawned; the test connection
         is closed. Once the port is free, the next start works.
         """
-        h = Harness()
+        h = ModelProcessHarness()
         h.reactor.taken_ports.add(5800)
         ready = h.proc.start()
         message = self.failureResultOf(ready, StartFailed).value.message
@@ -196,7 +196,7 @@ class PortCheckTests(SynchronousTestCase):
 
     def test_stop_during_the_port_check(self) -> None:
         """Unloading while the port is being checked aborts the start; no spawn follows."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.reactor.hang_connects = True
         ready = h.proc.start()
         stopped = h.proc.stop()
@@ -223,7 +223,7 @@ class PortCheckTests(SynchronousTestCase):
 class HealthTests(SynchronousTestCase):
     def test_ready_on_first_200(self) -> None:
         """Readiness is noticed by the first probe after the server answers 200."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         h.reactor.advance(1.0)
         self.assertNoResult(ready)
@@ -236,7 +236,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_only_200_is_ready(self) -> None:
         """503 (llama-server loading) and other statuses keep polling."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         for code in (503, 404, 204, 500):
             h.health.set(URL, code)
@@ -248,7 +248,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_poll_fast_then_back_off(self) -> None:
         """Probes every 50 ms for the first seconds, then gently slower, up to 1 s."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.proc.start()
         for _ in range(2000):
             h.reactor.advance(0.01)
@@ -264,7 +264,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_stalled_probe_times_out_and_polling_goes_on(self) -> None:
         """A health request that never answers is abandoned after PROBE_TIMEOUT."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         h.health.set(URL, "hang")
         h.reactor.advance(POLL_FAST)
@@ -278,7 +278,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_check_endpoint_none_is_ready_at_once(self) -> None:
         """C{checkEndpoint: none}: ready as soon as the command started."""
-        h = Harness(model_yaml("    checkEndpoint: none"))
+        h = ModelProcessHarness(model_yaml("    checkEndpoint: none"))
         self.successResultOf(h.proc.start())
         self.assertEqual(h.proc.state, State.READY)
         self.assertEqual(h.health.calls, [])
@@ -288,7 +288,7 @@ class HealthTests(SynchronousTestCase):
         A child that dies while starting fails the start at once (not at the
         health timeout), with its exit status and last output lines.
         """
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         other = h.proc.when_ready()
         h.reactor.advance(0.2)
@@ -306,7 +306,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_failed_model_starts_again(self) -> None:
         """After a failed start, the next start spawns a new child."""
-        h = Harness()
+        h = ModelProcessHarness()
         d = h.proc.start()
         h.child.exit(code=1)
         self.failureResultOf(d, StartFailed)
@@ -320,7 +320,7 @@ class HealthTests(SynchronousTestCase):
         output tail at once, the group gets SIGTERM, then SIGKILL after the
         model's unloadTimeout; the state is failed once the child ended.
         """
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         child = h.child
         child.dies_on = {signal.SIGKILL}
@@ -340,7 +340,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_when_ready_gives_each_waiter_its_own_deferred(self) -> None:
         """Two waiters on one start both see the result (no shared Deferred)."""
-        h = Harness()
+        h = ModelProcessHarness()
         first, second = h.proc.start(), h.proc.when_ready()
         self.assertIsNot(first, second)
         h.healthy()
@@ -350,7 +350,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_cancelling_a_ready_waiter_does_not_abort_the_start(self) -> None:
         """A waiter who leaves is only withdrawn."""
-        h = Harness()
+        h = ModelProcessHarness()
         d = h.proc.start()
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -359,7 +359,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_when_changed_fires_at_the_next_transition_or_the_timeout(self) -> None:
         """when_changed: the next state change, else the timeout; cancellable."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         changed = h.proc.when_changed(10)
         timed_out = h.proc.when_changed(1)
@@ -375,7 +375,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_starts_are_numbered(self) -> None:
         """Each start gets a new number, so a lease can tell its server from the next."""
-        h = Harness()
+        h = ModelProcessHarness()
         self.assertEqual(h.proc.starts, 0)
         h.start_ready()
         self.assertEqual(h.proc.starts, 1)
@@ -387,7 +387,7 @@ class HealthTests(SynchronousTestCase):
 
     def test_when_ready_while_stopped_fails(self) -> None:
         """Nobody waits for a start that is not happening."""
-        h = Harness()
+        h = ModelProcessHarness()
         self.failureResultOf(h.proc.when_ready(), StartFailed)
 
 
@@ -397,7 +397,7 @@ class StopTests(SynchronousTestCase):
         Stop sends SIGTERM to the process group; a child that ignores it gets
         SIGKILL after unloadTimeout; done only at processEnded.
         """
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         child = h.child
         child.dies_on = {signal.SIGKILL}
@@ -416,7 +416,7 @@ class StopTests(SynchronousTestCase):
 
     def test_stop_is_done_only_at_process_ended(self) -> None:
         """Reaped but pipes still held (a grandchild): still stopping."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         child = h.child
         child.dies_on = set()
@@ -435,7 +435,7 @@ class StopTests(SynchronousTestCase):
 
     def test_pipes_held_too_long_are_closed(self) -> None:
         """If something outside the group keeps our pipes, we close them."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         child = h.child
         child.dies_on = set()
@@ -447,7 +447,7 @@ class StopTests(SynchronousTestCase):
 
     def test_stop_twice_and_stop_when_stopped(self) -> None:
         """Stop is idempotent: one signal, every caller told at the end."""
-        h = Harness()
+        h = ModelProcessHarness()
         self.successResultOf(h.proc.stop())
         h.start_ready()
         h.child.dies_on = set()
@@ -459,7 +459,7 @@ class StopTests(SynchronousTestCase):
 
     def test_cmd_stop_gets_the_pid(self) -> None:
         """C{cmdStop} runs with C{${PID}} replaced, instead of SIGTERM."""
-        h = Harness(model_yaml("    cmdStop: kill -TERM ${PID}"))
+        h = ModelProcessHarness(model_yaml("    cmdStop: kill -TERM ${PID}"))
         h.start_ready()
         server = h.child
         stopped = h.proc.stop()
@@ -477,7 +477,7 @@ class StopTests(SynchronousTestCase):
 
     def test_hanging_cmd_stop_is_killed_with_the_server(self) -> None:
         """After the grace, SIGKILL goes to the group and to a stuck cmdStop."""
-        h = Harness(model_yaml("    cmdStop: kill -TERM ${PID}"))
+        h = ModelProcessHarness(model_yaml("    cmdStop: kill -TERM ${PID}"))
         h.start_ready()
         server = h.child
         stopped = h.proc.stop()
@@ -490,7 +490,7 @@ class StopTests(SynchronousTestCase):
 
     def test_falls_back_to_the_child_without_a_group(self) -> None:
         """If the group does not exist yet (no setsid yet), signal the child."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         child = h.child
 
@@ -505,7 +505,7 @@ class StopTests(SynchronousTestCase):
 
     def test_stop_while_starting_aborts_the_start(self) -> None:
         """Unloading a starting model fails its waiters and kills the child."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         stopped = h.proc.stop()
         self.assertIn("aborted", self.failureResultOf(ready, StartFailed).value.message)
@@ -516,7 +516,7 @@ class StopTests(SynchronousTestCase):
 
     def test_start_while_stopping_is_refused(self) -> None:
         """The supervisor must wait for the stop before starting again."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         h.child.dies_on = set()
         h.proc.stop()
@@ -527,7 +527,7 @@ class CrashTests(SynchronousTestCase):
     def test_crash_while_ready_goes_to_stopped(self) -> None:
         """A ready server that dies is logged with its exit status; stopped."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         pid = h.child.original_pid
         h.child.exit(sig=signal.SIGSEGV)
@@ -541,7 +541,7 @@ class CrashTests(SynchronousTestCase):
 
     def test_crash_kills_leftovers_in_the_group(self) -> None:
         """When the server dies, what it left in its group is killed."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         child = h.child
         child.exit(code=2, end=False)
@@ -552,8 +552,8 @@ class CrashTests(SynchronousTestCase):
 
 
 class TTLTests(SynchronousTestCase):
-    def harness(self) -> Harness:
-        h = Harness(model_yaml("    ttl: 60"))
+    def harness(self) -> ModelProcessHarness:
+        h = ModelProcessHarness(model_yaml("    ttl: 60"))
         h.start_ready()
         return h
 
@@ -584,7 +584,7 @@ class TTLTests(SynchronousTestCase):
 
     def test_ttl_zero_never_unloads(self) -> None:
         """ttl 0 means never."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         self.assertIsNone(h.proc.ttl_remaining())
         h.reactor.advance(10**6)
@@ -595,7 +595,7 @@ class OutputTests(SynchronousTestCase):
     def test_lines_are_logged_as_fields(self) -> None:
         """Child lines go to llamaswap.upstream.<id>, the text as a field."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         h.child.output(b"hello {not a format}\r\nsecond ")
         h.child.output(b"half\n")
@@ -617,7 +617,7 @@ class OutputTests(SynchronousTestCase):
 
     def test_tail_is_bounded(self) -> None:
         """Only the last TAIL_LINES lines are kept for error messages."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.proc.start()
         h.child.output(b"".join(b"line %d\n" % i for i in range(100)))
         self.assertEqual(len(h.proc.tail()), TAIL_LINES)
@@ -625,7 +625,7 @@ class OutputTests(SynchronousTestCase):
 
     def test_endless_line_is_cut(self) -> None:
         """An unterminated line cannot grow the buffer without bound."""
-        h = Harness()
+        h = ModelProcessHarness()
         h.proc.start()
         chunk = b"x" * 4096
         for _ in range(MAX_LINE_BYTES // 4096 + 2):
@@ -639,7 +639,7 @@ class OutputTests(SynchronousTestCase):
 
     def test_stop_deferred_never_fails(self) -> None:
         """stop() of a starting, failing model still just fires."""
-        h = Harness()
+        h = ModelProcessHarness()
         ready = h.proc.start()
         stopped: Deferred[None] = h.proc.stop()
         self.failureResultOf(ready, StartFailed)
@@ -679,7 +679,7 @@ class TransitionTableTests(SynchronousTestCase):
         self.assertEqual(next_state(State.READY, Event.STOP), State.STOPPING)
         with self.assertRaises(IllegalTransition):
             next_state(State.READY, Event.START)
-        h = Harness()
+        h = ModelProcessHarness()
         h.start_ready()
         with self.assertRaises(IllegalTransition):
             h.proc._go(Event.HEALTHY)

@@ -28,11 +28,7 @@ from llamaswap.errors import StartFailed, TooManyRequests
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import LogHub
-from llamaswap.web.relay import copy_response_headers, find_usage, forward_headers
-from llamaswap.web.sse import LOADING_TICK
-from llamaswap.web.tree import build_root
-from tests.test_metrics import parse_exposition
-from tests.webfakes import (
+from llamaswap.testing.web import (
     CONFIG,
     Exchange,
     FakeSupervisor,
@@ -41,6 +37,10 @@ from tests.webfakes import (
     events_of,
     make_config,
 )
+from llamaswap.web.relay import copy_response_headers, find_usage, forward_headers
+from llamaswap.web.sse import LOADING_TICK
+from llamaswap.web.tree import build_root
+from tests.exposition import parse_exposition
 
 
 class FakeBodyTransport:
@@ -114,7 +114,7 @@ class FakeHTTP:
         return response
 
 
-class Harness:
+class RelayHarness:
     def __init__(self, text: str = CONFIG) -> None:
         self.config = make_config(text)
         self.supervisor = FakeSupervisor(self.config)
@@ -157,7 +157,7 @@ SSE = {"Content-Type": "text/event-stream"}
 
 class StreamingTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = RelayHarness()
 
     def test_headers_then_each_chunk_at_once(self) -> None:
         """Status and headers go out before the first token; each chunk as it arrives."""
@@ -220,7 +220,7 @@ class StreamingTests(SynchronousTestCase):
 
 class CancellationTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = RelayHarness()
 
     def test_client_leaves_mid_stream(self) -> None:
         """Leaving mid-stream closes the upstream connection and releases the lease."""
@@ -252,7 +252,7 @@ class CancellationTests(SynchronousTestCase):
 
 class FailureTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = RelayHarness()
 
     def test_upstream_dies_mid_stream(self) -> None:
         """A truncated upstream body closes the client connection without a clean end."""
@@ -289,7 +289,7 @@ class RefusedTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = RelayHarness()
         self.h.supervisor.refusals = []
 
     def refuse(self, call: int) -> None:
@@ -396,7 +396,7 @@ class LoadingStateTests(SynchronousTestCase):
     """C{sendLoadingState}: streamed chat requests for a model that is not ready."""
 
     def setUp(self) -> None:
-        self.h = Harness(LOADING_CONFIG)
+        self.h = RelayHarness(LOADING_CONFIG)
         self.h.supervisor.hold = True
 
     def test_progress_then_the_upstream_events(self) -> None:
@@ -513,7 +513,7 @@ class LoadingStateTests(SynchronousTestCase):
         self.assertEqual(self.h.http.calls, [])
 
 
-def requests_total(h: Harness) -> dict[tuple[str, str], float]:
+def requests_total(h: RelayHarness) -> dict[tuple[str, str], float]:
     """C{llamaswap_requests_total} from C{GET /metrics}: C{{(model, status): count}}."""
     response = h.client.request("GET", "/metrics")
     assert response.status == 200, response.body
@@ -546,8 +546,8 @@ class OutcomeTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logs.append)
         self.h = self.harness()
 
-    def harness(self, text: str = CONFIG) -> Harness:
-        h = Harness(text)
+    def harness(self, text: str = CONFIG) -> RelayHarness:
+        h = RelayHarness(text)
         h.client.site.log_requests = True
         return h
 
@@ -564,7 +564,7 @@ class OutcomeTests(SynchronousTestCase):
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.logs if e["log_level"] in (LogLevel.error, LogLevel.critical)]
 
-    def recorded(self, h: Harness | None = None) -> list[tuple[int, int]]:
+    def recorded(self, h: RelayHarness | None = None) -> list[tuple[int, int]]:
         """C{(status, bytes)} of each "request" event so far."""
         return [(e["status"], e["bytes"]) for e in (h or self.h).requests]
 
@@ -719,7 +719,7 @@ class OutcomeTests(SynchronousTestCase):
 class HeaderTests(SynchronousTestCase):
     def test_request_hop_by_hop_dropped(self) -> None:
         """Hop-by-hop headers and those named by C{Connection} are not forwarded."""
-        h = Harness()
+        h = RelayHarness()
         h.chat(
             **{
                 "Connection": "keep-alive, X-Hop",

@@ -42,18 +42,12 @@ from twisted.web.server import Site
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
 from llamaswap.process import child as child_module
-from llamaswap.tap import LlamaSwapService, build_service
 from llamaswap.web.tree import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from tests.fakeserver_helper import fake_model, free_port, make_config, upstream_port
+from tests.live_proxy import RunningProxy
 from tests.proctools import (
     alive,
-    command,
-    our_children,
-    proc_stat,
-    record_spawns,
     rss_kib,
-    sleep,
-    survivors,
     wait_until,
 )
 
@@ -67,62 +61,6 @@ KNOWN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTION
 
 
 # --- configuration and the running proxy -------------------------------------
-
-
-class RunningProxy:
-    """
-    The whole service on C{tcp:0}, plus the pid of every child it spawned
-    (recorded at the reactor's C{spawnProcess}: a server that dies while
-    starting never shows its pid anywhere else).
-
-    The test's cleanup stops it (and waits for every child to be reaped);
-    L{stop} does it earlier, so the test can look for survivors.
-    """
-
-    def __init__(self, case: TestCase, config: Config) -> None:
-        self.config = config
-        self.pids = record_spawns(case)
-        self.children_before = our_children()
-        self.service: LlamaSwapService = build_service(
-            config, reactor=reactor, listen="tcp:0:interface=127.0.0.1"
-        )
-        self.service.startService()
-        self._stopped: Deferred[None] | None = None
-        case.addCleanup(self.stop)
-        assert self.service.http.port is not None
-        self.port: int = self.service.http.port.getHost().port  # type: ignore[attr-defined]
-
-    def stop(self) -> Deferred[None]:
-        if self._stopped is None:
-            self._stopped = self.service.stopService()
-        return self._stopped
-
-    def pid(self, model: str) -> int:
-        pid = self.service.supervisor.status(model).pid
-        assert pid is not None, f"{model} has no process"
-        return pid
-
-    def states(self) -> dict[str, str]:
-        return {s.model_id: s.state for s in self.service.supervisor.statuses()}
-
-    def leaked(self) -> dict[int, str]:
-        """Every child (and member of a child's group) still alive, with its command."""
-        pids = survivors(self.pids) | (our_children() - self.children_before)
-        return {pid: f"{proc_stat(pid)} {command(pid)}" for pid in pids}
-
-    async def stop_and_check(self, case: TestCase) -> None:
-        """
-        Stop the service and assert that no process it started survives.
-
-        The exec wrapper's orphan guard (see L{llamaswap.process._session}) is not our
-        child: it notices its server is gone and exits on its own, a few
-        milliseconds after the service stopped. It gets a short grace.
-        """
-        await self.stop()
-        deadline = time.monotonic() + 3
-        while (leaked := self.leaked()) and time.monotonic() < deadline:
-            await sleep(0.02)
-        case.assertEqual(leaked, {}, "processes survived the proxy's stop")
 
 
 def in_thread(f: Callable[[], T]) -> Deferred[T]:

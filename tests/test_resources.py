@@ -11,60 +11,22 @@ import base64
 import json
 from typing import Any
 
-from treq.testing import StubTreq
-from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
-from llamaswap.events import EventBus
-from llamaswap.logs import LogHub
-from llamaswap.web.base import JSONResource
-from llamaswap.web.site import REFUSED_BODY_LINGER
-from llamaswap.web.tree import build_root, mount
-from tests.test_bodies import CT, multipart
-from tests.webfakes import (
-    CONFIG,
-    FakeSupervisor,
-    RecordingUpstream,
+from llamaswap.testing.web import (
     Response,
-    SiteClient,
     events_of,
-    make_config,
     post_json,
 )
-
-
-class Harness:
-    """Our root over a fake supervisor and a recording upstream."""
-
-    def __init__(self, text: str = CONFIG, **config_changes: Any) -> None:
-        self.config = make_config(text, **config_changes)
-        self.supervisor = FakeSupervisor(self.config)
-        self.upstream = RecordingUpstream()
-        self.events = EventBus()
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.root = build_root(
-            self.config,
-            supervisor=self.supervisor,
-            logs=LogHub(self.config, events=self.events),
-            events=self.events,
-            http=StubTreq(self.upstream),  # type: ignore[arg-type]
-            reactor=self.clock,
-        )
-        self.client = SiteClient(
-            self.root,
-            events=self.events,
-            clock=self.clock,
-            max_body_size=self.config.max_body_size,
-        )
-
-    def sent(self) -> dict[str, Any]:
-        """What the upstream received last."""
-        return self.upstream.requests[-1]
+from llamaswap.web.base import JSONResource
+from llamaswap.web.site import REFUSED_BODY_LINGER
+from llamaswap.web.tree import mount
+from tests.multipart import CT, multipart
+from tests.resource_tree import PEER_CONFIG, ResourceTreeHarness
 
 
 def assert_error(case: SynchronousTestCase, response: Response, status: int, code: str) -> str:
@@ -80,7 +42,7 @@ def assert_error(case: SynchronousTestCase, response: Response, status: int, cod
 
 class ModelRouteTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = ResourceTreeHarness()
 
     def test_chat_is_proxied_unchanged(self) -> None:
         """The body reaches the upstream byte for byte on the same path and query."""
@@ -266,7 +228,7 @@ class FilterTests(SynchronousTestCase):
     """Per-model C{filters} edit the JSON body of model routes (never /upstream)."""
 
     def setUp(self) -> None:
-        self.h = Harness(FILTER_CONFIG)
+        self.h = ResourceTreeHarness(FILTER_CONFIG)
 
     def test_strip_and_set(self) -> None:
         """stripParams and setParams apply; the model and other bytes stay; length exact."""
@@ -314,7 +276,7 @@ class ErrorFormatTests(SynchronousTestCase):
     """Errors are JSON unless C{Accept} asks for plain text or HTML."""
 
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = ResourceTreeHarness()
 
     def unknown_model(self, accept: str) -> Response:
         return post_json(self.h.client, "/v1/chat/completions", {"model": "gpt-9"}, Accept=accept)
@@ -359,7 +321,7 @@ class ErrorFormatTests(SynchronousTestCase):
             (response.status, response.body), (405, b"llamaswap: method GET not allowed\n")
         )
         self.assertEqual(response.header("allow"), "POST")
-        keyed = Harness(api_keys=("k",))
+        keyed = ResourceTreeHarness(api_keys=("k",))
         response = keyed.client.request("GET", "/v1/models", headers=text)
         self.assertEqual(response.status, 401)
         self.assertEqual(response.body, b"llamaswap: unauthorized: invalid or missing API key\n")
@@ -368,7 +330,7 @@ class ErrorFormatTests(SynchronousTestCase):
         self.assertEqual(
             (response.status, response.body), (502, b"llamaswap: model alpha exited: boom\n")
         )
-        small = Harness(max_body_size=1024)
+        small = ResourceTreeHarness(max_body_size=1024)
         exchange = small.client.open()
         exchange.send(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n"
@@ -382,7 +344,7 @@ class ErrorFormatTests(SynchronousTestCase):
 
 class UpstreamRouteTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = ResourceTreeHarness()
 
     def test_longest_prefix_wins(self) -> None:
         """With models C{author} and C{author/model}, the longer id wins."""
@@ -467,10 +429,10 @@ class UpstreamRouteTests(SynchronousTestCase):
         """C{upstream.ignorePaths} replaces the default; C{[]} turns the check off."""
         import re
 
-        h = Harness(upstream_ignore_paths=(re.compile("^/slots"),))
+        h = ResourceTreeHarness(upstream_ignore_paths=(re.compile("^/slots"),))
         assert_error(self, h.client.request("GET", "/upstream/beta/slots/0"), 409, "conflict")
         self.assertEqual(h.client.request("GET", "/upstream/beta/app.js").status, 200)
-        h = Harness(upstream_ignore_paths=())
+        h = ResourceTreeHarness(upstream_ignore_paths=())
         self.assertEqual(h.client.request("GET", "/upstream/beta/app.js").status, 200)
 
     def test_index(self) -> None:
@@ -487,7 +449,7 @@ class UpstreamRouteTests(SynchronousTestCase):
 class ModelListTests(SynchronousTestCase):
     def test_sorted_unlisted_hidden(self) -> None:
         """C{/v1/models}: OpenAI list, sorted by id, unlisted models absent."""
-        h = Harness()
+        h = ResourceTreeHarness()
         body = h.client.request("GET", "/v1/models").json()
         self.assertEqual(body["object"], "list")
         self.assertEqual(
@@ -507,7 +469,7 @@ class ModelListTests(SynchronousTestCase):
 
     def test_aliases_included_on_request(self) -> None:
         """C{includeAliasesInList} adds a record per alias, pointing at its model."""
-        h = Harness(include_aliases_in_list=True)
+        h = ResourceTreeHarness(include_aliases_in_list=True)
         data = h.client.request("GET", "/v1/models").json()["data"]
         ids = [m["id"] for m in data]
         self.assertEqual(ids, ["a1", "a2", "alpha", "author", "author/model", "beta"])
@@ -516,7 +478,7 @@ class ModelListTests(SynchronousTestCase):
 
     def test_status_and_origin(self) -> None:
         """C{status.value} follows the process state; C{Origin} is echoed."""
-        h = Harness()
+        h = ResourceTreeHarness()
         h.supervisor.states["beta"] = "ready"
         h.supervisor.states["alpha"] = "failed"
         response = h.client.request("GET", "/v1/models", headers={"Origin": "http://ui.test"})
@@ -528,7 +490,7 @@ class ModelListTests(SynchronousTestCase):
 
     def test_one_model(self) -> None:
         """C{/v1/models/<id>} answers one record (ids with slashes too) or 404."""
-        h = Harness()
+        h = ResourceTreeHarness()
         self.assertEqual(
             h.client.request("GET", "/v1/models/author/model").json()["id"], "author/model"
         )
@@ -537,7 +499,7 @@ class ModelListTests(SynchronousTestCase):
 
 class ManagementTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness()
+        self.h = ResourceTreeHarness()
 
     def test_health(self) -> None:
         """C{/health} is a plain C{OK}."""
@@ -602,7 +564,7 @@ class ManagementTests(SynchronousTestCase):
 class CORSAndAuthTests(SynchronousTestCase):
     def test_preflight_anywhere(self) -> None:
         """C{OPTIONS} on any path: 204 and permissive CORS headers, requested names sanitized."""
-        h = Harness(api_keys=("sekrit",))
+        h = ResourceTreeHarness(api_keys=("sekrit",))
         response = h.client.request(
             "OPTIONS",
             "/v1/chat/completions",
@@ -625,7 +587,7 @@ class CORSAndAuthTests(SynchronousTestCase):
 
     def test_api_keys(self) -> None:
         """With C{apiKeys}: 401 + C{WWW-Authenticate}; Bearer, Basic and x-api-key accepted."""
-        h = Harness(api_keys=("k1", "sekrit"))
+        h = ResourceTreeHarness(api_keys=("k1", "sekrit"))
         response = post_json(h.client, "/v1/chat/completions", {"model": "alpha"})
         assert_error(self, response, 401, "unauthorized")
         self.assertEqual(response.header("www-authenticate"), 'Basic realm="llama-swap"')
@@ -651,7 +613,7 @@ class CORSAndAuthTests(SynchronousTestCase):
 
 class BodyLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness(max_body_size=1024)
+        self.h = ResourceTreeHarness(max_body_size=1024)
 
     def test_content_length_refused_before_the_body(self) -> None:
         """A too-large Content-Length is answered 413 at once, before any body byte."""
@@ -720,7 +682,7 @@ class PlainTwisted(Resource):
 class NoHTMLTests(SynchronousTestCase):
     def test_exception_is_json_500(self) -> None:
         """An exception in render is a JSON 500 (and logged), never a traceback page."""
-        h = Harness()
+        h = ResourceTreeHarness()
         mount(h.root, "/boom", Exploding())  # type: ignore[arg-type]
         response = h.client.request("GET", "/boom")
         assert_error(self, response, 500, "internal_error")
@@ -728,7 +690,7 @@ class NoHTMLTests(SynchronousTestCase):
 
     def test_stock_resource_405_is_json(self) -> None:
         """Even a stock resource's "method not allowed" is answered as JSON."""
-        h = Harness()
+        h = ResourceTreeHarness()
         mount(h.root, "/plain", PlainTwisted())  # type: ignore[arg-type]
         self.assertEqual(h.client.request("GET", "/plain").body, b"plain")
         response = h.client.request("POST", "/plain", b"")
@@ -740,7 +702,7 @@ class NoHTMLTests(SynchronousTestCase):
         and methods nobody implements, are JSON 501s on every route, with a
         hint for a lower-case spelling; nothing is relayed or started.
         """
-        h = Harness()
+        h = ResourceTreeHarness()
         for method, path in (
             ("get", "/v1/models"),
             ("get", "/health"),
@@ -760,7 +722,7 @@ class NoHTMLTests(SynchronousTestCase):
 
     def test_unknown_paths(self) -> None:
         """Unknown paths at every level are JSON 404s."""
-        h = Harness()
+        h = ResourceTreeHarness()
         for path in ("/nope", "/v1", "/v1/nope", "/v1/chat", "/api/models", "/api/x/y"):
             assert_error(self, h.client.request("GET", path), 404, "not_found")
 
@@ -768,7 +730,7 @@ class NoHTMLTests(SynchronousTestCase):
 class RequestLogTests(SynchronousTestCase):
     def test_request_events_and_log_line(self) -> None:
         """Each proxied request publishes one event and (logRequests) logs one line."""
-        h = Harness()
+        h = ResourceTreeHarness()
         h.client.site.log_requests = True
         seen = events_of(h.events, "request")
         lines: list[dict[str, Any]] = []
@@ -795,9 +757,9 @@ class RequestLogTests(SynchronousTestCase):
         self.assertEqual((lines[0]["model"], lines[0]["status"]), ("alpha", 200))
         self.assertEqual(lines[2]["path"], "/health")
 
-    def watch(self) -> tuple[Harness, list[dict[str, Any]]]:
+    def watch(self) -> tuple[ResourceTreeHarness, list[dict[str, Any]]]:
         """A harness that logs requests, and the access lines it logs."""
-        h = Harness()
+        h = ResourceTreeHarness()
         h.client.site.log_requests = True
         lines: list[dict[str, Any]] = []
 
@@ -848,28 +810,11 @@ class HalfThenBoom(JSONResource):
         raise RuntimeError("kaboom")
 
 
-PEER_CONFIG = (
-    CONFIG
-    + """
-peers:
-  remote:
-    proxy: http://peer.test:8080/base/
-    models: [llama, alpha, "org/big"]
-    apiKey: sk-peer
-    filters:
-      setParams: {temperature: 0.25}
-  open:
-    proxy: http://open.test
-    models: [small, llama]
-"""
-)
-
-
 class PeerTests(SynchronousTestCase):
     """Peers' models: relayed to the peer's URL without a lease, listed in /v1/models."""
 
     def setUp(self) -> None:
-        self.h = Harness(PEER_CONFIG)
+        self.h = ResourceTreeHarness(PEER_CONFIG)
 
     def test_qualified_name_is_relayed(self) -> None:
         """The peer gets the same path and query under its URL, its own name and its key."""

@@ -33,8 +33,8 @@ from twisted.web.iweb import IResponse
 
 from llamaswap.http import make_http
 from tests.fakeserver_helper import fake_model, make_config
+from tests.live_proxy import RunningProxy
 from tests.proctools import open_fds, our_children, rss_kib, sleep
-from tests.test_reliability import RunningProxy
 
 SOAK_REQUESTS = 10_000
 RUN = 250  # requests to one model before switching to the other

@@ -28,10 +28,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 
+from tests.exposition import parse_exposition
 from tests.fakeserver_helper import fake_model, make_config
+from tests.live_proxy import RunningProxy
 from tests.proctools import wait_until
-from tests.test_metrics import parse_exposition
-from tests.test_reliability import RunningProxy
 
 # A stream that cannot end during the test (10,000 tokens 50 ms apart: over 8
 # minutes): a client leaving it, or a server killed during it, is always mid-stream.

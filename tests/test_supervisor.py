@@ -26,7 +26,13 @@ from llamaswap.events import EventBus
 from llamaswap.names import Resolver
 from llamaswap.process.health import POLL_FAST
 from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor, may_run_with
-from tests.process_fakes import FakeChild, FakeHealth, FakeKill, FakeProcessReactor, make_config
+from llamaswap.testing.process import (
+    FakeChild,
+    FakeHealth,
+    FakeKill,
+    FakeProcessReactor,
+    make_config,
+)
 
 PY = sys.executable
 
@@ -45,7 +51,7 @@ def yaml_for(*names: str, extra: dict[str, str] | None = None, top: str = "") ->
     return "\n".join(lines) + "\n"
 
 
-class Harness:
+class SupervisorHarness:
     """A Supervisor on fakes, with every published state change recorded."""
 
     def __init__(self, yaml_text: str) -> None:
@@ -103,7 +109,7 @@ class Harness:
 class AcquireTests(SynchronousTestCase):
     def test_cold_start_then_lease(self) -> None:
         """acquire starts a stopped model and fires with a lease once healthy."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         h.healthy()
         d = h.sup.acquire_by_name("a")
         self.assertNoResult(d)
@@ -121,7 +127,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_ready_model_is_served_at_once(self) -> None:
         """A second request for a ready model needs no start."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         h.healthy()
         d = h.sup.acquire_by_name("a")
         h.tick()
@@ -131,13 +137,15 @@ class AcquireTests(SynchronousTestCase):
 
     def test_unknown_model(self) -> None:
         """Unknown names errback with ModelNotFound, starting nothing."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         self.failureResultOf(h.sup.acquire_by_name("nope"), ModelNotFound)
         self.assertEqual(h.reactor.children, [])
 
     def test_alias_and_use_model_name(self) -> None:
         """Aliases resolve to their model; useModelName is the upstream name."""
-        h = Harness(yaml_for("a", extra={"a": 'aliases: ["alpha"]\nuseModelName: "A-7B"'}))
+        h = SupervisorHarness(
+            yaml_for("a", extra={"a": 'aliases: ["alpha"]\nuseModelName: "A-7B"'})
+        )
         h.healthy()
         d = h.sup.acquire_by_name("alpha")
         h.tick()
@@ -147,7 +155,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_concurrent_requests_share_one_start(self) -> None:
         """Requests for a starting model all wait for the same single start."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         waiting = [h.sup.acquire_by_name("a") for _ in range(5)]
         h.tick(10)
         self.assertEqual(len(h.reactor.children), 1)
@@ -161,7 +169,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_failed_start_fails_every_waiter_and_next_request_retries(self) -> None:
         """Exit during startup: all waiters get StartFailed with the tail; retry works."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
         child = h.child_of("a")
         child.output(b"bind: address already in use\n", fd=2)
@@ -180,7 +188,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_port_in_use_fails_every_waiter(self) -> None:
         """Another server owns the model's port: every waiter gets StartFailed (502)."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         h.reactor.hang_connects = True
         first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
         [(host, port, factory, _, _)] = h.reactor.tcpClients  # one check for both
@@ -194,7 +202,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_health_timeout_fails_waiters(self) -> None:
         """No 200 within healthCheckTimeout: HealthTimeout for every waiter."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         d = h.sup.acquire_by_name("a")
         h.reactor.advance(30)
         self.failureResultOf(d, HealthTimeout)
@@ -202,7 +210,7 @@ class AcquireTests(SynchronousTestCase):
 
     def test_concurrency_limit(self) -> None:
         """Leases held plus requests queued count against concurrencyLimit."""
-        h = Harness(yaml_for("a", extra={"a": "concurrencyLimit: 2"}))
+        h = SupervisorHarness(yaml_for("a", extra={"a": "concurrencyLimit: 2"}))
         first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
         failure = self.failureResultOf(h.sup.acquire_by_name("a"), TooManyRequests)
         self.assertEqual(failure.value.status, 429)
@@ -216,7 +224,7 @@ class AcquireTests(SynchronousTestCase):
 
 
 class SwapTests(SynchronousTestCase):
-    def ready(self, h: Harness, model_id: str) -> Lease:
+    def ready(self, h: SupervisorHarness, model_id: str) -> Lease:
         d = h.sup.acquire_by_name(model_id)
         h.healthy()
         h.tick()
@@ -224,7 +232,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_swap_stops_the_other_model_first(self) -> None:
         """One model at a time: B starts only after A has ended."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         self.ready(h, "a").release()
         a = h.child_of("a")
         a.dies_on = set()
@@ -239,7 +247,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_swap_waits_for_in_flight_requests(self) -> None:
         """A model with a request in flight is never stopped to make room."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
         d = h.sup.acquire_by_name("b")
         h.reactor.advance(3600)
@@ -254,7 +262,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_requests_for_the_ready_model_are_served_while_others_wait(self) -> None:
         """Collation: the ready model serves new requests although b is queued."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
         b = h.sup.acquire_by_name("b")
         again = self.successResultOf(h.sup.acquire_by_name("a"))
@@ -267,7 +275,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_other_models_wait_in_fifo_order(self) -> None:
         """Queued requests for different models are started in arrival order."""
-        h = Harness(yaml_for("a", "b", "c"))
+        h = SupervisorHarness(yaml_for("a", "b", "c"))
         lease = self.ready(h, "a")
         c = h.sup.acquire_by_name("c")
         b = h.sup.acquire_by_name("b")
@@ -285,7 +293,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_repeated_wishes_keep_their_place(self) -> None:
         """b, c, c queued behind a busy a: b goes first, both c's after b."""
-        h = Harness(yaml_for("a", "b", "c"))
+        h = SupervisorHarness(yaml_for("a", "b", "c"))
         lease = self.ready(h, "a")
         b, c1, c2 = (
             h.sup.acquire_by_name("b"),
@@ -306,7 +314,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_many_waiters(self) -> None:
         """A thousand queued requests are served by one start, quickly."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
         waiting = [h.sup.acquire_by_name("b") for _ in range(1000)]
         lease.release()
@@ -319,7 +327,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_cancelled_queued_request_triggers_no_load(self) -> None:
         """A client that left while queued does not cause a swap."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         lease = self.ready(h, "a")
         d = h.sup.acquire_by_name("b")
         d.cancel()
@@ -332,7 +340,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_cancelled_waiter_of_a_start_lets_it_finish(self) -> None:
         """The only waiter of a start leaves: the model still ends up ready."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         d = h.sup.acquire_by_name("a")
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -342,7 +350,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_starting_model_is_not_aborted_by_a_swap(self) -> None:
         """A swap away from a model that is still starting waits for it first."""
-        h = Harness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b"))
         a = h.sup.acquire_by_name("a")
         a.cancel()
         self.failureResultOf(a, CancelledError)
@@ -357,7 +365,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_request_during_ttl_stop_waits_and_restarts(self) -> None:
         """A request arriving while the TTL unload runs gets a fresh start."""
-        h = Harness(yaml_for("a", extra={"a": "ttl: 10"}))
+        h = SupervisorHarness(yaml_for("a", extra={"a": "ttl: 10"}))
         self.ready(h, "a").release()
         h.child_of("a").dies_on = set()
         h.reactor.advance(10)
@@ -372,7 +380,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_crash_then_next_request_restarts(self) -> None:
         """A model that crashed while ready is started again on demand."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         lease = self.ready(h, "a")
         h.child_of("a").exit(sig=signal.SIGKILL)
         self.assertEqual(h.state("a"), "stopped")
@@ -384,7 +392,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_ttl_counts_from_last_release(self) -> None:
         """Through the supervisor: no TTL unload while a lease is held."""
-        h = Harness(yaml_for("a", extra={"a": "ttl: 10"}))
+        h = SupervisorHarness(yaml_for("a", extra={"a": "ttl: 10"}))
         lease = self.ready(h, "a")
         h.reactor.advance(100)
         self.assertEqual(h.state("a"), "ready")
@@ -398,7 +406,7 @@ class SwapTests(SynchronousTestCase):
 class RefusedTests(SynchronousTestCase):
     """Lease.connection_refused: the server refused a connection (a crash not yet noticed?)."""
 
-    def ready(self, h: Harness, model_id: str = "a") -> Lease:
+    def ready(self, h: SupervisorHarness, model_id: str = "a") -> Lease:
         d = h.sup.acquire_by_name(model_id)
         h.healthy()
         h.tick()
@@ -409,7 +417,7 @@ class RefusedTests(SynchronousTestCase):
         The server died but its exit was not processed yet: the wait ends when
         it is, and the next acquire starts a new server.
         """
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         lease = self.ready(h)
         waiting = lease.connection_refused()
         self.assertNoResult(waiting)
@@ -423,7 +431,7 @@ class RefusedTests(SynchronousTestCase):
 
     def test_crash_already_noticed(self) -> None:
         """The model left the state the lease was granted in: no wait at all."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         lease = self.ready(h)
         h.child_of("a").exit(code=1)
         self.assertIs(self.successResultOf(lease.connection_refused()), True)
@@ -434,7 +442,7 @@ class RefusedTests(SynchronousTestCase):
 
     def test_alive_but_refusing(self) -> None:
         """Still ready: the wait ends after REFUSED_WAIT; nothing is stopped."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         lease = self.ready(h)
         waiting = lease.connection_refused()
         h.reactor.advance(REFUSED_WAIT - 0.01)
@@ -446,7 +454,7 @@ class RefusedTests(SynchronousTestCase):
 
     def test_cancelled_wait_leaves_nothing_behind(self) -> None:
         """A client that leaves during the wait cancels it: no timer is left."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         lease = self.ready(h)
         waiting = lease.connection_refused()
         waiting.cancel()
@@ -465,7 +473,7 @@ class ProfileTests(SynchronousTestCase):
 
     def test_profile_members_run_together(self) -> None:
         """p:a then p:b: both run; the prefix is stripped upstream."""
-        h = Harness(self.YAML)
+        h = SupervisorHarness(self.YAML)
         h.healthy()
         da, db = h.sup.acquire_by_name("p:a"), h.sup.acquire_by_name("p:b")
         h.tick()
@@ -476,7 +484,7 @@ class ProfileTests(SynchronousTestCase):
 
     def test_switching_profile_stops_the_others(self) -> None:
         """q:c stops a (not in q) and keeps b; a plain request stops the rest."""
-        h = Harness(self.YAML)
+        h = SupervisorHarness(self.YAML)
         h.healthy()
         for name in ("p:a", "p:b"):
             d = h.sup.acquire_by_name(name)
@@ -494,7 +502,7 @@ class ProfileTests(SynchronousTestCase):
 
     def test_non_member_is_not_found(self) -> None:
         """p:c is not part of profile p."""
-        h = Harness(self.YAML)
+        h = SupervisorHarness(self.YAML)
         self.failureResultOf(h.sup.acquire_by_name("p:c"), ModelNotFound)
         self.failureResultOf(h.sup.acquire_by_name("zz:a"), ModelNotFound)
 
@@ -502,14 +510,14 @@ class ProfileTests(SynchronousTestCase):
 class _ReadyModelsCase(SynchronousTestCase):
     """Helpers for tests about which models end up running together."""
 
-    def ready(self, h: Harness, name: str) -> None:
+    def ready(self, h: SupervisorHarness, name: str) -> None:
         """Request C{name} until served; release the lease at once."""
         d = h.sup.acquire_by_name(name)
         h.healthy()
         h.tick(2)
         self.successResultOf(d).release()
 
-    def running(self, h: Harness) -> list[str]:
+    def running(self, h: SupervisorHarness) -> list[str]:
         return [s.model_id for s in h.sup.statuses() if s.state == "ready"]
 
 
@@ -524,7 +532,9 @@ class GroupTests(_ReadyModelsCase):
 
     def test_swap_false_members_run_side_by_side(self) -> None:
         """Members of a swap:false group run together; the default group still swaps."""
-        h = Harness(yaml_for("a", "b", "c", top="groups:\n  g: {swap: false, members: [a, b]}"))
+        h = SupervisorHarness(
+            yaml_for("a", "b", "c", top="groups:\n  g: {swap: false, members: [a, b]}")
+        )
         both = [h.sup.acquire_by_name("a"), h.sup.acquire_by_name("b")]
         self.assertEqual(h.spawned(), ["a", "b"])  # started in parallel
         h.healthy()
@@ -539,7 +549,7 @@ class GroupTests(_ReadyModelsCase):
 
     def test_swap_group_members_replace_each_other(self) -> None:
         """A swap:true group: b replaces a; an exclusive default-group model stops b."""
-        h = Harness(yaml_for("a", "b", "c", top="groups:\n  g: {members: [a, b]}"))
+        h = SupervisorHarness(yaml_for("a", "b", "c", top="groups:\n  g: {members: [a, b]}"))
         self.ready(h, "a")
         self.ready(h, "b")
         self.assertEqual(self.running(h), ["b"])
@@ -554,7 +564,7 @@ class GroupTests(_ReadyModelsCase):
             "  keep: {persistent: true, exclusive: false, members: [e]}\n"
             "  chat: {members: [a, b]}"
         )
-        h = Harness(yaml_for("a", "b", "e", "d", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "e", "d", top=top))
         self.ready(h, "e")
         self.ready(h, "a")
         self.ready(h, "b")  # swaps a for b, keeps e
@@ -565,7 +575,7 @@ class GroupTests(_ReadyModelsCase):
     def test_persistent_and_exclusive_group_stops_others(self) -> None:
         """Persistence protects a group; its own exclusive loads still stop the others."""
         top = "groups:\n  keep: {persistent: true, members: [e]}"
-        h = Harness(yaml_for("a", "e", top=top))
+        h = SupervisorHarness(yaml_for("a", "e", top=top))
         self.ready(h, "a")
         self.ready(h, "e")
         self.assertEqual(self.running(h), ["e"])
@@ -578,7 +588,7 @@ class GroupTests(_ReadyModelsCase):
         even an exclusive one; loading the exclusive one again stops it.
         """
         top = "groups:\n  side: {exclusive: false, members: [n]}"
-        h = Harness(yaml_for("a", "n", top=top))
+        h = SupervisorHarness(yaml_for("a", "n", top=top))
         self.ready(h, "a")
         self.ready(h, "n")
         self.assertEqual(self.running(h), ["a", "n"])
@@ -588,7 +598,7 @@ class GroupTests(_ReadyModelsCase):
 
     def test_load_waits_for_in_flight_requests_of_the_group(self) -> None:
         """A swap inside a group still waits for the member's in-flight requests."""
-        h = Harness(yaml_for("a", "b", "n", top="groups:\n  g: {members: [a, b]}"))
+        h = SupervisorHarness(yaml_for("a", "b", "n", top="groups:\n  g: {members: [a, b]}"))
         d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
@@ -608,7 +618,7 @@ class GroupTests(_ReadyModelsCase):
             "groups:\n  keep: {persistent: true, exclusive: false, members: [e]}\n"
             "  g: {members: [a, b]}"
         )
-        h = Harness(yaml_for("a", "b", "c", "e", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=top))
         self.ready(h, "e")
         self.ready(h, "c")
         self.ready(h, "p:a")
@@ -621,7 +631,7 @@ class GroupTests(_ReadyModelsCase):
     def test_waiters_for_compatible_models_do_not_block_each_other(self) -> None:
         """Queued requests for models that may coexist start together, in any order."""
         top = "groups:\n  g: {swap: false, members: [b, c]}"
-        h = Harness(yaml_for("a", "b", "c", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "c", top=top))
         d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
@@ -658,7 +668,7 @@ class MatrixTests(_ReadyModelsCase):
 
     def test_models_sharing_a_set_stay_up(self) -> None:
         """b shares a set with the running a: nothing is evicted, both run."""
-        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=self.TOP))
         self.ready(h, "a")
         self.ready(h, "b")
         self.assertEqual(self.running(h), ["a", "b"])
@@ -676,7 +686,7 @@ class MatrixTests(_ReadyModelsCase):
         With a and b running, c fits with either (sets two and three, one
         eviction each): two is defined first, so b is stopped and a stays.
         """
-        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=self.TOP))
         self.ready(h, "a")
         self.ready(h, "b")
         del self.logged[:]
@@ -687,7 +697,7 @@ class MatrixTests(_ReadyModelsCase):
 
     def test_eviction_cost_keeps_the_expensive_model(self) -> None:
         """With b and c running, a keeps c (cost 3) and evicts b (cost 1)."""
-        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=self.TOP))
         self.ready(h, "b")
         self.ready(h, "c")
         del self.logged[:]
@@ -697,7 +707,7 @@ class MatrixTests(_ReadyModelsCase):
 
     def test_model_in_no_set_runs_alone(self) -> None:
         """e is in no set: everything else is stopped first, and e then runs alone."""
-        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=self.TOP))
         self.ready(h, "b")
         self.ready(h, "c")
         del self.logged[:]
@@ -709,7 +719,7 @@ class MatrixTests(_ReadyModelsCase):
 
     def test_eviction_waits_for_in_flight_requests(self) -> None:
         """A conflicting model is stopped only once its requests ended."""
-        h = Harness(yaml_for("a", "b", "c", "e", top=self.TOP))
+        h = SupervisorHarness(yaml_for("a", "b", "c", "e", top=self.TOP))
         d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
@@ -730,7 +740,7 @@ class MatrixTests(_ReadyModelsCase):
     def test_incompatible_request_keeps_its_place(self) -> None:
         """A later request that a queued swap would evict waits behind it (FIFO)."""
         top = "matrix:\n  sets:\n    pair: 'a & b'\n    solo: c\n"
-        h = Harness(yaml_for("a", "b", "c", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "c", top=top))
         d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
@@ -755,7 +765,7 @@ class MatrixTests(_ReadyModelsCase):
     def test_compatible_waiters_start_together(self) -> None:
         """Queued requests for two models of one set start in parallel after the eviction."""
         top = "matrix:\n  sets:\n    pair: 'b & c'\n    solo: a\n"
-        h = Harness(yaml_for("a", "b", "c", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "c", top=top))
         d = h.sup.acquire_by_name("a")
         h.healthy()
         h.tick()
@@ -772,7 +782,7 @@ class MatrixTests(_ReadyModelsCase):
     def test_profiles_keep_their_meaning(self) -> None:
         """A profile:model request uses the profile's members, not the matrix."""
         top = "profiles:\n  p: [a, c]\nmatrix:\n  sets:\n    pair: 'a & b'\n"
-        h = Harness(yaml_for("a", "b", "c", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", "c", top=top))
         self.ready(h, "a")
         self.ready(h, "b")
         self.ready(h, "p:c")  # the matrix would stop a and b (c is in no set)
@@ -784,7 +794,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
     def test_unload_one_and_all(self) -> None:
         """unload(id or alias) stops that model; unload() stops everything."""
         text = yaml_for("a", "b", extra={"a": 'aliases: ["alpha"]'}, top="profiles:\n  p: [a, b]")
-        h = Harness(text)
+        h = SupervisorHarness(text)
         h.healthy()
         for name in ("p:a", "p:b"):
             d = h.sup.acquire_by_name(name)
@@ -798,7 +808,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
 
     def test_unload_does_not_wait_for_in_flight(self) -> None:
         """Explicit unload stops a model even while it serves."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         h.healthy()
         d = h.sup.acquire_by_name("a")
         h.tick()
@@ -809,7 +819,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
 
     def test_unload_while_starting_fails_the_waiters(self) -> None:
         """Unloading a starting model aborts the start."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         d = h.sup.acquire_by_name("a")
         self.successResultOf(h.sup.unload("a"))
         self.assertIn("aborted", self.failureResultOf(d, StartFailed).value.message)
@@ -817,7 +827,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
 
     def test_statuses_and_events(self) -> None:
         """statuses() lists models in config order; every transition is published."""
-        h = Harness(yaml_for("b", "a", extra={"a": "ttl: 30"}))
+        h = SupervisorHarness(yaml_for("b", "a", extra={"a": "ttl: 30"}))
         h.healthy()
         d = h.sup.acquire_by_name("a")
         h.tick()
@@ -857,7 +867,7 @@ class UnloadAndStatusTests(SynchronousTestCase):
 class ServiceTests(SynchronousTestCase):
     def test_stop_service_waits_for_every_child(self) -> None:
         """stopService fires only when all children ended; SIGKILL after the grace."""
-        h = Harness(yaml_for("a", "b", top="profiles:\n  p: [a, b]"))
+        h = SupervisorHarness(yaml_for("a", "b", top="profiles:\n  p: [a, b]"))
         h.healthy()
         for name in ("p:a", "p:b"):
             d = h.sup.acquire_by_name(name)
@@ -875,7 +885,7 @@ class ServiceTests(SynchronousTestCase):
 
     def test_stop_service_fails_queued_requests(self) -> None:
         """Requests still waiting when shutdown starts get ShuttingDown."""
-        h = Harness(yaml_for("a"))
+        h = SupervisorHarness(yaml_for("a"))
         d = h.sup.acquire_by_name("a")
         stopped = h.sup.stopService()
         self.failureResultOf(d, ShuttingDown)
@@ -884,7 +894,7 @@ class ServiceTests(SynchronousTestCase):
     def test_preload_on_start(self) -> None:
         """Models in hooks.on_startup.preload are started (and released) in order."""
         top = "hooks:\n  on_startup:\n    preload: [a, b]\nprofiles:\n  p: [a, b]"
-        h = Harness(yaml_for("a", "b", top=top))
+        h = SupervisorHarness(yaml_for("a", "b", top=top))
         h.healthy()
         h.sup.startService()
         h.tick(3)
@@ -895,7 +905,7 @@ class ServiceTests(SynchronousTestCase):
 
     def test_preload_failure_is_logged_not_fatal(self) -> None:
         """A preload that fails is logged; the service keeps running."""
-        h = Harness(yaml_for("a", top="hooks:\n  on_startup:\n    preload: [a]"))
+        h = SupervisorHarness(yaml_for("a", top="hooks:\n  on_startup:\n    preload: [a]"))
         h.sup.startService()
         h.child_of("a").exit(code=3)
         self.assertEqual(h.state("a"), "failed")

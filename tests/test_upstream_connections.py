@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.chat_clients import ChatAnswer, ChatClients, gather
 from tests.fakeserver_helper import fake_model, make_config, upstream_port
-from tests.test_reliability import RunningProxy
+from tests.live_proxy import RunningProxy
 
 LIKE_LLAMA = "--like-llama-server"
 

@@ -26,8 +26,8 @@ from zope.interface import implementer
 from llamaswap.config import Config
 from llamaswap.events import EventBus
 from llamaswap.logs import PROXY, UPSTREAM, LogHub
-from llamaswap.web import sse
 from llamaswap.supervisor import StatusSource
+from llamaswap.web import sse
 from llamaswap.web.base import JSONResource, client_gone, render_async
 
 # How many request summaries /api/events replays to a newly connected UI.

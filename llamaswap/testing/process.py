@@ -1,4 +1,6 @@
 # -*- test-case-name: tests.test_process,tests.test_supervisor -*-
+# Twisted's test doubles (StringTransport, Failure, MemoryReactor) are unannotated.
+# mypy: disable-error-code="no-untyped-call"
 """
 Fakes for unit-testing L{llamaswap.process} and L{llamaswap.supervisor}
 without real processes, sockets or time.
@@ -169,7 +171,9 @@ class FakeProcessReactor(MemoryReactorClock):
             factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
         return connector
 
-    def spawnProcess(
+    # The protocol is narrowed to ProcessProtocol (what llamaswap passes), whose
+    # childDataReceived and processEnded the fake children call.
+    def spawnProcess(  # type: ignore[override]
         self,
         processProtocol: ProcessProtocol,
         executable: bytes | str,

@@ -1,4 +1,6 @@
 # -*- test-case-name: tests.test_relay,tests.test_resources -*-
+# Twisted's test doubles (StringTransport, Failure, MemoryReactor) are unannotated.
+# mypy: disable-error-code="no-untyped-call"
 """
 Fakes for the web layer's unit tests: a supervisor handing out leases, an
 upstream that records what it was sent, and an HTTP client that talks to our
@@ -23,6 +25,7 @@ from llamaswap.config import Config, parse_config
 from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
 from llamaswap.names import LocalTarget, Resolver
+from llamaswap.process.states import State
 from llamaswap.supervisor import Lease, ModelStatus
 from llamaswap.web.site import LlamaSwapSite
 
@@ -124,7 +127,7 @@ class FakeSupervisor:
     def status(self, model_id: str) -> ModelStatus:
         return ModelStatus(
             model_id=model_id,
-            state=self.states.get(model_id, "stopped"),
+            state=State(self.states.get(model_id, "stopped")),
             pid=4242 if model_id in self.states else None,
             in_flight=0,
             ttl=self.config.models[model_id].ttl,
