@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
-from llamaswap.web.tree import build_root
 from llamaswap.testing.web import CONFIG, FakeSupervisor, RecordingUpstream, SiteClient, make_config
+from llamaswap.web.tree import build_root
 
 
 class ResourceTreeHarness:

@@ -2,7 +2,7 @@
 """
 Tests for L{llamaswap.config}: the YAML loader, its defaults, its error
 messages, macros, C{${PORT}} assignment, commands, profiles and
-L{Config.resolve}.
+name resolution as L{llamaswap.names.Resolver} reads the config.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from llamaswap.config import (
     Filters,
     GroupConfig,
     ModelConfig,
-    Target,
     command_text,
     load_config,
     parse_config,
     split_command,
 )
 from llamaswap.errors import ModelNotFound
+from llamaswap.names import PeerTarget, Resolver
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.yaml"
@@ -615,10 +615,10 @@ class AliasTests(ErrorAssertions):
             """
         )
         llama = config.models["llama"]
-        self.assertIs(config.find_model("llama"), llama)
-        self.assertIs(config.find_model("gpt-3.5-turbo"), llama)
-        self.assertIsNone(config.find_model("gpt-4"))
-        self.assertIsNone(config.find_model("LLAMA"))
+        self.assertIs(Resolver(config).find_model("llama"), llama)
+        self.assertIs(Resolver(config).find_model("gpt-3.5-turbo"), llama)
+        self.assertIsNone(Resolver(config).find_model("gpt-4"))
+        self.assertIsNone(Resolver(config).find_model("LLAMA"))
 
 
 class MacroTests(ErrorAssertions):
@@ -1127,6 +1127,23 @@ class CommandTests(ErrorAssertions):
         self.assertEqual(str(error), "models.q.cmd: must not be empty")
 
 
+def resolved(config: Config, name: str) -> tuple[str, str | None, str | None]:
+    """(model id, profile, upstream model) of a local name (see L{llamaswap.names})."""
+    target = Resolver(config).local(name)
+    return target.model_id, target.profile, target.upstream_model
+
+
+def peer_of(config: Config, name: str) -> PeerTarget | None:
+    """The peer model C{name} reaches, or None for a local or unknown name."""
+    try:
+        target = Resolver(config).resolve(name)
+    except ModelNotFound as e:
+        if "several peers" in e.message:
+            raise
+        return None
+    return target if isinstance(target, PeerTarget) else None
+
+
 PROFILES = """
     models:
       llama:
@@ -1218,7 +1235,7 @@ class FiltersTests(ErrorAssertions):
         )
         model = config.models["qwen"]
         self.assertEqual(model.aliases, ("q", "qwen-hot", "qwen-cold"))
-        self.assertEqual(config.resolve("qwen-cold").model_id, "qwen")
+        self.assertEqual(Resolver(config).local("qwen-cold").model_id, "qwen")
         self.assertEqual(model.filters.edits_for("qwen"), ((), {"temperature": 0.5}))
         self.assertEqual(
             model.filters.edits_for("qwen-cold"), ((), {"temperature": 0.1, "top_k": 5})
@@ -1354,7 +1371,7 @@ class ReuseConnectionsTests(ErrorAssertions):
 
 
 class ProfileTests(ErrorAssertions):
-    """Seed-style profiles and Config.resolve."""
+    """Seed-style profiles, and profile:model names resolved (L{llamaswap.names})."""
 
     def setUp(self) -> None:
         self.config = parse(PROFILES)
@@ -1368,38 +1385,38 @@ class ProfileTests(ErrorAssertions):
 
     def test_resolve_id(self) -> None:
         """A model id resolves to itself; the upstream keeps the body's model."""
-        self.assertEqual(self.config.resolve("llama"), Target(model_id="llama"))
+        self.assertEqual(resolved(self.config, "llama"), ("llama", None, None))
 
     def test_resolve_alias(self) -> None:
         """An alias resolves to its model; the body's model is forwarded unchanged."""
-        self.assertEqual(self.config.resolve("gpt-4o-mini"), Target(model_id="llama"))
+        self.assertEqual(resolved(self.config, "gpt-4o-mini"), ("llama", None, None))
 
     def test_resolve_use_model_name(self) -> None:
         """useModelName is the name the upstream sees."""
         self.assertEqual(
-            self.config.resolve("renamed"),
-            Target(model_id="renamed", upstream_model="upstream-name"),
+            resolved(self.config, "renamed"),
+            ("renamed", None, "upstream-name"),
         )
 
     def test_resolve_profile_member(self) -> None:
         """profile:model resolves to the member; the upstream sees the part after ':'."""
         self.assertEqual(
-            self.config.resolve("coding:qwen"),
-            Target(model_id="qwen", profile="coding", upstream_model="qwen"),
+            resolved(self.config, "coding:qwen"),
+            ("qwen", "coding", "qwen"),
         )
         self.assertEqual(
-            self.config.resolve("coding:coder"),
-            Target(model_id="qwen", profile="coding", upstream_model="coder"),
+            resolved(self.config, "coding:coder"),
+            ("qwen", "coding", "coder"),
         )
         self.assertEqual(
-            self.config.resolve("coding:renamed"),
-            Target(model_id="renamed", profile="coding", upstream_model="upstream-name"),
+            resolved(self.config, "coding:renamed"),
+            ("renamed", "coding", "upstream-name"),
         )
 
     def test_ids_with_colons_resolve_as_ids_first(self) -> None:
         """qwen2.5:7b is a model id, even though a profile named qwen2.5 exists."""
-        self.assertEqual(self.config.resolve("qwen2.5:7b"), Target(model_id="qwen2.5:7b"))
-        self.assertEqual(self.config.resolve("qwen2.5:qwen").profile, "qwen2.5")
+        self.assertEqual(resolved(self.config, "qwen2.5:7b"), ("qwen2.5:7b", None, None))
+        self.assertEqual(resolved(self.config, "qwen2.5:qwen")[1], "qwen2.5")
 
     def test_unknown_names(self) -> None:
         """Unknown models, profiles and non-members are ModelNotFound (404)."""
@@ -1412,7 +1429,7 @@ class ProfileTests(ErrorAssertions):
             "coding:": "model  is not part of profile coding",
         }
         for name, message in cases.items():
-            error = self.assertRaises(ModelNotFound, self.config.resolve, name)
+            error = self.assertRaises(ModelNotFound, Resolver(self.config).local, name)
             self.assertEqual(error.status, 404)
             self.assertEqual(error.message, message)
 
@@ -1480,15 +1497,19 @@ class GroupTests(ErrorAssertions):
     def test_group_of(self) -> None:
         """Members get their group; the others share the implicit default group."""
         config = parse(GROUPS)
-        self.assertEqual(config.group_of("a").id, "duo")
-        self.assertEqual(config.group_of("c").id, "keep")
-        self.assertEqual(config.group_of("d"), GroupConfig(id=DEFAULT_GROUP_ID, members=("d",)))
+        self.assertEqual(Resolver(config).group_of("a").id, "duo")
+        self.assertEqual(Resolver(config).group_of("c").id, "keep")
+        self.assertEqual(
+            Resolver(config).group_of("d"), GroupConfig(id=DEFAULT_GROUP_ID, members=("d",))
+        )
 
     def test_no_groups(self) -> None:
         """Without groups, every model is in the default group (one at a time)."""
         config = parse(MINIMAL)
         self.assertEqual(dict(config.groups), {})
-        self.assertEqual(config.group_of("m"), GroupConfig(id=DEFAULT_GROUP_ID, members=("m",)))
+        self.assertEqual(
+            Resolver(config).group_of("m"), GroupConfig(id=DEFAULT_GROUP_ID, members=("m",))
+        )
 
     def test_group_validation(self) -> None:
         """Errors name the dotted path: unknown models, aliases, a model in two groups..."""
@@ -1541,7 +1562,7 @@ class GroupTests(ErrorAssertions):
         """Groups and seed profiles may be used together (see docs/swapping.md)."""
         config = parse(GROUPS + "    profiles:\n      p: [a, d]\n")
         self.assertEqual(config.profiles["p"], ("a", "d"))
-        self.assertEqual(config.group_of("a").id, "duo")
+        self.assertEqual(Resolver(config).group_of("a").id, "duo")
 
 
 MATRIX_MODELS = """
@@ -1784,10 +1805,10 @@ class SeedExampleTests(SynchronousTestCase):
         """profiles.coding lists qwen and llama; coding:qwen resolves."""
         self.assertEqual(dict(self.config.profiles), {"coding": ("qwen", "llama")})
         self.assertEqual(
-            self.config.resolve("coding:qwen"),
-            Target(model_id="qwen", profile="coding", upstream_model="qwen"),
+            resolved(self.config, "coding:qwen"),
+            ("qwen", "coding", "qwen"),
         )
-        self.assertEqual(self.config.resolve("gpt-3.5-turbo").model_id, "llama")
+        self.assertEqual(resolved(self.config, "gpt-3.5-turbo")[0], "llama")
 
 
 class ExampleConfigTests(SynchronousTestCase):
@@ -1888,7 +1909,7 @@ class PeerTests(ErrorAssertions):
         """Qualified names, unique bare names; local ids and aliases win; ambiguity is a 404."""
 
         def found(name: str) -> tuple[str, str] | None:
-            target = self.config.find_peer(name)
+            target = peer_of(self.config, name)
             return None if target is None else (target.fqn, target.model)
 
         self.assertEqual(found("gpu/qwen"), ("gpu/qwen", "qwen"))
@@ -1901,12 +1922,12 @@ class PeerTests(ErrorAssertions):
         self.assertIsNone(found("local"))
         self.assertIsNone(found("gpu/unknown"))
         self.assertIsNone(found("nothing"))
-        error = self.assertRaises(ModelNotFound, self.config.find_peer, "both")
+        error = self.assertRaises(ModelNotFound, peer_of, self.config, "both")
         self.assertEqual(
             error.message, "model both is served by several peers; ask for gpu/both, cpu/both"
         )
         # Peers are not local models: the supervisor's resolve knows nothing of them.
-        self.assertRaises(ModelNotFound, self.config.resolve, "gpu/qwen")
+        self.assertRaises(ModelNotFound, Resolver(self.config).local, "gpu/qwen")
 
     def test_profile_reading_before_bare_peer_names(self) -> None:
         """C{profile:model} is read before a bare peer name that looks like it."""
@@ -1920,9 +1941,9 @@ class PeerTests(ErrorAssertions):
               far: {proxy: "http://far", models: ["p:a", "x:y"]}
             """
         )
-        self.assertIsNone(config.find_peer("p:a"))
-        self.assertEqual(config.resolve("p:a").model_id, "a")
-        target = config.find_peer("x:y")
+        self.assertIsNone(peer_of(config, "p:a"))
+        self.assertEqual(resolved(config, "p:a")[0], "a")
+        target = peer_of(config, "x:y")
         assert target is not None
         self.assertEqual(target.fqn, "far/x:y")
 

@@ -28,8 +28,6 @@ from llamaswap.config.schema import (
     GroupConfig,
     ModelConfig,
     PeerConfig,
-    PeerTarget,
-    Target,
     plain_json,
 )
 
@@ -44,8 +42,6 @@ __all__ = [
     "GroupConfig",
     "ModelConfig",
     "PeerConfig",
-    "PeerTarget",
-    "Target",
     "command_text",
     "load_config",
     "parse_config",

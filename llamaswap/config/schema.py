@@ -14,7 +14,6 @@ from typing import Any
 from attrs import field, frozen
 
 from llamaswap.config.matrix import Matrix
-from llamaswap.errors import ModelNotFound
 
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
@@ -107,29 +106,6 @@ class PeerConfig:
     reuse_connections: bool = True  # keep-alive, as for models
 
 
-@frozen(kw_only=True)
-class PeerTarget:
-    """A requested name that resolved to a peer's model."""
-
-    peer: PeerConfig
-    model: str  # the name the peer knows it by (the body's "model" upstream)
-
-    @property
-    def fqn(self) -> str:
-        """The qualified name, C{<peer id>/<model>}."""
-        return f"{self.peer.id}/{self.model}"
-
-
-@frozen(kw_only=True)
-class Target:
-    """What a requested model name resolves to."""
-
-    model_id: str
-    profile: str | None = None
-    # The name the upstream should see in the body's "model", or None to keep it.
-    upstream_model: str | None = None
-
-
 DEFAULT_GROUP_ID = "(default)"  # the implicit group of models listed in no group
 
 
@@ -178,79 +154,6 @@ class Config:
     base_dir: str = "."
     source: str = "<string>"
     warnings: tuple[str, ...] = ()
-
-    def group_of(self, model_id: str) -> GroupConfig:
-        """The group of model C{model_id}: its own, else the implicit default group."""
-        for group in self.groups.values():
-            if model_id in group.members:
-                return group
-        grouped = {m for group in self.groups.values() for m in group.members}
-        return GroupConfig(
-            id=DEFAULT_GROUP_ID, members=tuple(m for m in self.models if m not in grouped)
-        )
-
-    def find_model(self, name: str) -> ModelConfig | None:
-        """Return the model whose id or alias is C{name}, if any."""
-        model = self.models.get(name)
-        if model is not None:
-            return model
-        for candidate in self.models.values():
-            if name in candidate.aliases:
-                return candidate
-        return None
-
-    def resolve(self, requested: str) -> Target:
-        """
-        Resolve a requested name: a model id, an alias, or C{profile:model}.
-
-        Exact ids and aliases win over the profile reading, so model ids that
-        contain C{:} (C{qwen2.5:7b}) stay requestable.
-
-        @raise ModelNotFound: with a message that names only what was asked.
-        """
-        model = self.find_model(requested)
-        if model is not None:
-            return Target(model_id=model.id, upstream_model=model.use_model_name)
-        profile, sep, rest = requested.partition(":")
-        if sep and profile:
-            members = self.profiles.get(profile)
-            if members is None:
-                raise ModelNotFound(f"profile not found: {profile}")
-            model = self.find_model(rest)
-            if model is None or model.id not in members:
-                raise ModelNotFound(f"model {rest} is not part of profile {profile}")
-            return Target(
-                model_id=model.id,
-                profile=profile,
-                upstream_model=model.use_model_name or rest,
-            )
-        raise ModelNotFound(f"model not found: {requested}")
-
-    def find_peer(self, requested: str) -> PeerTarget | None:
-        """
-        The peer model C{requested} names, or None if it names none (or a local one).
-
-        Order: local model ids and aliases, then C{<peer>/<model>}, then the
-        C{profile:model} reading, then a bare name listed by exactly one peer.
-
-        @raise ModelNotFound: a bare name several peers list (ambiguous).
-        """
-        if not self.peers or self.find_model(requested) is not None:
-            return None
-        peer_id, sep, name = requested.partition("/")
-        peer = self.peers.get(peer_id) if sep else None
-        if peer is not None and name in peer.models:
-            return PeerTarget(peer=peer, model=name)
-        try:
-            self.resolve(requested)
-            return None  # a profile:model
-        except ModelNotFound:
-            pass
-        offering = [p for p in self.peers.values() if requested in p.models]
-        if len(offering) > 1:
-            choices = ", ".join(f"{p.id}/{requested}" for p in offering)
-            raise ModelNotFound(f"model {requested} is served by several peers; ask for {choices}")
-        return PeerTarget(peer=offering[0], model=requested) if offering else None
 
 
 def plain_json(value: Any) -> Any:

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_process,tests.test_supervisor -*-
-# Twisted's test doubles (StringTransport, Failure, MemoryReactor) are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 Fakes for unit-testing L{llamaswap.process} and L{llamaswap.supervisor}
 without real processes, sockets or time.

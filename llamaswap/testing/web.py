@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_relay,tests.test_resources -*-
-# Twisted's test doubles (StringTransport, Failure, MemoryReactor) are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 Fakes for the web layer's unit tests: a supervisor handing out leases, an
 upstream that records what it was sent, and an HTTP client that talks to our

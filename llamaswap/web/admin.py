@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_resources -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 The routes about models rather than to them: the model list, what is running,
 health, and the load/unload API. None of them starts a model except C{load}.

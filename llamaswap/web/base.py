@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_resources -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 twisted.web building blocks whose errors are ours, never twisted.web's pages.
 

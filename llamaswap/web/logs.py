@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_logs -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 HTTP views of the log hub:
 

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_resources -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 The routes that reach a model: the OpenAI/Anthropic/llama-server API paths
 (the model named in the request) and C{/upstream/<model>/<path>}.

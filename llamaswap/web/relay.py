@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_relay -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 The relay: one client request, replayed to a model's server, streamed back.
 

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_resources -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 The HTTP server side: a L{Site} whose requests enforce the body limit early,
 never answer with twisted.web's HTML error pages (errors are ours: JSON unless

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_relay -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """Server-sent events framing, the one framer every stream uses, and the loading stream.
 
 A frame is C{event: <kind>\\n} (optional) then C{data: <payload>\\n} and a blank line. Our

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_resources -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """
 The resource tree: L{build_root} mounts every route (see docs/api.md).
 

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_logs -*-
-# twisted.web's Request and Resource are unannotated; everything else stays strict.
-# mypy: disable-error-code="no-untyped-call"
 """C{/ui/}: the static UI files in C{llamaswap/ui/}."""
 
 from __future__ import annotations

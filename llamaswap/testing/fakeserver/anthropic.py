@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 The fake server's Anthropic Messages API: C{/v1/messages} (streamed as
 Anthropic's named events when asked) and C{/v1/messages/count_tokens}.

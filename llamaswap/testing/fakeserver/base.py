@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 What every route of the fake server shares: JSON in and out, the error
 envelope, the L{Endpoint} leaf (method dispatch, the 503 while loading), the

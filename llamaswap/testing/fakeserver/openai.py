@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 The fake server's OpenAI-compatible API, and llama-server's own routes beside
 it: models, chat and text completions (and llama-server's native

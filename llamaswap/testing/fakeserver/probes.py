@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 The fake server's routes that are no inference API: llama-server's own
 C{/health} and C{/props}, what the process is (C{/pid}, C{/env}), its

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 The fake upstream's state and its connections: L{FakeServer} (counters, the
 loading clock, the disconnect record, crash and exit behaviours, the

@@ -1,6 +1,4 @@
 # -*- test-case-name: tests.test_fakeserver -*-
-# twisted.web's Request and Resource methods are unannotated.
-# mypy: disable-error-code="no-untyped-call"
 """
 The fake server's resource tree: every API's L{Routes.table} joined under one
 root that brands, counts and logs each request, with a JSON 404 for every
