@@ -32,7 +32,6 @@ __all__ = [
     "HookedConnectionPool",
     "ReplayingConnection",
     "RequestNotSent",
-    "client_gone",
     "pending_request_line",
     "publisher_observers",
     "standard_endpoint_factory",
@@ -148,11 +147,6 @@ def pending_request_line(channel: HTTPChannel) -> tuple[bytes | None, bytes | No
     Content-Length) the request object does not know them yet; the channel does.
     """
     return getattr(channel, "_command", None), getattr(channel, "_path", None)
-
-
-def client_gone(request: Any) -> bool:
-    """Whether C{request}'s client went away before the answer was finished."""
-    return bool(getattr(request, "_disconnected", False))
 
 
 # --- the log ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from llamaswap._twisted import (
     HTTP11ClientFactory,
     ReplayingConnection,
     RequestNotSent,
-    client_gone,
     pending_request_line,
     publisher_observers,
     quiescent_callback,
@@ -169,14 +168,6 @@ class ServerSideTests(SynchronousTestCase):
         self.assertEqual(pending_request_line(channel), (None, None))
         channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         self.assertEqual(pending_request_line(channel), (b"POST", b"/v1/chat/completions"))
-
-    def test_client_gone(self) -> None:
-        """A request whose connection was lost says so; a live one does not."""
-        channel, _ = self._channel(HTTPChannel())
-        request = Request(channel)
-        self.assertFalse(client_gone(request))
-        request.connectionLost(ConnectionError("gone"))  # type: ignore[arg-type]
-        self.assertTrue(client_gone(request))
 
 
 class LogTests(SynchronousTestCase):

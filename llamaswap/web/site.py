@@ -20,10 +20,10 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from llamaswap._twisted import ChannelHooks, pending_request_line, wrap_channel
 from llamaswap.errors import BodyTooLarge, ProxyError, error_body
 from llamaswap.events import EventBus
 from llamaswap.names import Target
@@ -112,8 +112,9 @@ class LlamaSwapRequest(Request):
     def _refuse_body(self) -> None:
         self._refused = True
         channel = self.channel
-        self.method = getattr(channel, "_command", self.method)
-        self.uri = getattr(channel, "_path", self.uri)
+        method, uri = pending_request_line(channel)
+        self.method = method or self.method
+        self.uri = uri or self.uri
         self.path = self.uri.split(b"?", 1)[0]
         self.code = 413
         content = self.content
@@ -238,7 +239,7 @@ class LlamaSwapRequest(Request):
         self._site.request_ended(self, status, self._now() - self._started)
 
 
-class LlamaSwapChannel(HTTPChannel):
+class LlamaSwapChannel(ChannelHooks):
     """
     An C{HTTPChannel} whose own refusals are JSON too.
 
@@ -260,7 +261,7 @@ class LlamaSwapChannel(HTTPChannel):
             except OSError:
                 pass  # not TCP (a Unix socket from systemd): no Nagle there
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         self._refuse(400, "Bad Request", "malformed HTTP request")
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -281,10 +282,8 @@ class LlamaSwapChannel(HTTPChannel):
         self.loseConnection()
 
 
-def _json_channel(site: Site) -> _GenericHTTPChannelProtocol:
-    # Site.protocol's default wraps a plain HTTPChannel the same way (it keeps
-    # the HTTP/2 negotiation hook); only the channel class differs.
-    return _GenericHTTPChannelProtocol(LlamaSwapChannel())
+def _json_channel(site: Site) -> Any:
+    return wrap_channel(LlamaSwapChannel())
 
 
 class LlamaSwapSite(Site):

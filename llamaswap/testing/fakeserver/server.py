@@ -175,7 +175,7 @@ class _FakeRequest(server.Request):
             and fake.options.close_after_stream
             and self.chunked
             and not self.finished
-            and not self._disconnected
+            and self.channel is not None  # None once the client left
             and self.channel.persistent
         ):
             # cpp-httplib closes after every chunked answer, and says nothing
