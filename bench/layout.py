@@ -1,10 +1,14 @@
 """The shape of the package in figures: modules, lines, import floors, longest functions.
 
-    python bench/layout.py [--tree DIR] [--top N]
+    python bench/layout.py [--tree DIR] [--top N] [--runtime]
 
 An import floor is the length of the longest chain of llamaswap imports below a module
 (a leaf is on floor 1), counting imports made anywhere in the module except under
-C{if TYPE_CHECKING:}. docs/architecture.md quotes these figures before and after a change.
+C{if TYPE_CHECKING:}. Package floors count the same chains between the units a reader
+meets first: each subpackage (llamaswap.web, ...) taken whole, each top-level module
+alone. C{--runtime} leaves out the fake server and the test fakes (llamaswap.fakeserver,
+llamaswap.testing), which the proxy never imports. docs/architecture.md quotes these
+figures before and after a change.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import io
+import tokenize
 from pathlib import Path
 
 
@@ -56,15 +62,55 @@ def _imports(tree: ast.AST, package: str, modules: set[str], current: str) -> se
                 name = name.rpartition(".")[0]
             if name and name != current and name.startswith(package):
                 found.add(name)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for inner in ast.iter_child_nodes(node):
+            visit(inner)
 
     current_is_package = False
     visit(tree)
     return found
 
 
-def measure(tree_dir: Path, top: int) -> None:
+def _code_lines(text: str, tree: ast.AST) -> int:
+    """Lines holding code: not blank, not only a comment, not part of a docstring."""
+    docstrings: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                first = body[0]
+                docstrings.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT}
+    code: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type not in skip and token.type != tokenize.ENDMARKER:
+            code.update(range(token.start[0], token.end[0] + 1))
+    return len(code - docstrings)
+
+
+TEST_KIT = ("llamaswap.fakeserver", "llamaswap.testing")
+
+
+def _unit(name: str, packages: set[str]) -> str:
+    """The subpackage of llamaswap that C{name} is in, or C{name} for a top-level module."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or name in packages else name
+
+
+def _floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    seen: dict[str, int] = {}
+
+    def floor(name: str, path: frozenset[str]) -> int:
+        if name not in seen:
+            below = [floor(dep, path | {name}) for dep in graph[name] if dep not in path]
+            seen[name] = 1 + max(below, default=0)
+        return seen[name]
+
+    for name in graph:
+        floor(name, frozenset())
+    return seen
+
+
+def measure(tree_dir: Path, top: int, runtime: bool = False) -> None:
     root = tree_dir
     package_dir = root / "llamaswap"
     files = {
@@ -72,14 +118,22 @@ def measure(tree_dir: Path, top: int) -> None:
         for path in sorted(package_dir.rglob("*.py"))
         if "__pycache__" not in path.parts
     }
+    if runtime:
+        files = {
+            name: path
+            for name, path in files.items()
+            if not any(name == kit or name.startswith(kit + ".") for kit in TEST_KIT)
+        }
     modules = set(files)
     graph: dict[str, set[str]] = {}
     lines: dict[str, int] = {}
     functions: list[tuple[int, str]] = []
+    code = 0
     for name, path in files.items():
         text = path.read_text()
         lines[name] = len(text.splitlines())
         tree = ast.parse(text)
+        code += _code_lines(text, tree)
         graph[name] = _imports(tree, "llamaswap", modules, name)
         # A package's __init__ importing its own submodules is not a floor of its own.
         if path.name == "__init__.py":
@@ -94,8 +148,20 @@ def measure(tree_dir: Path, top: int) -> None:
         return 1 + max((floor(dep) for dep in graph[name]), default=0)
 
     arrows = sum(len(deps) for deps in graph.values())
-    print(f"modules: {len(files)}  lines: {sum(lines.values())}  import arrows: {arrows}")
+    total = sum(lines.values())
+    print(f"modules: {len(files)}  lines: {total} (code {code})  import arrows: {arrows}")
     print(f"import floors: {max(floor(name) for name in files)}")
+    packages = {name for name, path in files.items() if path.name == "__init__.py"}
+    units: dict[str, set[str]] = {}
+    for name, deps in graph.items():
+        unit = _unit(name, packages)
+        units.setdefault(unit, set()).update(_unit(dep, packages) for dep in deps)
+        units[unit].discard(unit)
+    unit_floors = _floors(units)
+    print(f"units (subpackages and top-level modules): {len(units)}  ", end="")
+    print(f"package floors: {max(unit_floors.values())}")
+    ordered = sorted(lines.values())
+    print(f"lines per module: median {ordered[len(ordered) // 2]}, largest {ordered[-1]}")
     print("\nlongest modules:")
     for name in sorted(lines, key=lambda n: -lines[n])[:top]:
         print(f"  {lines[name]:5d}  {name}  (floor {floor(name)})")
@@ -108,8 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--runtime", action="store_true", help="leave out the test kit")
     args = parser.parse_args()
-    measure(args.tree, args.top)
+    measure(args.tree, args.top, args.runtime)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -182,8 +183,12 @@ class LogHub(Service):
         *,
         events: EventBus | None = None,
         publisher: LogPublisher | None = None,
+        reactor: IReactorFromThreads | None = None,
     ) -> None:
         self.config = config
+        # Events logged by a worker thread hop over to the reactor thread through it
+        # (None: the global reactor, looked up when the first such event comes).
+        self._reactor = reactor
         self._names = Resolver(config)
         self.events = events
         self._publisher = publisher if publisher is not None else globalLogPublisher
@@ -295,8 +300,9 @@ class LogHub(Service):
             # Logged from a worker thread: subscribers write to sockets, which
             # only the reactor thread may touch. Hop over, keeping the event.
             try:
-                from twisted.internet import reactor
-
+                reactor = self._reactor
+                if reactor is None:
+                    from twisted.internet import reactor
                 reactor.callFromThread(self, event)
             except Exception:
                 self.internal_errors += 1

@@ -121,7 +121,7 @@ class LlamaSwapService(MultiService):
 
         self.config = config
         self.events = EventBus()
-        self.logs = LogHub(config, events=self.events)
+        self.logs = LogHub(config, events=self.events, reactor=reactor)
         self.supervisor = Supervisor(config, reactor=reactor, events=self.events)
         # Keep-alive for what reuses connections (the default), one connection
         # per request for the rest (docs/llama-server.md).

@@ -951,3 +951,21 @@ class ThreadTests(TestCase):
         await deferToThread(proxy(publisher).info, "from a thread")
         self.assertEqual(await delivered, threading.get_ident())
         self.assertEqual(hub.history(PROXY), b"[INFO] from a thread\n")
+
+    async def test_the_hop_goes_through_the_reactor_given(self) -> None:
+        """An injected reactor carries the hop; nothing reaches subscribers before it runs it."""
+        hops: list[tuple[Any, ...]] = []
+
+        class Recording:
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                hops.append((f, *args))
+
+        publisher = LogPublisher()
+        hub = LogHub(make_config(), publisher=publisher, reactor=Recording())  # type: ignore[arg-type]
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        await deferToThread(proxy(publisher).info, "from a thread")
+        self.assertEqual(hub.history(PROXY), b"")
+        [(f, event)] = hops
+        f(event)  # what the reactor thread would run
+        self.assertEqual(hub.history(PROXY), b"[INFO] from a thread\n")
