@@ -41,6 +41,7 @@ from twisted.web.server import Site
 
 from llamaswap.config import Config
 from llamaswap.errors import ModelNotFound
+from llamaswap.names import Resolver
 from llamaswap.process import child as child_module
 from llamaswap.web.tree import FORM_ROUTES, JSON_ROUTES, QUERY_ROUTES, VERSIONLESS_ROUTES
 from tests.fakeserver_helper import fake_model, free_port, make_config, upstream_port
@@ -274,7 +275,7 @@ def json_status(config: Config, body: bytes) -> int | None:
     except UnicodeEncodeError:
         return 400
     try:
-        config.resolve(model)
+        Resolver(config).resolve(model)
     except ModelNotFound:
         return 404
     return None
