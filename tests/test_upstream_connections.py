@@ -90,7 +90,7 @@ class LlamaServerLikeUpstreamTests(TestCase):
     async def test_busy_server_keeps_its_connections(self) -> None:
         """
         8 clients, 400 whole answers from a server without worker limits: the
-        proxy reuses its connections (a few dozen at most, not one per request),
+        proxy reuses its connections (a quarter of the requests at most, not one each),
         although requests overlap all the time. Closing every connection that
         ends while some new one waits would open one per request.
         """
@@ -107,5 +107,8 @@ class LlamaServerLikeUpstreamTests(TestCase):
         codes = await gather(client() for _ in range(8))
         self.assertEqual(codes, [[200] * 50] * 8)
         after = (await clients.get_json(stats))["connections_accepted"]
-        # after - before counts this test's own two stats requests too.
-        self.assertLessEqual(after - before, 40, "upstream connections for 400 requests")
+        # after - before counts this test's own two stats requests too. Measured: 8-30 on an
+        # idle machine, up to 43 with both cores busy elsewhere (a CPU-starved server keeps
+        # more new connections waiting, and each may close one finished connection); the
+        # close-whenever-one-waits rule this guards against opened about 360.
+        self.assertLessEqual(after - before, 100, "upstream connections for 400 requests")
