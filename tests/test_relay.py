@@ -37,8 +37,8 @@ from llamaswap.testing.web import (
     events_of,
     make_config,
 )
+from llamaswap.web.loading import LOADING_TICK
 from llamaswap.web.relay import copy_response_headers, find_usage, forward_headers
-from llamaswap.web.sse import LOADING_TICK
 from llamaswap.web.tree import build_root
 from tests.exposition import parse_exposition
 

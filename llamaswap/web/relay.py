@@ -14,7 +14,7 @@ swaps see the model as idle again.
 
 Loading state (C{sendLoadingState}): a streamed chat request whose model is not
 ready at once is answered 200 C{text/event-stream} straight away, with progress
-frames (L{LoadingStream}, in L{llamaswap.web.sse}) until the model is ready;
+frames (L{LoadingStream}, in L{llamaswap.web.loading}) until the model is ready;
 the upstream's own events follow in the same response.
 """
 
@@ -44,8 +44,8 @@ from llamaswap.names import LocalTarget, PeerTarget, Target
 from llamaswap.peers import PeerLease
 from llamaswap.supervisor import Lease
 from llamaswap.web.base import SupervisorAPI, client_gone, render_async
+from llamaswap.web.loading import LoadingStream
 from llamaswap.web.site import request_info
-from llamaswap.web.sse import LoadingStream
 
 HOP_BY_HOP = frozenset(
     {
