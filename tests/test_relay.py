@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.errors import StartFailed, TooManyRequests
+from llamaswap.errors import QueueFull, StartFailed
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import LogHub
@@ -448,10 +448,10 @@ class LoadingStateTests(SynchronousTestCase):
 
     def test_refusals_stay_plain_errors(self) -> None:
         """A request refused at once (429, 404) gets its usual status, not a stream."""
-        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+        self.h.supervisor.error = QueueFull("the request queue is full")
         response = self.h.chat().response()
         self.assertEqual(response.status, 429)
-        self.assertEqual(response.json()["error"]["code"], "concurrency_limit")
+        self.assertEqual(response.json()["error"]["code"], "queue_full")
         self.h.supervisor.error = None
         self.assertEqual(self.h.chat("nope").response().status, 404)
 

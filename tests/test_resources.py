@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
+from llamaswap.errors import HealthTimeout, QueueFull, QueueTimeout, StartFailed
 from llamaswap.testing.web import (
     Response,
     events_of,
@@ -177,12 +177,19 @@ class ModelRouteTests(SynchronousTestCase):
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
         assert_error(self, response, 504, "gateway_timeout")
 
-    def test_concurrency_limit(self) -> None:
-        """A full model is a 429 with C{Retry-After: 1}."""
-        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+    def test_queue_full(self) -> None:
+        """A full queue is a 429 with the queue's C{Retry-After}."""
+        self.h.supervisor.error = QueueFull("the request queue is full", retry_after=7)
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
-        assert_error(self, response, 429, "concurrency_limit")
-        self.assertEqual(response.header("retry-after"), "1")
+        assert_error(self, response, 429, "queue_full")
+        self.assertEqual(response.header("retry-after"), "7")
+
+    def test_queue_timeout(self) -> None:
+        """A request that waited queue.timeout is a 503 with C{Retry-After}."""
+        self.h.supervisor.error = QueueTimeout("could not be served within 600 s", retry_after=600)
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        assert_error(self, response, 503, "queue_timeout")
+        self.assertEqual(response.header("retry-after"), "600")
 
     def test_upstream_error_passed_through(self) -> None:
         """An upstream 4xx/5xx keeps its status, headers and body."""
