@@ -471,6 +471,28 @@ class LoadingStateTests(SynchronousTestCase):
         self.assertEqual(self.h.http.calls, [])
         self.assertFalse(self.h.ticking())
 
+    def test_queue_position_while_waiting(self) -> None:
+        """A queued request is told its place whenever it changes, dots otherwise."""
+        self.h.supervisor.place = (3, 5)
+        exchange = self.h.chat("a1")
+        queued = "llamaswap loading model: alpha\n\nqueued: 3 ahead of this request, 5 waiting\n"
+        self.assertEqual(reasoning(exchange.response()), queued)
+        self.h.tick(2)
+        self.assertEqual(reasoning(exchange.response()), queued + "..")
+        self.h.supervisor.place = (0, 2)
+        self.h.tick(1)
+        moved = queued + "..\nqueued: 0 ahead of this request, 2 waiting\n"
+        self.assertEqual(reasoning(exchange.response()), moved)
+        self.h.supervisor.grant()
+        self.assertTrue(reasoning(exchange.response()).startswith(moved + "\nDone! ("))
+
+    def test_first_in_line_sees_no_queue(self) -> None:
+        """A request that only waits for its model's load is not told "0 ahead"."""
+        self.h.supervisor.place = (0, 1)
+        exchange = self.h.chat("a1")
+        self.h.tick(2)
+        self.assertEqual(reasoning(exchange.response()), "llamaswap loading model: alpha\n..")
+
     def test_upstream_error_after_loading(self) -> None:
         """The model answers 4xx/5xx after the 200: its JSON error (or ours) as an event."""
         exchange = self.h.chat()

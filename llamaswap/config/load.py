@@ -227,7 +227,7 @@ def _read_queue(value: object) -> QueueConfig:
             "queue.minResidency", raw.get("minResidency", DEFAULT_MIN_RESIDENCY), minimum=0
         ),
         timeout=_number("queue.timeout", raw.get("timeout", DEFAULT_QUEUE_TIMEOUT), minimum=0),
-        max_length=_int("queue.maxLength", raw.get("maxLength", DEFAULT_QUEUE_LENGTH), minimum=0),
+        max_length=_int("queue.maxLength", raw.get("maxLength", DEFAULT_QUEUE_LENGTH), minimum=1),
         concurrency_limit=_int("queue.concurrencyLimit", raw.get("concurrencyLimit", 0), minimum=0),
     )
 

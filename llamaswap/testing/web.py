@@ -81,6 +81,8 @@ class FakeSupervisor:
         # When a list: leases report refused connections here (Lease.connection_refused),
         # one pending Deferred each, for the test to fire.
         self.refusals: list[Deferred[None]] | None = None
+        # What position() answers for a held acquire: (ahead, queued), as the test sets it.
+        self.place: tuple[int, int] | None = None
 
     def acquire(self, target: LocalTarget) -> Deferred[Lease]:
         requested = target.requested
@@ -99,6 +101,10 @@ class FakeSupervisor:
         d: Deferred[Lease] = Deferred(lambda _: self.cancelled.append(requested))
         self.waiting.append((d, lease))
         return d
+
+    def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None:
+        held = any(d is acquired for d, _ in self.waiting)
+        return self.place if held and not acquired.called else None
 
     def _refused(self) -> Deferred[None]:
         assert self.refusals is not None
