@@ -531,6 +531,44 @@ class ManagementTests(SynchronousTestCase):
         self.assertEqual(running[0]["cmd"], "fake --name alpha")
         self.assertEqual(running[0]["proxy"], "http://127.0.0.1:9001")
 
+    def test_running_shows_the_queue(self) -> None:
+        """
+        Each model in C{/running} has C{queued} and C{oldestWait} (seconds, to
+        a tenth; null when nothing waits); a model that is not running yet but
+        has requests waiting is listed too, so no queued request is invisible.
+        """
+        supervisor = self.h.supervisor
+        supervisor.states.update(alpha="ready", beta="stopped")
+        supervisor.queued.update(beta=3)
+        supervisor.oldest_wait.update(beta=12.345)
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual(
+            [(r["model"], r["state"], r["queued"], r["oldestWait"]) for r in running],
+            [("alpha", "ready", 0, None), ("beta", "stopped", 3, 12.3)],
+        )
+        # The keys before the queue are all still there.
+        self.assertEqual(
+            list(running[0]),
+            [
+                "model",
+                "state",
+                "cmd",
+                "proxy",
+                "ttl",
+                "name",
+                "description",
+                "pid",
+                "inFlight",
+                "ttlRemaining",
+                "queued",
+                "oldestWait",
+            ],
+        )
+        supervisor.queued.clear()
+        supervisor.oldest_wait.clear()
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual([r["model"] for r in running], ["alpha"])
+
     def test_unload(self) -> None:
         """Unload all (legacy GET and API POST) and unload one (id or alias)."""
         self.assertEqual(self.h.client.request("GET", "/unload").body, b"OK")

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 
-from llamaswap.config import parse_config
+from llamaswap.config import Config, parse_config
+from llamaswap.events import EventBus
+from llamaswap.logs import LogHub
+from llamaswap.supervisor import ModelStatus
 from llamaswap.tap import build_service
+from llamaswap.testing.web import FakeSupervisor, RecordingUpstream, make_config
+from llamaswap.web.site import LlamaSwapSite
+from llamaswap.web.tree import build_root
 from tests.fakeserver_helper import REPO_ROOT, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -170,6 +180,72 @@ def drive_browser(base: str, shots: Path) -> dict[str, Any]:
     return seen
 
 
+def drive_queue_view(base: str, shots: Path, empty_queue: Callable[[], None]) -> dict[str, Any]:
+    """
+    The Models page while requests wait (run in a worker thread): what the
+    queue column shows, that its wait counts up, and that it empties live
+    when L{empty_queue} (called on the reactor thread) drains the queue.
+    """
+    seen: dict[str, Any] = {}
+    assert sync_playwright is not None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.set_default_timeout(WAIT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(base + "/ui/")
+            page.wait_for_selector("#conn.live")
+            alpha, beta = row(page, "alpha"), row(page, "beta")
+            alpha.wait_for()
+            seen["queue"] = alpha.locator(".queue").inner_text()
+            seen["beta_queue"] = beta.locator(".queue").inner_text()
+            seen["summary"] = page.locator("#models-summary").inner_text()
+            seen["beta_state"] = beta.locator(".state").inner_text()
+            seen["beta_reason"] = beta.locator(".state-reason").inner_text()
+            # The oldest wait counts up between snapshots.
+            page.wait_for_function(
+                "(() => { const m = document.querySelector("
+                "'#models-body tr[data-model=\"alpha\"] .queue').textContent"
+                ".match(/oldest (\\d+) s$/);"
+                f" return m && Number(m[1]) > {waited_seconds(seen['queue'])}; }})()"
+            )
+            seen["queue_later"] = alpha.locator(".queue").inner_text()
+            page.screenshot(path=str(shots / "6-queue.png"))
+            blockingCallFromThread(reactor, empty_queue)
+            page.wait_for_function(
+                "document.querySelector('#models-body tr[data-model=\"alpha\"] .queue')"
+                ".textContent === '—'"
+            )
+            seen["summary_after"] = page.locator("#models-summary").inner_text()
+            seen["page_errors"] = errors
+        finally:
+            browser.close()
+    return seen
+
+
+def waited_seconds(queue_text: str) -> int:
+    """The oldest wait in a queue cell's text (C{3 queued, oldest 12 s}), or -1."""
+    found = re.fullmatch(r"\d+ queued, oldest (\d+) s", queue_text)
+    return -1 if found is None else int(found[1])
+
+
+class QueueingSupervisor(FakeSupervisor):
+    """The fake supervisor, with requests waiting since given times of the real clock."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.since: dict[str, float] = {}
+
+    def status(self, model_id: str) -> ModelStatus:
+        status = super().status(model_id)
+        since = self.since.get(model_id)
+        if since is None:
+            return status
+        return attrs.evolve(status, oldest_wait=reactor.seconds() - since)
+
+
 class BrowserUITests(TestCase):
     timeout = 180
     skip = SKIP
@@ -230,3 +306,51 @@ class BrowserUITests(TestCase):
             ["starting", "ready", "stopping", "stopped"],
         )
         self.assertLess(elapsed, 120)
+
+    async def test_models_page_shows_the_queue(self) -> None:
+        """
+        In Chromium, over the fake supervisor: a model with requests waiting
+        shows how many and the oldest wait (which counts up), the summary
+        adds them up, a stopping model says why, and the queue column empties
+        when a C{queue} event reports the queue drained.
+        """
+        config = make_config()
+        supervisor = QueueingSupervisor(config)
+        events = EventBus()
+        root = build_root(
+            config,
+            supervisor=supervisor,
+            logs=LogHub(config, events=events),
+            events=events,
+            http=StubTreq(RecordingUpstream()),
+            reactor=reactor,
+        )
+        supervisor.states.update(alpha="starting", beta="stopping")
+        supervisor.queued["alpha"] = 3
+        supervisor.since["alpha"] = reactor.seconds() - 12
+        events.publish("modelStatus", {"model": "beta", "state": "stopping", "reason": "evict"})
+        site = LlamaSwapSite(
+            root, max_body_size=config.max_body_size, events=events, reactor=reactor
+        )
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def empty_queue() -> None:
+            supervisor.queued.clear()
+            supervisor.since.clear()
+            events.publish("queue", {"model": "alpha", "queued": 0})
+
+        shots = Path(os.environ.get("LLAMASWAP_UI_SHOTS") or self.mktemp())
+        shots.mkdir(parents=True, exist_ok=True)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        seen = await deferToThread(drive_queue_view, base, shots, empty_queue)
+
+        self.assertRegex(seen["queue"], r"^3 queued, oldest \d+ s$")
+        self.assertGreaterEqual(waited_seconds(seen["queue"]), 12)
+        self.assertRegex(seen["queue_later"], r"^3 queued, oldest \d+ s$")
+        self.assertGreater(waited_seconds(seen["queue_later"]), waited_seconds(seen["queue"]))
+        self.assertEqual(seen["beta_queue"], "—")
+        self.assertEqual(seen["summary"], "5 models, 0 ready, 3 queued")
+        self.assertEqual((seen["beta_state"], seen["beta_reason"]), ("stopping", "making room"))
+        self.assertEqual(seen["summary_after"], "5 models, 0 ready")
+        self.assertEqual(seen["page_errors"], [])

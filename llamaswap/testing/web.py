@@ -24,6 +24,7 @@ from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
 from llamaswap.names import LocalTarget, Resolver
 from llamaswap.process.states import State
+from llamaswap.scheduling import QueueStats
 from llamaswap.supervisor import Lease, ModelStatus
 from llamaswap.web.site import LlamaSwapSite
 
@@ -65,7 +66,9 @@ def make_config(text: str = CONFIG, **changes: Any) -> Config:
 class FakeSupervisor:
     """
     Hands out real L{Lease}s at once, or holds them (C{hold=True}) until the
-    test calls L{grant}; C{error} makes every acquire fail with it.
+    test calls L{grant}; C{error} makes every acquire fail with it. What its
+    statuses show is the test's to set: C{states}, C{queued} and
+    C{oldest_wait} by model id; C{stats} is what C{/metrics} reads.
     """
 
     def __init__(self, config: Config) -> None:
@@ -77,6 +80,9 @@ class FakeSupervisor:
         self.cancelled: list[str] = []
         self.unloaded: list[str | None] = []
         self.states: dict[str, str] = {}
+        self.queued: dict[str, int] = {}
+        self.oldest_wait: dict[str, float] = {}
+        self.stats = QueueStats()
         self.waiting: list[tuple[Deferred[Lease], Lease]] = []
         # When a list: leases report refused connections here (Lease.connection_refused),
         # one pending Deferred each, for the test to fire.
@@ -137,6 +143,8 @@ class FakeSupervisor:
             ttl=self.config.models[model_id].ttl,
             ttl_remaining=None,
             last_error=None,
+            queued=self.queued.get(model_id, 0),
+            oldest_wait=self.oldest_wait.get(model_id),
         )
 
     def statuses(self) -> list[ModelStatus]:

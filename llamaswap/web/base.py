@@ -32,6 +32,7 @@ from llamaswap.supervisor import StatusSource
 
 if TYPE_CHECKING:
     from llamaswap.names import LocalTarget
+    from llamaswap.scheduling import QueueStats
     from llamaswap.supervisor import Lease, ModelStatus
 
 _log = Logger()
@@ -52,6 +53,10 @@ class SupervisorAPI(StatusSource, Protocol):
     def unload(self, model_id: str | None = None) -> Deferred[None]: ...
 
     def status(self, model_id: str) -> ModelStatus: ...
+
+    @property
+    def stats(self) -> QueueStats:
+        """The queue's counts (waits, refusals, swaps), for C{/metrics}."""
 
 
 # An answer computed asynchronously: (status, content type, body).
