@@ -638,8 +638,9 @@ class Supervisor(Service):
     def _grant(self, waiter: Waiter, proc: ModelProcess, now: float) -> None:
         waiter.finish()
         self.stats.waited(waiter.model.id, now - waiter.since)
-        self._queued_changed(waiter.model.id)
-        waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
+        lease = self._lease(waiter.model, waiter.target, proc)
+        self._queued_changed(waiter.model.id)  # after the lease: in flight already counts it
+        waiter.deferred.callback(lease)
 
     def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
         """A lease on C{proc}, a ready model's process, counted in flight."""
