@@ -32,7 +32,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATOR = ROOT / "llamaswap" / "testing" / "simulator.py"
-TRACE_NAMES = ("uniform", "weighted", "hot_rare", "hot_two_rare", "hot_alone", "bursts")
+TRACE_NAMES = (
+    "uniform",
+    "weighted",
+    "weighted_open",
+    "weighted_think",
+    "hot_rare",
+    "hot_two_rare",
+    "hot_alone",
+    "bursts",
+)
 
 
 def load_simulator(tree: str | None) -> ModuleType:

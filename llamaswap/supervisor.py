@@ -595,9 +595,16 @@ class Supervisor(Service):
                 return math.inf
             if not due:
                 # A model in its residency is kept a while for its next request.
+                waiting = sum(1 for w in self._queue if not w.done and w.key == waiter.key)
                 until = max(
                     (
-                        kept_until(p.ready_at, p.model.min_residency, p.idle_since, p.load_seconds)
+                        kept_until(
+                            p.ready_at,
+                            p.model.min_residency,
+                            p.idle_since,
+                            p.load_seconds,
+                            waiting,
+                        )
                         for p in evict
                         if p.state is State.READY
                     ),

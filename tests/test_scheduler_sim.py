@@ -22,6 +22,8 @@ from llamaswap.testing.simulator import (
     hot_rare,
     simulate,
     weighted,
+    weighted_open,
+    weighted_think,
 )
 
 SECONDS = 600.0
@@ -165,20 +167,28 @@ class PolicyTests(SynchronousTestCase):
 
     def test_weighted(self) -> None:
         """
-        weighted 70/20/10, 0.3 s loads, 600 s: reported, thresholds to be set.
-
-        Measured (seed 0), new vs today: starts 98 vs 120; ready 94.0 % vs
-        92.7 %; serving 82.0 % vs 92.7 %; 7.62 vs 9.20 requests/s; waits
-        p50/p99/max a 0.0/8.7/10.2 vs 0.0/4.8/6.2, b 8.7/16.7/19.7 vs
-        6.8/17.7/19.7, c 8.7/19.7/20.7 vs 7.4/19.7/19.7. The new policy
-        swaps less but serves less: an idle model is held up to 1 s
-        (MIN_HOLD) for a next request that no closed-loop client can send,
-        since all of them are queued for the other models.
+        weighted 70/20/10, 32 clients with no think time, 0.3 s loads, 600 s. When the
+        loaded model goes idle every client waits for another one, so no policy can batch
+        more: swaps per request stay at 2.1-2.2 and the hold costs throughput. Measured
+        (seed 0), new vs today: 110 vs 120 starts, 8.59 vs 9.20 requests/s (0.93),
+        longest waits 19.8 vs 19.7 s.
         """
         new, today = (simulate(weighted(0.3), p, SECONDS) for p in (NEW, TODAY))
-        self.assertLess(new.swaps, today.swaps)
+        self.assertLessEqual(new.swaps, today.swaps)
+        self.assertGreater(new.throughput, 0.9 * today.throughput)
         self.assertGreater(new.ready, 0.9)
-        self.assertGreater(new.serving, 0.75)
-        self.assertGreater(new.throughput, 0.8 * today.throughput)  # measured 0.83
-        for report in (new, today):
-            self.assertLess(max(m.wait_max for m in report.models), 25.0)
+        self.assertLess(max(m.wait_max for m in new.models), 25.0)
+
+    def test_independent_arrivals_swap_less(self) -> None:
+        """
+        weighted_open (Poisson arrivals, 3 requests/s) and weighted_think (0-20 s between
+        an answer and the next request): a model in its residency is kept a moment for its
+        next request, so fewer swaps serve the same load. Measured at 0.3 s loads: 149 vs
+        209 starts at equal throughput (3.13 requests/s); 158 vs 266 starts at 2.54 vs 2.65
+        requests/s.
+        """
+        for make, share in ((weighted_open, 1.0), (weighted_think, 0.95)):
+            new, today = (simulate(make(0.3), p, SECONDS) for p in (NEW, TODAY))
+            with self.subTest(trace=new.trace):
+                self.assertLess(new.swaps_per_100, 0.8 * today.swaps_per_100)
+                self.assertGreaterEqual(new.throughput, share * today.throughput - 0.01)

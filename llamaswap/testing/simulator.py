@@ -128,6 +128,25 @@ def weighted(load: float = 0.3, duration: Span = 1.0, clients: int = 32) -> Trac
     return Trace("weighted", _models(load, "a", "b", "c"), (loop,))
 
 
+def weighted_open(load: float = 0.3, duration: Span = 1.0, rate: float = 3.0) -> Trace:
+    """
+    70/20/10 as independent arrivals (a server shared by many users and agents):
+    Poisson, C{rate} requests per second in all.
+    """
+    sources = tuple(
+        OpenLoop((m,), 1.0 / (rate * share), duration, poisson=True)
+        for m, share in (("a", 0.7), ("b", 0.2), ("c", 0.1))
+    )
+    return Trace("weighted_open", _models(load, "a", "b", "c"), sources)
+
+
+def weighted_think(load: float = 0.3, duration: Span = 1.0, clients: int = 32) -> Trace:
+    """L{weighted} with people at the keyboard: 0-20 s between an answer and the next request."""
+    weights = (("a", 70.0), ("b", 20.0), ("c", 10.0))
+    loop = ClosedLoop(clients, weights, duration, think=(0.0, 20.0), start=(0.0, 1.0))
+    return Trace("weighted_think", _models(load, "a", "b", "c"), (loop,))
+
+
 def _hot(duration: Span) -> list[ClosedLoop | OpenLoop]:
     """8 clients sending overlapping streams to model a (started a quarter stream apart)."""
     step = (duration[1] if isinstance(duration, tuple) else duration) / 8
@@ -160,6 +179,8 @@ def bursts(load: float = 0.3, duration: Span = 1.0, period: float = 5.0) -> Trac
 TRACES: dict[str, Callable[..., Trace]] = {
     "uniform": uniform,
     "weighted": weighted,
+    "weighted_open": weighted_open,
+    "weighted_think": weighted_think,
     "hot_rare": hot_rare,
     "hot_two_rare": hot_two_rare,
     "hot_alone": hot_alone,
