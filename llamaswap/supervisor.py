@@ -19,8 +19,9 @@ The rules (docs/swapping.md has the long version, and the figures behind them):
    stopped; then it queues behind it, the model drains and the swap happens.
    A model that just became ready is exempt for its C{minResidency}, and
    what queued for a load is served by it (L{llamaswap.scheduling}).
- - Swaps go in arrival order, due requests first; an idle model is kept for
-   requests that are not due yet as long as its last load took.
+ - Swaps go in arrival order, due requests first (earliest deadline first);
+   during its residency an idle model is kept a moment for its next request
+   before waiters that are not due may stop it (L{kept_until}).
  - Waiters for the same model share one start; a failed start fails every
    waiter for that model, and the next request retries.
  - The queue is bounded in length (C{queue.maxLength}: 429 beyond) and in
