@@ -58,12 +58,17 @@ class ProxyError(Exception):
 
     status = 500
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After (a 429 gets 1 without it)
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.code)
@@ -87,11 +92,18 @@ class BodyTooLarge(ProxyError):
     status = 413
 
 
-class TooManyRequests(ProxyError):
-    """The model's C{concurrencyLimit} is reached."""
+class QueueFull(ProxyError):
+    """The request queue holds C{queue.maxLength} requests already: try again later."""
 
     status = 429
-    code = "concurrency_limit"
+    code = "queue_full"
+
+
+class QueueTimeout(ProxyError):
+    """The request waited C{queue.timeout} seconds in the queue without being served."""
+
+    status = 503
+    code = "queue_timeout"
 
 
 class StartFailed(ProxyError):

@@ -2,7 +2,7 @@
 """
 The swap scheduler: decides which model servers run, and hands out leases.
 
-The rules (docs/swapping.md has the long version):
+The rules (docs/swapping.md has the long version, and the figures behind them):
 
  - A request names a model (id, alias or C{profile:model}). It may run
    together with the models of its I{allowed set} (L{may_run_with}): for a
@@ -12,19 +12,29 @@ The rules (docs/swapping.md has the long version):
    allowed set of a plain name depends on what runs: L{Matrix.solve} picks it
    again on every walk of the queue (nothing if the model already runs).
  - A model with requests in flight is never stopped to make room: the swap
-   waits until they end. Requests for other models wait meanwhile.
- - Requests wait in one FIFO queue, with one exception: a request for a model
-   that is ready and needs nothing stopped is served at once, even if earlier
-   requests wait for a swap (fewer swaps; a busy model can starve others).
+   waits until they end.
+ - Requests wait in one queue. A request for a model that is ready, needs
+   nothing stopped and is within its concurrency limits is served at once,
+   unless a I{due} request (one that waited its C{maxWait}) needs that model
+   stopped; then it queues behind it, the model drains and the swap happens.
+   A model that just became ready is exempt for its C{minResidency}, and
+   what queued for a load is served by it (L{llamaswap.scheduling}).
+ - Swaps go in arrival order, due requests first (earliest deadline first);
+   during its residency an idle model is kept a moment for its next request
+   before waiters that are not due may stop it (L{kept_until}).
  - Waiters for the same model share one start; a failed start fails every
    waiter for that model, and the next request retries.
+ - The queue is bounded in length (C{queue.maxLength}: 429 beyond) and in
+   time (C{queue.timeout}: 503 after it).
 
 The queue is re-walked whenever anything changes (a model's state, a lease
-released, a waiter added or cancelled); one walk never waits.
+released, a waiter added, cancelled or timed out, a waiter becoming due, an
+idle hold ending); one walk never waits.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,17 +43,26 @@ from attrs import frozen
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llamaswap.config import Config, ModelConfig
 from llamaswap.config.matrix import Decision
-from llamaswap.errors import ModelNotFound, ShuttingDown, TooManyRequests
+from llamaswap.errors import ModelNotFound, QueueFull, QueueTimeout, ShuttingDown
 from llamaswap.events import EventBus
 from llamaswap.names import LocalTarget, Resolver, Target
 from llamaswap.process.model import ModelProcess
 from llamaswap.process.states import State
+from llamaswap.scheduling import (
+    QueueStats,
+    Waiter,
+    conflict,
+    held_back,
+    kept_until,
+    resident,
+    walk_order,
+)
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
@@ -65,6 +84,8 @@ class ModelStatus:
     ttl: int
     ttl_remaining: float | None  # seconds until the TTL unload, None if not applicable
     last_error: str | None
+    queued: int = 0  # requests waiting in the queue for this model
+    oldest_wait: float | None = None  # seconds the oldest of them has waited
 
 
 class StatusSource(Protocol):
@@ -122,29 +143,6 @@ class Lease:
         return self._refused().addCallback(lambda _: True)
 
 
-class _Waiter:
-    """One queued L{Supervisor.acquire} call."""
-
-    def __init__(
-        self,
-        target: LocalTarget,
-        model: ModelConfig,
-        allowed: frozenset[str],
-        withdraw: Callable[[_Waiter], None],
-    ) -> None:
-        self.target = target
-        self.model = model
-        self.allowed = allowed
-        self.decision: Decision | None = None  # the matrix's latest choice for it
-        self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
-        self.done = False  # served, failed or withdrawn: skipped, then dropped from the queue
-
-    @property
-    def key(self) -> tuple[str, frozenset[str]]:
-        """Waiters with equal keys want exactly the same thing."""
-        return (self.model.id, self.allowed)
-
-
 def may_run_with(names: Resolver, target: LocalTarget) -> frozenset[str]:
     """
     The models that may keep running while C{target}'s model is loaded (its
@@ -172,11 +170,6 @@ def may_run_with(names: Resolver, target: LocalTarget) -> frozenset[str]:
         elif not group.exclusive or other.persistent:
             allowed.add(model_id)
     return frozenset(allowed)
-
-
-def _conflict(one: tuple[str, frozenset[str]], other: tuple[str, frozenset[str]]) -> bool:
-    """Whether serving one waiter would stop the other's model."""
-    return one[0] not in other[1] or other[0] not in one[1]
 
 
 class Supervisor(Service):
@@ -221,7 +214,11 @@ class Supervisor(Service):
             )
             for model_id, model in config.models.items()
         }
-        self._queue: list[_Waiter] = []
+        self._queue: list[Waiter] = []
+        self._arrivals = 0  # numbers the waiters: ties go to the earlier
+        self._in_flight = 0  # leases held on local models, for queue.concurrencyLimit
+        self._wake: IDelayedCall | None = None  # the next walk a clock time calls for
+        self.stats = QueueStats()
         # may_run_with() per (profile, model id), computed on first use.
         self._allowed: dict[tuple[str | None, str], frozenset[str]] = {}
         self._all_models = frozenset(config.models)
@@ -262,11 +259,13 @@ class Supervisor(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         self._shutting_down = True
         queued, self._queue = self._queue, []
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
         for waiter in queued:
             if not waiter.done:
-                waiter.done = True
+                waiter.finish()
                 waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
-        stops = [proc.stop() for proc in self._procs.values()]
+        stops = [proc.stop(reason="shutdown") for proc in self._procs.values()]
 
         async def wait() -> None:
             await DeferredList(stops, consumeErrors=True)
@@ -284,23 +283,15 @@ class Supervisor(Service):
 
         @return: a Deferred that fires with a L{Lease} (call its C{release()}
             when the request ends). It errbacks with L{StartFailed} (with the
-            child's last output lines), L{HealthTimeout}, L{TooManyRequests} or
-            L{ShuttingDown}. Cancelling it withdraws the request; a start it
-            caused carries on, but a request cancelled while still queued
-            starts nothing.
+            child's last output lines), L{HealthTimeout}, L{QueueFull} (at once,
+            with the queue at C{queue.maxLength}), L{QueueTimeout} (after
+            C{queue.timeout} seconds in the queue) or L{ShuttingDown}.
+            Cancelling it withdraws the request; a start it caused carries on,
+            but a request cancelled while still queued starts nothing.
         """
         if self._shutting_down:
             return fail(ShuttingDown("llamaswap is shutting down"))
         model = target.model
-        limit = model.concurrency_limit
-        if limit > 0:
-            queued = sum(1 for w in self._queue if w.model.id == model.id and not w.done)
-            if self._procs[model.id].in_flight + queued >= limit:
-                return fail(
-                    TooManyRequests(
-                        f"too many requests for model {model.id} (concurrencyLimit {limit})"
-                    )
-                )
         key = (target.profile, model.id)
         allowed = self._allowed.get(key)
         if allowed is None:
@@ -310,14 +301,31 @@ class Supervisor(Service):
             proc.state is State.READY
             and self.config.matrix is None
             and all(w.done for w in self._queue)
+            and self._slot_free(proc)
             and not any(p.occupied and m not in allowed for m, p in self._procs.items())
         ):
             # What a walk of a queue holding only this waiter would do: grant at once.
             # (A walk leaves everything else as it was: it ran after the last change.)
             self._queue = []
+            self.stats.waited(model.id, 0.0)
             return succeed(self._lease(model, target, proc))
-        waiter = _Waiter(target, model, allowed, self._withdraw)
+        live = [w for w in self._queue if not w.done]
+        if len(live) >= self.config.queue.max_length:
+            self.stats.refused[(model.id, QueueFull.status)] += 1
+            oldest = self._clock.seconds() - min(w.since for w in live)
+            return fail(
+                QueueFull(
+                    f"the request queue is full ({len(live)} requests wait; queue.maxLength)",
+                    retry_after=retry_after(oldest),
+                )
+            )
+        self._arrivals += 1
+        waiter = Waiter(target, allowed, self._clock.seconds(), self._arrivals, self._withdraw)
+        timeout = self.config.queue.timeout
+        if timeout > 0:
+            waiter.timer = self._clock.callLater(timeout, self._expire, waiter)
         self._queue.append(waiter)
+        self._queued_changed(model.id)
         self._walk()
         return waiter.deferred
 
@@ -369,6 +377,7 @@ class Supervisor(Service):
         if model is None:
             raise ModelNotFound(f"model not found: {model_id}")
         proc = self._procs[model.id]
+        waiting = [w.since for w in self._queue if not w.done and w.model.id == model.id]
         return ModelStatus(
             model_id=model.id,
             state=proc.state,
@@ -377,21 +386,75 @@ class Supervisor(Service):
             ttl=model.ttl,
             ttl_remaining=proc.ttl_remaining(),
             last_error=proc.last_error,
+            queued=len(waiting),
+            oldest_wait=self._clock.seconds() - min(waiting) if waiting else None,
         )
+
+    def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None:
+        """
+        Where the request that C{acquire} answered with C{acquired} stands:
+        C{(requests ahead of it, requests queued)} for a waiter, C{None} once it
+        left the queue (served, failed, withdrawn) or if it never queued.
+        """
+        now = self._clock.seconds()
+        live = walk_order([w for w in self._queue if not w.done], now)
+        for ahead, waiter in enumerate(live):
+            if waiter.deferred is acquired:
+                return ahead, len(live)
+        return None
 
     # --- scheduling ----------------------------------------------------------
 
     def _changed(self, proc: ModelProcess) -> None:
-        self._events.publish(
-            "modelStatus", {"model": proc.model.id, "state": proc.state.value, "pid": proc.pid}
-        )
+        event: dict[str, Any] = {"model": proc.model.id, "state": proc.state.value, "pid": proc.pid}
+        if proc.state is State.STARTING:
+            self.stats.swaps[(proc.model.id, "request")] += 1
+        elif proc.state is State.STOPPING:
+            event["reason"] = proc.stop_reason
+            self.stats.swaps[(proc.model.id, proc.stop_reason or "unload")] += 1
+        self._events.publish("modelStatus", event)
         self._walk()
 
-    def _withdraw(self, waiter: _Waiter) -> None:
+    def _queued_changed(self, model_id: str) -> None:
+        """Tell the views that C{model_id}'s queue grew or shrank."""
+        queued = sum(1 for w in self._queue if not w.done and w.model.id == model_id)
+        self._events.publish("queue", {"model": model_id, "queued": queued})
+
+    def _withdraw(self, waiter: Waiter) -> None:
         """The caller cancelled: forget the waiter (its Deferred gets CancelledError)."""
         if not waiter.done:
-            waiter.done = True
+            waiter.finish()
+            self._queued_changed(waiter.model.id)
             self._walk()
+
+    def _expire(self, waiter: Waiter) -> None:
+        """C{queue.timeout} passed: the waiter fails with 503."""
+        waiter.timer = None
+        if waiter.done:
+            return
+        waiter.finish()
+        self.stats.refused[(waiter.model.id, QueueTimeout.status)] += 1
+        waited = self._clock.seconds() - waiter.since
+        self.log.warn(
+            "a request for {model} waited {seconds:.0f}s in the queue: gave up (queue.timeout)",
+            model=waiter.model.id,
+            seconds=waited,
+        )
+        waiter.deferred.errback(
+            QueueTimeout(
+                f"model {waiter.model.id} could not be served within {waited:.0f} s "
+                "(queue.timeout); the server is busy with other models",
+                retry_after=retry_after(waited),
+            )
+        )
+        self._queued_changed(waiter.model.id)
+        self._walk()
+
+    def _slot_free(self, proc: ModelProcess) -> bool:
+        """Whether a lease on C{proc} stays within the concurrency limits."""
+        limit = proc.model.concurrency_limit
+        total = self.config.queue.concurrency_limit
+        return (limit == 0 or proc.in_flight < limit) and (total == 0 or self._in_flight < total)
 
     def _walk(self) -> None:
         """Re-examine the queue in order; re-entrant calls just ask for another pass."""
@@ -400,42 +463,92 @@ class Supervisor(Service):
             return
         if not self._queue:
             self._announced.clear()  # all that a walk of an empty queue does
+            self._wake_at(math.inf)
             return
         self._walking = True
         try:
             while True:
                 self._walk_again = False
-                self._walk_once()
+                wake = self._walk_once()
                 if not self._walk_again:
-                    return
+                    break
         finally:
             self._walking = False
+        self._wake_at(wake)
 
-    def _walk_once(self) -> None:
+    def _wake_at(self, when: float) -> None:
+        """Walk again at clock time C{when} (inf: no walk is due at any time)."""
+        timer = self._wake
+        if timer is not None and timer.active():
+            if timer.getTime() == when:
+                return
+            timer.cancel()
+        self._wake = None
+        if math.isfinite(when) and not self._shutting_down:
+            self._wake = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._walk()
+
+    def _walk_once(self) -> float:
+        """
+        One pass over the queue: grant what may be granted, take the next step
+        of each swap that may go on.
+
+        @return: the clock time at which the queue must be walked again even if
+            nothing happens (a waiter becomes due, an idle hold ends), or inf.
+        """
+        now = self._clock.seconds()
         self._queue = [w for w in self._queue if not w.done]
         self._announced &= {w.model.id for w in self._queue}
-        # What earlier waiters still waiting for a swap want (distinct wishes only).
-        blocked: dict[tuple[str, frozenset[str]], bool] = {}
+        order = walk_order(self._queue, now)
+        wake = math.inf
+        # Grants first, so that a swap never stops a model its queued requests were
+        # about to be served by (collation).
+        barriers: list[Waiter] = []  # due waiters not served
         decisions: dict[tuple[str, tuple[str, ...]], Decision] = {}
-        for waiter in list(self._queue):
+        for waiter in order:
             if waiter.done:
                 continue  # served or failed by something this walk triggered
             if self.config.matrix is not None and waiter.target.profile is None:
                 self._decide(waiter, decisions)
             proc = self._procs[waiter.model.id]
+            if (
+                proc.state is State.READY
+                and self._slot_free(proc)
+                and not any(p.occupied and m not in waiter.allowed for m, p in self._procs.items())
+                and (
+                    not held_back(waiter, barriers)
+                    or resident(waiter, proc.ready_at, proc.model.min_residency, now)
+                )
+            ):
+                self._grant(waiter, proc, now)
+            elif waiter.due(now):
+                barriers.append(waiter)
+        # Then one step for each swap, in the same order; a wish that conflicts with
+        # an earlier one waits for it (distinct wishes only).
+        blocked: dict[tuple[str, frozenset[str]], bool] = {}
+        for waiter in order:
+            if waiter.done:
+                continue
+            if self.config.matrix is not None and waiter.target.profile is None:
+                self._decide(waiter, decisions)
+            proc = self._procs[waiter.model.id]
             evict = [p for m, p in self._procs.items() if p.occupied and m not in waiter.allowed]
             if proc.state is State.READY and not evict:
-                self._grant(waiter, proc)
-                continue
+                continue  # waits for a slot, or behind a due request
             key = waiter.key
             if key in blocked:
                 continue  # the first waiter with this wish took the step for all
-            blocked[key] = conflict = any(_conflict(key, other) for other in blocked)
-            if not conflict:
-                self._advance(waiter, proc, evict)
+            blocked[key] = clash = any(conflict(key, other) for other in blocked)
+            if not clash:
+                wake = min(wake, self._advance(waiter, proc, evict, waiter.due(now), now))
+        # A waiter that becomes due changes what the next walk may do.
+        return min([wake, *(w.due_at for w in order if not w.done and not w.due(now))])
 
     def _decide(
-        self, waiter: _Waiter, decisions: dict[tuple[str, tuple[str, ...]], Decision]
+        self, waiter: Waiter, decisions: dict[tuple[str, tuple[str, ...]], Decision]
     ) -> None:
         """Matrix: set C{waiter}'s allowed set from what runs now (stopping models excluded)."""
         assert self.config.matrix is not None
@@ -449,11 +562,11 @@ class Supervisor(Service):
         waiter.decision = decision
         waiter.allowed = self._all_models if decision.keep is None else decision.keep
 
-    def _announce(self, waiter: _Waiter) -> None:
+    def _announce(self, waiter: Waiter) -> None:
         """Log the matrix's decision once per swap, at its first step."""
-        if waiter.decision is not None and waiter.model.id not in self._announced:
+        decision = waiter.decision
+        if isinstance(decision, Decision) and waiter.model.id not in self._announced:
             self._announced.add(waiter.model.id)
-            decision = waiter.decision
             self.log.info(
                 "matrix: model={model} set={set} evict=[{evict}] cost={cost}",
                 model=decision.model,
@@ -462,13 +575,44 @@ class Supervisor(Service):
                 cost=decision.cost,
             )
 
-    def _advance(self, waiter: _Waiter, proc: ModelProcess, evict: list[ModelProcess]) -> None:
-        """Take the next step towards serving C{waiter}; never waits."""
+    def _advance(
+        self,
+        waiter: Waiter,
+        proc: ModelProcess,
+        evict: list[ModelProcess],
+        due: bool,
+        now: float,
+    ) -> float:
+        """
+        Take the next step towards serving C{waiter}; never waits.
+
+        @return: when to look again if only time can let it go on (an idle
+            model's hold), else inf (a state change or a release walks again).
+        """
         if evict:
             # Never stop a model that is serving; a starting one is let finish
             # (someone who left may have started it) and stopped once ready.
             if any(p.in_flight > 0 or p.state is State.STARTING for p in evict):
-                return
+                return math.inf
+            if not due:
+                # A model in its residency is kept a while for its next request.
+                waiting = sum(1 for w in self._queue if not w.done and w.key == waiter.key)
+                until = max(
+                    (
+                        kept_until(
+                            p.ready_at,
+                            p.model.min_residency,
+                            p.idle_since,
+                            p.load_seconds,
+                            waiting,
+                        )
+                        for p in evict
+                        if p.state is State.READY
+                    ),
+                    default=now,
+                )
+                if until > now:
+                    return until
             if any(p.state is State.READY for p in evict):
                 self._announce(waiter)
             for p in evict:
@@ -478,34 +622,42 @@ class Supervisor(Service):
                         stopping=p.model.id,
                         model=waiter.model.id,
                     )
-                    p.stop(p.model.unload_timeout)
-            return  # go on once they all stopped (a state change walks again)
+                    p.stop(p.model.unload_timeout, reason="evict")
+            return math.inf  # go on once they all stopped (a state change walks again)
         if proc.state in (State.STOPPED, State.FAILED):
             self._announce(waiter)
             self._announced.discard(proc.model.id)
             self.log.info("starting {model}", model=proc.model.id)
             proc.start().addErrback(self._start_failed, proc)
         # STARTING: ready soon; STOPPING (TTL or unload): start again once stopped.
+        return math.inf
 
     def _start_failed(self, failure: Failure, proc: ModelProcess) -> None:
         """Fail every request waiting for this model with the start's error."""
         failed = [w for w in self._queue if w.model.id == proc.model.id and not w.done]
         for waiter in failed:
-            waiter.done = True
+            waiter.finish()
+        if failed:
+            self._queued_changed(proc.model.id)
         for waiter in failed:
             waiter.deferred.errback(failure)
         self._walk()
 
-    def _grant(self, waiter: _Waiter, proc: ModelProcess) -> None:
-        waiter.done = True
-        waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
+    def _grant(self, waiter: Waiter, proc: ModelProcess, now: float) -> None:
+        waiter.finish()
+        self.stats.waited(waiter.model.id, now - waiter.since)
+        lease = self._lease(waiter.model, waiter.target, proc)
+        self._queued_changed(waiter.model.id)  # after the lease: in flight already counts it
+        waiter.deferred.callback(lease)
 
     def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
         """A lease on C{proc}, a ready model's process, counted in flight."""
         proc.request_started()
+        self._in_flight += 1
         start = proc.starts
 
         def release() -> None:
+            self._in_flight -= 1
             proc.request_finished()
             self._walk()
 
@@ -519,3 +671,8 @@ class Supervisor(Service):
             return proc.when_changed(REFUSED_WAIT)
 
         return Lease(model, target, release, refused)
+
+
+def retry_after(waited: float) -> int:
+    """A C{Retry-After} in whole seconds: about as long as the queue turns over."""
+    return max(1, math.ceil(waited))

@@ -28,6 +28,7 @@ from llamaswap.config import (
     Filters,
     GroupConfig,
     ModelConfig,
+    QueueConfig,
     command_text,
     load_config,
     parse_config,
@@ -564,6 +565,8 @@ class ValidationTests(ErrorAssertions):
             (ok + "description: [a]\n", "models.m.description: must be a string, not a list"),
             (ok + "metadata: [a]\n", "models.m.metadata: must be a mapping, not a list"),
             (ok + "concurrencyLimit: -1\n", "models.m.concurrencyLimit: must be >= 0"),
+            (ok + "maxWait: -1\n", "models.m.maxWait: must be >= 0"),
+            (ok + "minResidency: soon\n", "models.m.minResidency: must be a number, not a string"),
             (ok + "macros: [a]\n", "models.m.macros: must be a mapping, not a list"),
             (
                 ok + "sendLoadingState: 'no'\n",
@@ -1809,6 +1812,43 @@ class SeedExampleTests(SynchronousTestCase):
             ("qwen", "coding", "qwen"),
         )
         self.assertEqual(resolved(self.config, "gpt-3.5-turbo")[0], "llama")
+
+
+class QueueConfigTests(SynchronousTestCase):
+    """The queue section and the models' scheduler keys."""
+
+    MODELS = (
+        "models:\n"
+        "  a: {cmd: x, proxy: 'http://h:1'}\n"
+        "  b: {cmd: x, proxy: 'http://h:2', maxWait: 5}\n"
+    )
+
+    def test_defaults(self) -> None:
+        config = parse_config(self.MODELS)
+        self.assertEqual(
+            config.queue,
+            QueueConfig(max_wait=60, min_residency=10, timeout=600, max_length=512),
+        )
+        self.assertEqual((config.models["a"].max_wait, config.models["a"].min_residency), (60, 10))
+
+    def test_models_inherit_the_queue_settings(self) -> None:
+        config = parse_config("queue: {maxWait: 20, minResidency: 2.5}\n" + self.MODELS)
+        self.assertEqual((config.models["a"].max_wait, config.models["b"].max_wait), (20, 5))
+        self.assertEqual(config.models["b"].min_residency, 2.5)
+
+    def test_errors(self) -> None:
+        cases = [
+            ("queue: 5\n", "queue: must be a mapping, not an integer"),
+            ("queue: {maxwait: 5}\n", "queue.maxwait: unknown key (did you mean 'maxWait'?)"),
+            ("queue: {maxWait: -1}\n", "queue.maxWait: must be >= 0"),
+            ("queue: {timeout: forever}\n", "queue.timeout: must be a number, not a string"),
+            ("queue: {maxLength: 0}\n", "queue.maxLength: must be >= 1"),
+            ("queue: {concurrencyLimit: 1.5}\n", "queue.concurrencyLimit: must be an integer"),
+        ]
+        for top, message in cases:
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(top + self.MODELS)
+            self.assertIn(message, str(caught.exception))
 
 
 class ExampleConfigTests(SynchronousTestCase):

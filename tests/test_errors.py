@@ -17,9 +17,10 @@ from llamaswap.errors import (
     HealthTimeout,
     ModelNotFound,
     ProxyError,
+    QueueFull,
+    QueueTimeout,
     ShuttingDown,
     StartFailed,
-    TooManyRequests,
     UpstreamUnreachable,
     error_body,
     error_kind,
@@ -93,7 +94,8 @@ class ProxyErrorTests(SynchronousTestCase):
             (BadRequest, 400),
             (ModelNotFound, 404),
             (BodyTooLarge, 413),
-            (TooManyRequests, 429),
+            (QueueFull, 429),
+            (QueueTimeout, 503),
             (StartFailed, 502),
             (HealthTimeout, 504),
             (UpstreamUnreachable, 502),
@@ -114,8 +116,13 @@ class ProxyErrorTests(SynchronousTestCase):
         self.assertEqual(decode(error.body())["error"]["type"], "invalid_request_error")
         self.assertEqual(ProxyError("x").status, 500)
 
-    def test_too_many_requests_code(self) -> None:
-        """429 from a model's concurrencyLimit says so in its code."""
-        body = decode(TooManyRequests("model qwen is busy").body())["error"]
-        self.assertEqual(body["type"], "rate_limit_error")
-        self.assertEqual(body["code"], "concurrency_limit")
+    def test_queue_codes(self) -> None:
+        """A full queue and a queue timeout say so in their codes, and carry Retry-After."""
+        full = QueueFull("the request queue is full", retry_after=3)
+        body = decode(full.body())["error"]
+        self.assertEqual(
+            (body["type"], body["code"], full.retry_after), ("rate_limit_error", "queue_full", 3)
+        )
+        body = decode(QueueTimeout("waited too long").body())["error"]
+        self.assertEqual((body["type"], body["code"]), ("server_error", "queue_timeout"))
+        self.assertIsNone(ProxyError("x").retry_after)

@@ -585,6 +585,8 @@ class FakeSupervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.states = {model_id: "stopped" for model_id in config.models}
+        self.queued: dict[str, int] = {}
+        self.oldest_wait: dict[str, float] = {}
 
     def statuses(self) -> list[ModelStatus]:
         return [
@@ -596,6 +598,8 @@ class FakeSupervisor:
                 ttl=0,
                 ttl_remaining=None,
                 last_error=None,
+                queued=self.queued.get(model_id, 0),
+                oldest_wait=self.oldest_wait.get(model_id),
             )
             for model_id, state in self.states.items()
         ]
@@ -701,6 +705,82 @@ class EventsTests(HubCase):
         new = sse_events(transport.value())[count:]
         self.assertEqual([e["type"] for e in new], ["modelStatus"])
         self.assertEqual(new[0]["data"][1]["state"], "ready")
+
+    def test_queue_events_send_snapshots(self) -> None:
+        """
+        A C{queue} event sends a snapshot with each model's queue (C{queued},
+        C{oldest_wait} in seconds); one that changes nothing the UI shows
+        sends nothing, and neither does the oldest wait growing (the UI counts
+        it up between snapshots).
+        """
+        bus, supervisor, _, transport = self.open_events()
+        first = sse_events(transport.value())
+        self.assertEqual(
+            [(m["id"], m["queued"], m["oldest_wait"]) for m in first[0]["data"]],
+            [("alpha", 0, None), ("org/beta", 0, None)],
+        )
+
+        def new_events() -> list[dict[str, Any]]:
+            nonlocal seen
+            events = sse_events(transport.value())
+            fresh, seen = events[seen:], len(events)
+            return fresh
+
+        seen = len(first)
+        supervisor.queued["alpha"] = 2
+        supervisor.oldest_wait["alpha"] = 0.0
+        bus.publish("queue", {"model": "alpha", "queued": 2})
+        [snapshot] = new_events()
+        self.assertEqual(snapshot["type"], "modelStatus")
+        self.assertEqual(
+            [(m["id"], m["queued"], m["oldest_wait"]) for m in snapshot["data"]],
+            [("alpha", 2, 0.0), ("org/beta", 0, None)],
+        )
+        bus.publish("queue", {"model": "alpha", "queued": 2})
+        self.assertEqual(new_events(), [])
+        for _ in range(3):  # the wait grows with the clock, as the supervisor's does
+            supervisor.oldest_wait["alpha"] += 1
+            self.clock.advance(1)
+        self.assertEqual(new_events(), [])
+
+        supervisor.queued["alpha"] = 3
+        bus.publish("queue", {"model": "alpha", "queued": 3})
+        [snapshot] = new_events()
+        self.assertEqual(
+            (snapshot["data"][0]["queued"], snapshot["data"][0]["oldest_wait"]), (3, 3.0)
+        )
+        # The oldest left as another came: the same count, a later oldest (seen by the poll).
+        supervisor.oldest_wait["alpha"] = 1.0
+        self.clock.advance(1)
+        [snapshot] = new_events()
+        self.assertEqual(
+            (snapshot["data"][0]["queued"], snapshot["data"][0]["oldest_wait"]), (3, 1.0)
+        )
+        del supervisor.queued["alpha"], supervisor.oldest_wait["alpha"]
+        bus.publish("queue", {"model": "alpha", "queued": 0})
+        [snapshot] = new_events()
+        self.assertEqual(
+            (snapshot["data"][0]["queued"], snapshot["data"][0]["oldest_wait"]), (0, None)
+        )
+
+    def test_stopping_reason(self) -> None:
+        """A stopping model's snapshot says why, from its C{modelStatus} event; others: null."""
+        bus, supervisor, _, transport = self.open_events()
+        seen = len(sse_events(transport.value()))
+        self.assertIsNone(sse_events(transport.value())[0]["data"][0]["reason"])
+        supervisor.states["alpha"] = "stopping"
+        bus.publish(
+            "modelStatus", {"model": "alpha", "state": "stopping", "pid": 7, "reason": "ttl"}
+        )
+        supervisor.states["alpha"] = "stopped"
+        bus.publish("modelStatus", {"model": "alpha", "state": "stopped", "pid": None})
+        supervisor.states["alpha"] = "starting"
+        bus.publish("modelStatus", {"model": "alpha", "state": "starting", "pid": 8})
+        snapshots = [e["data"] for e in sse_events(transport.value())[seen:]]
+        self.assertEqual(
+            [(m[0]["state"], m[0]["reason"], m[1]["reason"]) for m in snapshots],
+            [("stopping", "ttl", None), ("stopped", None, None), ("starting", None, None)],
+        )
 
     def test_disconnect_unsubscribes(self) -> None:
         """A UI that leaves is dropped from the feed, the log streams and the poll."""

@@ -10,11 +10,12 @@ import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,6 +29,7 @@ from llamaswap.testing.web import make_config as web_config
 from tests.exposition import parse_exposition
 from tests.fakeserver_helper import fake_model, make_config
 from tests.live_proxy import Proxy
+from tests.proctools import sleep
 from tests.resource_tree import PEER_CONFIG, ResourceTreeHarness
 
 STAT = """\
@@ -167,6 +169,80 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(samples['llamaswap_model_state{model="alpha",state="stopped"}'], 0)
         self.assertEqual(samples['llamaswap_model_state{model="beta",state="stopped"}'], 1)
         self.assertEqual(samples['llamaswap_model_in_flight{model="alpha"}'], 0)
+
+    def test_queue_now(self) -> None:
+        """Queue length and oldest wait are gauges read from the statuses (0 when none waits)."""
+        self.supervisor.queued.update(alpha=3, beta=1)
+        self.supervisor.oldest_wait.update(alpha=12.5, beta=0.25)
+        samples = collect(self.metrics, self)
+        self.assertEqual(samples['llamaswap_queue_length{model="alpha"}'], 3)
+        self.assertEqual(samples['llamaswap_queue_length{model="beta"}'], 1)
+        self.assertEqual(samples['llamaswap_queue_length{model="hidden"}'], 0)
+        self.assertEqual(samples['llamaswap_queue_oldest_wait_seconds{model="alpha"}'], 12.5)
+        self.assertEqual(samples['llamaswap_queue_oldest_wait_seconds{model="beta"}'], 0.25)
+        self.assertEqual(samples['llamaswap_queue_oldest_wait_seconds{model="hidden"}'], 0)
+        self.supervisor.queued.clear()
+        self.supervisor.oldest_wait.clear()
+        samples = collect(self.metrics, self)
+        self.assertEqual(samples['llamaswap_queue_length{model="alpha"}'], 0)
+        self.assertEqual(samples['llamaswap_queue_oldest_wait_seconds{model="alpha"}'], 0)
+
+    def test_queue_wait_histogram(self) -> None:
+        """
+        The waits are a Prometheus histogram: cumulative buckets up to C{+Inf},
+        C{_sum} and C{_count}, for every configured model (zeros before any wait).
+        """
+        for seconds in (0.0, 0.3, 7.0, 1000.0):
+            self.supervisor.stats.waited("alpha", seconds)
+        text = self.successResultOf(self.metrics.collect()).decode()
+        samples = parse_exposition(text)  # also checks that buckets are cumulative
+        self.assertIn("# TYPE llamaswap_queue_wait_seconds histogram\n", text)
+        bucket = 'llamaswap_queue_wait_seconds_bucket{{model="alpha",le="{}"}}'
+        expected = {"0.005": 1, "0.05": 1, "0.25": 1, "1": 2, "2.5": 2, "5": 2, "10": 3}
+        expected.update({"30": 3, "60": 3, "120": 3, "300": 3, "600": 3, "+Inf": 4})
+        self.assertEqual(
+            {le: samples[bucket.format(le)] for le in expected},
+            expected,
+        )
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_count{model="alpha"}'], 4)
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_sum{model="alpha"}'], 1007.3)
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_bucket{model="beta",le="+Inf"}'], 0)
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_count{model="beta"}'], 0)
+        # One series per model: 13 buckets, _sum and _count, in the order Prometheus expects.
+        lines = [line for line in text.splitlines() if line.startswith("llamaswap_queue_wait")]
+        self.assertEqual(len(lines), 15 * len(self.config.models))
+        self.assertEqual(
+            lines[12:15],
+            [
+                'llamaswap_queue_wait_seconds_bucket{model="alpha",le="+Inf"} 4',
+                'llamaswap_queue_wait_seconds_sum{model="alpha"} 1007.3',
+                'llamaswap_queue_wait_seconds_count{model="alpha"} 4',
+            ],
+        )
+
+    def test_swaps_and_refusals(self) -> None:
+        """Swaps by model and reason, refusals by model and status: counters, zeros included."""
+        stats = self.supervisor.stats
+        stats.swaps[("alpha", "request")] += 2
+        stats.swaps[("alpha", "evict")] += 1
+        stats.swaps[("beta", "ttl")] += 1
+        stats.refused[("alpha", 429)] += 1
+        stats.refused[("beta", 503)] += 2
+        text = self.successResultOf(self.metrics.collect()).decode()
+        samples = parse_exposition(text)
+        self.assertIn("# TYPE llamaswap_model_swaps_total counter\n", text)
+        self.assertIn("# TYPE llamaswap_queue_refused_total counter\n", text)
+        swaps = 'llamaswap_model_swaps_total{{model="{}",reason="{}"}}'
+        self.assertEqual(samples[swaps.format("alpha", "request")], 2)
+        self.assertEqual(samples[swaps.format("alpha", "evict")], 1)
+        self.assertEqual(samples[swaps.format("beta", "ttl")], 1)
+        for reason in ("request", "evict", "ttl", "unload", "exit", "shutdown", "failed"):
+            self.assertEqual(samples[swaps.format("hidden", reason)], 0)
+        refused = 'llamaswap_queue_refused_total{{model="{}",status="{}"}}'
+        self.assertEqual(samples[refused.format("alpha", "429")], 1)
+        self.assertEqual(samples[refused.format("alpha", "503")], 0)
+        self.assertEqual(samples[refused.format("beta", "503")], 2)
+        self.assertEqual(samples[refused.format("hidden", "429")], 0)
 
     def test_host_readings(self) -> None:
         """Memory, swap, load, network from /proc; CPU as a percentage since the last scrape."""
@@ -358,3 +434,69 @@ class ServiceTests(TestCase):
         self.assertNotIn(
             'llamaswap_requests_total{model=""', body.decode()
         )  # /metrics is not a proxied request
+
+    async def test_queue_after_real_queueing(self) -> None:
+        """
+        Two requests queue while alpha starts (its server takes a second): a
+        scrape and C{/running} show them waiting; a third is refused (the
+        queue holds 2). Once served, their waits are in the histogram; a
+        request for beta then evicts alpha, and the swaps say so.
+        """
+        config = make_config(
+            {"alpha": fake_model("alpha", "--startup-delay", "1"), "beta": fake_model("beta")},
+            queue={"maxLength": 2},
+        )
+        proxy = Proxy(self, config)
+
+        def chat(model: str) -> Deferred[tuple[int, dict[str, str], Any]]:
+            body = {"model": model, "messages": []}
+            return Deferred.fromCoroutine(proxy.post_json("/v1/chat/completions", body))
+
+        async def scrape() -> dict[str, float]:
+            status, _, body = await proxy.call("GET", "/metrics")
+            self.assertEqual(status, 200)
+            return parse_exposition(body.decode())
+
+        first, second = chat("alpha"), chat("alpha")
+        deadline = time.monotonic() + 10
+        while (await scrape())['llamaswap_queue_length{model="alpha"}'] < 2:
+            self.assertLess(time.monotonic(), deadline, "the requests never queued")
+            await sleep(0.02)
+        await sleep(0.1)
+        samples = await scrape()
+        self.assertEqual(samples['llamaswap_queue_length{model="alpha"}'], 2)
+        self.assertGreaterEqual(samples['llamaswap_queue_oldest_wait_seconds{model="alpha"}'], 0.1)
+        self.assertEqual(samples['llamaswap_queue_length{model="beta"}'], 0)
+        status, _, body = await proxy.call("GET", "/running")
+        self.assertEqual(status, 200)
+        [alpha] = json.loads(body)["running"]
+        self.assertEqual(
+            (alpha["model"], alpha["state"], alpha["queued"]), ("alpha", "starting", 2)
+        )
+        self.assertGreaterEqual(alpha["oldestWait"], 0.1)
+        status, _, refused = await chat("alpha")
+        self.assertEqual((status, refused["error"]["code"]), (429, "queue_full"))
+
+        self.assertEqual([(await first)[0], (await second)[0]], [200, 200])
+        samples = await scrape()
+        self.assertEqual(samples['llamaswap_queue_length{model="alpha"}'], 0)
+        self.assertEqual(samples['llamaswap_queue_oldest_wait_seconds{model="alpha"}'], 0)
+        # Both waited for the start (over a second each): nothing in the buckets up to 1 s.
+        bucket = 'llamaswap_queue_wait_seconds_bucket{{model="alpha",le="{}"}}'
+        self.assertEqual(samples[bucket.format("1")], 0)
+        self.assertEqual(samples[bucket.format("+Inf")], 2)
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_count{model="alpha"}'], 2)
+        self.assertGreater(samples['llamaswap_queue_wait_seconds_sum{model="alpha"}'], 2.0)
+        refusals = 'llamaswap_queue_refused_total{{model="alpha",status="{}"}}'
+        self.assertEqual((samples[refusals.format(429)], samples[refusals.format(503)]), (1, 0))
+
+        status, _, _ = await chat("beta")
+        self.assertEqual(status, 200)
+        samples = await scrape()
+        swaps = 'llamaswap_model_swaps_total{{model="{}",reason="{}"}}'
+        self.assertEqual(samples[swaps.format("alpha", "request")], 1)
+        self.assertEqual(samples[swaps.format("alpha", "evict")], 1)
+        self.assertEqual(samples[swaps.format("beta", "request")], 1)
+        self.assertEqual(samples[swaps.format("beta", "evict")], 0)
+        # beta's request waited for alpha's stop and its own start: one wait more.
+        self.assertEqual(samples['llamaswap_queue_wait_seconds_count{model="beta"}'], 1)

@@ -96,6 +96,8 @@ models:
         overlap: list[set[str]] = []
 
         def track(kind: str, data: dict[str, Any]) -> None:
+            if kind != "modelStatus":
+                return
             if data["state"] in ("stopped", "failed"):
                 running.discard(data["model"])
             else:

@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.errors import StartFailed, TooManyRequests
+from llamaswap.errors import QueueFull, StartFailed
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import LogHub
@@ -448,10 +448,10 @@ class LoadingStateTests(SynchronousTestCase):
 
     def test_refusals_stay_plain_errors(self) -> None:
         """A request refused at once (429, 404) gets its usual status, not a stream."""
-        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+        self.h.supervisor.error = QueueFull("the request queue is full")
         response = self.h.chat().response()
         self.assertEqual(response.status, 429)
-        self.assertEqual(response.json()["error"]["code"], "concurrency_limit")
+        self.assertEqual(response.json()["error"]["code"], "queue_full")
         self.h.supervisor.error = None
         self.assertEqual(self.h.chat("nope").response().status, 404)
 
@@ -470,6 +470,28 @@ class LoadingStateTests(SynchronousTestCase):
         self.assertEqual(done, "[DONE]")
         self.assertEqual(self.h.http.calls, [])
         self.assertFalse(self.h.ticking())
+
+    def test_queue_position_while_waiting(self) -> None:
+        """A queued request is told its place whenever it changes, dots otherwise."""
+        self.h.supervisor.place = (3, 5)
+        exchange = self.h.chat("a1")
+        queued = "llamaswap loading model: alpha\n\nqueued: 3 ahead of this request, 5 waiting\n"
+        self.assertEqual(reasoning(exchange.response()), queued)
+        self.h.tick(2)
+        self.assertEqual(reasoning(exchange.response()), queued + "..")
+        self.h.supervisor.place = (0, 2)
+        self.h.tick(1)
+        moved = queued + "..\nqueued: 0 ahead of this request, 2 waiting\n"
+        self.assertEqual(reasoning(exchange.response()), moved)
+        self.h.supervisor.grant()
+        self.assertTrue(reasoning(exchange.response()).startswith(moved + "\nDone! ("))
+
+    def test_first_in_line_sees_no_queue(self) -> None:
+        """A request that only waits for its model's load is not told "0 ahead"."""
+        self.h.supervisor.place = (0, 1)
+        exchange = self.h.chat("a1")
+        self.h.tick(2)
+        self.assertEqual(reasoning(exchange.response()), "llamaswap loading model: alpha\n..")
 
     def test_upstream_error_after_loading(self) -> None:
         """The model answers 4xx/5xx after the 200: its JSON error (or ours) as an event."""

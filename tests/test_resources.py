@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from llamaswap.errors import HealthTimeout, StartFailed, TooManyRequests
+from llamaswap.errors import HealthTimeout, QueueFull, QueueTimeout, StartFailed
 from llamaswap.testing.web import (
     Response,
     events_of,
@@ -177,12 +177,19 @@ class ModelRouteTests(SynchronousTestCase):
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
         assert_error(self, response, 504, "gateway_timeout")
 
-    def test_concurrency_limit(self) -> None:
-        """A full model is a 429 with C{Retry-After: 1}."""
-        self.h.supervisor.error = TooManyRequests("too many requests for model alpha")
+    def test_queue_full(self) -> None:
+        """A full queue is a 429 with the queue's C{Retry-After}."""
+        self.h.supervisor.error = QueueFull("the request queue is full", retry_after=7)
         response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
-        assert_error(self, response, 429, "concurrency_limit")
-        self.assertEqual(response.header("retry-after"), "1")
+        assert_error(self, response, 429, "queue_full")
+        self.assertEqual(response.header("retry-after"), "7")
+
+    def test_queue_timeout(self) -> None:
+        """A request that waited queue.timeout is a 503 with C{Retry-After}."""
+        self.h.supervisor.error = QueueTimeout("could not be served within 600 s", retry_after=600)
+        response = post_json(self.h.client, "/v1/chat/completions", {"model": "alpha"})
+        assert_error(self, response, 503, "queue_timeout")
+        self.assertEqual(response.header("retry-after"), "600")
 
     def test_upstream_error_passed_through(self) -> None:
         """An upstream 4xx/5xx keeps its status, headers and body."""
@@ -523,6 +530,44 @@ class ManagementTests(SynchronousTestCase):
         )
         self.assertEqual(running[0]["cmd"], "fake --name alpha")
         self.assertEqual(running[0]["proxy"], "http://127.0.0.1:9001")
+
+    def test_running_shows_the_queue(self) -> None:
+        """
+        Each model in C{/running} has C{queued} and C{oldestWait} (seconds, to
+        a tenth; null when nothing waits); a model that is not running yet but
+        has requests waiting is listed too, so no queued request is invisible.
+        """
+        supervisor = self.h.supervisor
+        supervisor.states.update(alpha="ready", beta="stopped")
+        supervisor.queued.update(beta=3)
+        supervisor.oldest_wait.update(beta=12.345)
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual(
+            [(r["model"], r["state"], r["queued"], r["oldestWait"]) for r in running],
+            [("alpha", "ready", 0, None), ("beta", "stopped", 3, 12.3)],
+        )
+        # The keys before the queue are all still there.
+        self.assertEqual(
+            list(running[0]),
+            [
+                "model",
+                "state",
+                "cmd",
+                "proxy",
+                "ttl",
+                "name",
+                "description",
+                "pid",
+                "inFlight",
+                "ttlRemaining",
+                "queued",
+                "oldestWait",
+            ],
+        )
+        supervisor.queued.clear()
+        supervisor.oldest_wait.clear()
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual([r["model"] for r in running], ["alpha"])
 
     def test_unload(self) -> None:
         """Unload all (legacy GET and API POST) and unload one (id or alias)."""

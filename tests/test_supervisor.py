@@ -18,9 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaswap.errors import (
     HealthTimeout,
     ModelNotFound,
+    QueueFull,
+    QueueTimeout,
     ShuttingDown,
     StartFailed,
-    TooManyRequests,
 )
 from llamaswap.events import EventBus
 from llamaswap.names import Resolver
@@ -41,6 +42,10 @@ def yaml_for(*names: str, extra: dict[str, str] | None = None, top: str = "") ->
     """Models named C{names}, each a fake server on its own port."""
     extra = extra or {}
     lines = [top, "healthCheckTimeout: 30", "models:"]
+    if "queue:" not in top:
+        # The rules of which models run together, without the scheduler's residency (its
+        # own tests below turn it on): a swap may stop a model the moment it is idle.
+        lines.insert(1, "queue: {minResidency: 0}")
     for name in names:
         lines += [
             f"  {name}:",
@@ -61,6 +66,7 @@ class SupervisorHarness:
         self.health = FakeHealth(self.reactor)
         self.events = EventBus()
         self.published: list[tuple[str, str]] = []
+        self.queue_events: list[tuple[str, int]] = []
         self.max_running = 0
         self.events.subscribe(self._on_event)
         self.sup = Supervisor(
@@ -72,6 +78,9 @@ class SupervisorHarness:
         )
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "queue":
+            self.queue_events.append((data["model"], data["queued"]))
+            return
         assert kind == "modelStatus"
         self.published.append((data["model"], data["state"]))
         self.max_running = max(self.max_running, len(self.reactor.live()))
@@ -208,19 +217,78 @@ class AcquireTests(SynchronousTestCase):
         self.failureResultOf(d, HealthTimeout)
         self.assertEqual(h.state("a"), "failed")
 
-    def test_concurrency_limit(self) -> None:
-        """Leases held plus requests queued count against concurrencyLimit."""
+    def test_concurrency_limit_queues(self) -> None:
+        """Beyond concurrencyLimit requests queue, and get the next free slot in order."""
         h = SupervisorHarness(yaml_for("a", extra={"a": "concurrencyLimit: 2"}))
-        first, second = h.sup.acquire_by_name("a"), h.sup.acquire_by_name("a")
-        failure = self.failureResultOf(h.sup.acquire_by_name("a"), TooManyRequests)
-        self.assertEqual(failure.value.status, 429)
+        first, second, third = (h.sup.acquire_by_name("a") for _ in range(3))
         h.healthy()
         h.tick()
         lease = self.successResultOf(first)
         self.successResultOf(second)
-        self.failureResultOf(h.sup.acquire_by_name("a"), TooManyRequests)
+        self.assertNoResult(third)
+        fourth = h.sup.acquire_by_name("a")
+        self.assertEqual(h.sup.status("a").queued, 2)
         lease.release()
-        self.successResultOf(h.sup.acquire_by_name("a"))
+        self.successResultOf(third)
+        self.assertNoResult(fourth)
+        self.assertEqual(h.sup.status("a").in_flight, 2)
+
+    def test_global_concurrency_limit_queues(self) -> None:
+        """queue.concurrencyLimit counts the leases on every model."""
+        h = SupervisorHarness(
+            yaml_for(
+                "a",
+                "b",
+                top="queue: {concurrencyLimit: 1}\ngroups: {g: {swap: false, members: [a, b]}}",
+            )
+        )
+        a = h.sup.acquire_by_name("a")
+        h.healthy()
+        h.tick()
+        lease = self.successResultOf(a)
+        b = h.sup.acquire_by_name("b")
+        h.tick(5)
+        self.assertEqual(h.spawned(), ["a", "b"])  # b starts beside a (the group allows it) ...
+        self.assertNoResult(b)  # ... but waits for the one slot
+        lease.release()
+        self.successResultOf(b)
+
+    def test_full_queue_is_a_429_with_retry_after(self) -> None:
+        """Beyond queue.maxLength waiting requests, a new one is refused at once."""
+        h = SupervisorHarness(yaml_for("a", top="queue: {maxLength: 2}"))
+        waiting = [h.sup.acquire_by_name("a") for _ in range(2)]
+        h.reactor.advance(3.2)
+        failure = self.failureResultOf(h.sup.acquire_by_name("a"), QueueFull)
+        self.assertEqual((failure.value.status, failure.value.retry_after), (429, 4))
+        self.assertIn("queue.maxLength", failure.value.message)
+        self.assertEqual(h.sup.stats.refused[("a", 429)], 1)
+        h.healthy()
+        h.reactor.advance(2)
+        for d in waiting:
+            self.successResultOf(d)
+
+    def test_queue_timeout_is_a_503(self) -> None:
+        """A request that waits queue.timeout seconds fails; the others go on waiting."""
+        h = SupervisorHarness(yaml_for("a", "b", top="queue: {timeout: 20, maxWait: 600}"))
+        lease = self.ready(h, "a")
+        b = h.sup.acquire_by_name("b")
+        h.reactor.advance(10)
+        later = h.sup.acquire_by_name("b")
+        h.reactor.advance(10)
+        failure = self.failureResultOf(b, QueueTimeout)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("queue.timeout", failure.value.message)
+        self.assertEqual(h.sup.status("b").queued, 1)
+        lease.release()
+        h.tick(3)
+        self.successResultOf(later)
+        self.assertEqual(h.sup.stats.refused[("b", 503)], 1)
+
+    def ready(self, h: SupervisorHarness, model_id: str) -> Lease:
+        d = h.sup.acquire_by_name(model_id)
+        h.healthy()
+        h.tick()
+        return self.successResultOf(d)
 
 
 class SwapTests(SynchronousTestCase):
@@ -247,7 +315,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_swap_waits_for_in_flight_requests(self) -> None:
         """A model with a request in flight is never stopped to make room."""
-        h = SupervisorHarness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b", top="queue: {minResidency: 0, timeout: 0}"))
         lease = self.ready(h, "a")
         d = h.sup.acquire_by_name("b")
         h.reactor.advance(3600)
@@ -314,7 +382,7 @@ class SwapTests(SynchronousTestCase):
 
     def test_many_waiters(self) -> None:
         """A thousand queued requests are served by one start, quickly."""
-        h = SupervisorHarness(yaml_for("a", "b"))
+        h = SupervisorHarness(yaml_for("a", "b", top="queue: {minResidency: 0, maxLength: 1000}"))
         lease = self.ready(h, "a")
         waiting = [h.sup.acquire_by_name("b") for _ in range(1000)]
         lease.release()

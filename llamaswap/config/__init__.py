@@ -28,6 +28,7 @@ from llamaswap.config.schema import (
     GroupConfig,
     ModelConfig,
     PeerConfig,
+    QueueConfig,
     plain_json,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "GroupConfig",
     "ModelConfig",
     "PeerConfig",
+    "QueueConfig",
     "command_text",
     "load_config",
     "parse_config",

@@ -49,6 +49,8 @@ _MODEL_KEYS = (
     "metadata",
     "macros",
     "concurrencyLimit",
+    "maxWait",
+    "minResidency",
     "filters",
     "sendLoadingState",
     "reuseConnections",
@@ -75,6 +77,8 @@ class _ModelDefaults:
     global_ttl: int
     unload_timeout: float
     send_loading_state: bool
+    max_wait: float
+    min_residency: float
 
 
 class _Ports:
@@ -162,6 +166,10 @@ def _read_model(
         metadata=metadata,
         concurrency_limit=_int(
             f"{where}.concurrencyLimit", raw.get("concurrencyLimit", 0), minimum=0
+        ),
+        max_wait=_number(f"{where}.maxWait", raw.get("maxWait", defaults.max_wait), minimum=0),
+        min_residency=_number(
+            f"{where}.minResidency", raw.get("minResidency", defaults.min_residency), minimum=0
         ),
         port=port,
         filters=filters,

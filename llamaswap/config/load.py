@@ -43,6 +43,10 @@ from llamaswap.config.schema import (
     DEFAULT_IGNORE_PATHS,
     DEFAULT_LOG_HISTORY_BYTES,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_WAIT,
+    DEFAULT_MIN_RESIDENCY,
+    DEFAULT_QUEUE_LENGTH,
+    DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
     LOG_LEVELS,
@@ -52,6 +56,7 @@ from llamaswap.config.schema import (
     GroupConfig,
     ModelConfig,
     PeerConfig,
+    QueueConfig,
 )
 
 _TOP_KEYS = (
@@ -75,9 +80,11 @@ _TOP_KEYS = (
     "peers",
     "groups",
     "matrix",
+    "queue",
 )
 _PEER_KEYS = ("proxy", "models", "apiKey", "filters", "reuseConnections")
 _GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
+_QUEUE_KEYS = ("maxWait", "minResidency", "timeout", "maxLength", "concurrencyLimit")
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -120,8 +127,16 @@ def parse_config(
     start_port = _read_start_port(raw.get("startPort", DEFAULT_START_PORT))
     send_loading_state = _bool("sendLoadingState", raw.get("sendLoadingState", False))
     ignore_paths = _read_upstream(raw.get("upstream"))
+    queue = _read_queue(raw.get("queue"))
     expand = Expander(_read_macros("macros", raw.get("macros"), env, _builtin_macros()), env)
-    defaults = _ModelDefaults(expand, global_ttl, unload_timeout, send_loading_state)
+    defaults = _ModelDefaults(
+        expand,
+        global_ttl,
+        unload_timeout,
+        send_loading_state,
+        queue.max_wait,
+        queue.min_residency,
+    )
     models = _read_models(raw, defaults, start_port, warnings)
     aliases = {alias: model.id for model in models.values() for alias in model.aliases}
     profiles = _read_profiles(raw.get("profiles"), models, aliases)
@@ -135,6 +150,7 @@ def parse_config(
         peers=peers,
         preload=_read_hooks(raw.get("hooks"), models, aliases, peers, warnings),
         api_keys=_read_api_keys(raw.get("apiKeys"), env),
+        queue=queue,
         health_check_timeout=hct,
         log_requests=_bool("logRequests", raw.get("logRequests", False)),
         log_level=_choice("logLevel", raw.get("logLevel", "info"), LOG_LEVELS),
@@ -199,6 +215,21 @@ def _read_start_port(value: object) -> int:
 def _read_size(key: str, raw: Mapping[str, Any], default: int) -> int:
     """A size in bytes, at least 1 KiB (C{logHistoryBytes}, C{maxBodySize})."""
     return _int(key, raw.get(key, default), minimum=1024)
+
+
+def _read_queue(value: object) -> QueueConfig:
+    """C{queue}: the request queue's bounds and the scheduler's defaults (seconds, counts)."""
+    raw = _mapping("queue", value)
+    _check_keys("queue", raw, _QUEUE_KEYS)
+    return QueueConfig(
+        max_wait=_number("queue.maxWait", raw.get("maxWait", DEFAULT_MAX_WAIT), minimum=0),
+        min_residency=_number(
+            "queue.minResidency", raw.get("minResidency", DEFAULT_MIN_RESIDENCY), minimum=0
+        ),
+        timeout=_number("queue.timeout", raw.get("timeout", DEFAULT_QUEUE_TIMEOUT), minimum=0),
+        max_length=_int("queue.maxLength", raw.get("maxLength", DEFAULT_QUEUE_LENGTH), minimum=1),
+        concurrency_limit=_int("queue.concurrencyLimit", raw.get("concurrencyLimit", 0), minimum=0),
+    )
 
 
 def _read_upstream(value: object) -> tuple[re.Pattern[str], ...]:

@@ -22,6 +22,11 @@ DEFAULT_START_PORT = 5800
 DEFAULT_LOG_HISTORY_BYTES = 100 * 1024
 DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+# The scheduler's defaults (docs/swapping.md, "Fairness"): seconds, and queued requests.
+DEFAULT_MAX_WAIT = 60.0
+DEFAULT_MIN_RESIDENCY = 10.0
+DEFAULT_QUEUE_TIMEOUT = 600.0
+DEFAULT_QUEUE_LENGTH = 512
 # /upstream/<model>/<path> requests matching these never start a model (llama-swap's default).
 DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 # Request body keys filters may neither strip nor set: routing depends on them.
@@ -80,13 +85,31 @@ class ModelConfig:
     name: str = ""
     description: str = ""
     metadata: Mapping[str, Any] = field(factory=dict, converter=_mapping_proxy)
-    concurrency_limit: int = 0  # 0 = unlimited
+    concurrency_limit: int = 0  # in flight at once, 0 = unlimited; more requests queue
+    # The scheduler (docs/swapping.md): after max_wait seconds in the queue a request goes
+    # first; a model that became ready keeps taking new requests for min_residency seconds.
+    max_wait: float = DEFAULT_MAX_WAIT
+    min_residency: float = DEFAULT_MIN_RESIDENCY
     port: int | None = None
     filters: Filters = Filters()
     send_loading_state: bool = False  # the model's own setting, else the global one
     # Keep-alive while requests do not overlap (False: a connection per request;
     # docs/llama-server.md).
     reuse_connections: bool = True
+
+
+@frozen(kw_only=True)
+class QueueConfig:
+    """
+    The request queue (C{queue:}): its bounds, and the defaults of the models'
+    C{maxWait} and C{minResidency}.
+    """
+
+    max_wait: float = DEFAULT_MAX_WAIT
+    min_residency: float = DEFAULT_MIN_RESIDENCY
+    timeout: float = DEFAULT_QUEUE_TIMEOUT  # a queued request fails (503) after this; 0 = never
+    max_length: int = DEFAULT_QUEUE_LENGTH  # queued requests at most; more are refused (429)
+    concurrency_limit: int = 0  # requests in flight across all models; 0 = unlimited
 
 
 @frozen(kw_only=True)
@@ -135,6 +158,7 @@ class Config:
     groups: Mapping[str, GroupConfig] = field(factory=dict, converter=_mapping_proxy)
     matrix: Matrix | None = None  # llama-swap's matrix; never together with groups
     peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
+    queue: QueueConfig = QueueConfig()
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     log_requests: bool = False
     log_level: str = "info"

@@ -4,8 +4,9 @@ The metrics collector: our own series, plus the host's at scrape time.
 
 Our own series are fed by the L{EventBus}: requests by model and status and
 their durations (C{"request"} events), model starts, failed starts and load
-times (C{"modelStatus"} transitions), plus each model's state and in-flight
-count read from the supervisor at scrape time. The host's come from
+times (C{"modelStatus"} transitions), plus each model's state, in-flight
+count and queue read from the supervisor at scrape time, and the queue's own
+counts (waits, refusals, swaps: L{llamaswap.scheduling.QueueStats}). The host's come from
 L{llamaswap.metrics.hostinfo}; the text from L{llamaswap.metrics.prometheus}.
 
 Names are not resolved here. A C{"request"} event carries C{"model"} (the
@@ -19,18 +20,28 @@ create unbounded series.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from llamaswap.events import EventBus
 from llamaswap.metrics.hostinfo import GPU_TIMEOUT, GPUGauges, HostReadings
-from llamaswap.metrics.prometheus import Family, exposition, family, summary
+from llamaswap.metrics.prometheus import Family, exposition, family, histogram, summary
 from llamaswap.process.states import State
+from llamaswap.scheduling import SWAP_REASONS, WAIT_BUCKETS, QueueStats
 from llamaswap.supervisor import ModelStatus, StatusSource
 
 STATES = tuple(state.value for state in State)
+# The statuses of refused requests: 429 the queue was full, 503 a queued request timed out.
+REFUSED_STATUSES = ("429", "503")
+
+
+class QueueSource(StatusSource, Protocol):
+    """What L{Metrics} reads on the supervisor: the statuses, and the queue's counts."""
+
+    @property
+    def stats(self) -> QueueStats: ...
 
 
 class Metrics:
@@ -45,7 +56,7 @@ class Metrics:
 
     def __init__(
         self,
-        supervisor: StatusSource,
+        supervisor: QueueSource,
         events: EventBus,
         reactor: IReactorTime,
         *,
@@ -103,9 +114,11 @@ class Metrics:
         The exposition text. Fires at once unless GPU gauges are being read;
         never fails (a failed C{nvidia-smi} run leaves the GPU gauges out).
         """
+        statuses = self._supervisor.statuses()
         families = [
             *self._request_families(),
-            *self._model_families(self._supervisor.statuses()),
+            *self._model_families(statuses),
+            *self._queue_families(statuses, self._supervisor.stats),
             *self._host.families(),
         ]
         if self._gpu is None:
@@ -165,5 +178,57 @@ class Metrics:
                 "llamaswap_model_load_seconds",
                 "Time from start to ready (health check passed), by model.",
                 self.loads,
+            ),
+        ]
+
+    def _queue_families(self, statuses: list[ModelStatus], stats: QueueStats) -> list[Family]:
+        """
+        The queue's series: its length and oldest wait now (from the statuses),
+        the waits, refusals and swaps so far (from C{stats}). Every configured
+        model has its series from the start (zeros), so rates work from the
+        first event; a model only C{stats} knows comes after them.
+        """
+        models = [s.model_id for s in statuses]
+        waited = models + sorted(set(stats.wait_buckets) - set(models))
+        swaps = [(m, r) for m in models for r in SWAP_REASONS]
+        swaps += sorted(set(stats.swaps) - set(swaps))
+        refused = [(m, s) for m in models for s in REFUSED_STATUSES]
+        counted = {(m, str(s)): n for (m, s), n in stats.refused.items()}
+        refused += sorted(set(counted) - set(refused))
+        empty = [0] * (len(WAIT_BUCKETS) + 1)
+        return [
+            family(
+                "llamaswap_queue_length",
+                "gauge",
+                "Requests waiting in the queue for each model now.",
+                (({"model": s.model_id}, s.queued) for s in statuses),
+            ),
+            family(
+                "llamaswap_queue_oldest_wait_seconds",
+                "gauge",
+                "How long the oldest request waiting for each model has waited (0: none waits).",
+                (({"model": s.model_id}, round(s.oldest_wait or 0.0, 3)) for s in statuses),
+            ),
+            histogram(
+                "llamaswap_queue_wait_seconds",
+                "Time from a request's arrival to its lease on a ready model, by model "
+                "(0 for one served at once); refused requests are not counted.",
+                WAIT_BUCKETS,
+                ((m, stats.wait_buckets.get(m, empty), stats.wait_sum.get(m, 0.0)) for m in waited),
+            ),
+            family(
+                "llamaswap_model_swaps_total",
+                "counter",
+                "Model starts (reason request) and stops by cause (evict: to make room for "
+                "another, ttl, unload, exit: the server exited, shutdown, failed: its start "
+                "timed out).",
+                (({"model": m, "reason": r}, stats.swaps.get((m, r), 0)) for m, r in swaps),
+            ),
+            family(
+                "llamaswap_queue_refused_total",
+                "counter",
+                "Requests the queue refused, by model and status (429: the queue was full; "
+                "503: the request waited queue.timeout).",
+                (({"model": m, "status": s}, counted.get((m, s), 0)) for m, s in refused),
             ),
         ]

@@ -10,7 +10,7 @@ that are whole print without a decimal point.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from attrs import frozen
 
@@ -33,11 +33,12 @@ def _number(value: float) -> str:
 class Family:
     """
     One metric: its name, type, help text and samples C{(suffix, labels,
-    value)}; the suffix is "" except for a summary's C{_sum} and C{_count}.
+    value)}; the suffix is "" except for a summary's or histogram's C{_sum}
+    and C{_count}, and a histogram's C{_bucket}.
     """
 
     name: str
-    kind: str  # counter, gauge, summary
+    kind: str  # counter, gauge, summary, histogram
     help: str
     samples: tuple[tuple[str, Labels, float], ...] = ()
 
@@ -69,6 +70,31 @@ def summary(name: str, help: str, values: dict[str, list[float]]) -> Family:
         labels = (("model", model),)
         samples += [("_sum", labels, total), ("_count", labels, count)]
     return Family(name, "summary", help, tuple(samples))
+
+
+def histogram(
+    name: str,
+    help: str,
+    bounds: Sequence[float],
+    counts: Iterable[tuple[str, Sequence[int], float]],
+) -> Family:
+    """
+    A histogram by model: C{counts} holds C{(model, per-bucket counts, sum)},
+    where the counts are one per bound of C{bounds} and one more for C{+Inf},
+    each counting only its own bucket. They are written cumulative, as the
+    format wants: C{_bucket{le=...}} for each bound and C{+Inf}, then C{_sum}
+    and C{_count}.
+    """
+    samples: list[tuple[str, Labels, float]] = []
+    edges = [_number(bound) for bound in bounds] + ["+Inf"]
+    for model, buckets, total in counts:
+        labels = (("model", model),)
+        seen = 0
+        for edge, count in zip(edges, buckets, strict=True):
+            seen += count
+            samples.append(("_bucket", (*labels, ("le", edge)), seen))
+        samples += [("_sum", labels, total), ("_count", labels, seen)]
+    return Family(name, "histogram", help, tuple(samples))
 
 
 def exposition(families: Iterable[Family]) -> bytes:

@@ -70,6 +70,7 @@ class ModelProcess:
         self._on_change = on_change
         self._environ = environ
         self._state = State.STOPPED
+        self._started_at = 0.0
         self._child: Child | None = None  # from spawn to on_ended
         self._health: HealthPoller | None = None  # while starting
         self._failure: Exception | None = None  # why the current start failed, if it did
@@ -81,6 +82,12 @@ class ModelProcess:
         self.in_flight = 0
         self.last_error: str | None = None
         self.starts = 0  # numbers each start: tells this server from a later one
+        # For the scheduler (clock seconds): when the current server became ready, how long
+        # its last start took, since when no request has been in flight, and why it stops.
+        self.ready_at: float | None = None
+        self.load_seconds = 0.0
+        self.idle_since = 0.0
+        self.stop_reason = ""
 
     # --- public view -----------------------------------------------------
 
@@ -150,6 +157,7 @@ class ModelProcess:
         """A request ended: the idle time (TTL) counts from now."""
         self.in_flight = max(0, self.in_flight - 1)
         if self.in_flight == 0:
+            self.idle_since = self._clock.seconds()
             self._arm_ttl()
 
     def _arm_ttl(self) -> None:
@@ -164,7 +172,7 @@ class ModelProcess:
                 model=self.model.id,
                 ttl=self.model.ttl,
             )
-            self.stop()
+            self.stop(reason="ttl")
 
     # --- start -----------------------------------------------------------
 
@@ -186,6 +194,9 @@ class ModelProcess:
         self.last_error = None
         self._output.clear()
         self.starts += 1
+        self._started_at = self._clock.seconds()
+        self.ready_at = None
+        self.stop_reason = ""
         self._failure = None
         self._health = HealthPoller(
             self.model,
@@ -233,11 +244,14 @@ class ModelProcess:
 
     def _became_ready(self) -> None:
         assert self._child is not None
+        now = self._clock.seconds()
+        self.ready_at = self.idle_since = now
+        self.load_seconds = now - self._started_at
         self.log.info(
             "{model} is ready (pid {pid}, {seconds:.2f}s)",
             model=self.model.id,
             pid=self._child.pgid,
-            seconds=self._clock.seconds() - self._child.started_at,
+            seconds=now - self._child.started_at,
         )
         self._go(Event.HEALTHY)
 
@@ -247,15 +261,18 @@ class ModelProcess:
         self.log.error("{message}", message=message)
         self._failure = error
         self._ready.fail(error)
+        self.stop_reason = "failed"
         self._begin_stop(Event.TIMEOUT, self.model.unload_timeout)
 
     # --- stop --------------------------------------------------------------
 
-    def stop(self, grace: float | None = None) -> Deferred[None]:
+    def stop(self, grace: float | None = None, reason: str = "unload") -> Deferred[None]:
         """
         Stop the server: C{cmdStop} or SIGTERM to its process group, then
         SIGKILL to the group after C{grace} (default: the model's
         C{unloadTimeout}) seconds. Stopping a starting model aborts the start.
+        C{reason} (C{unload}, C{evict}, C{ttl}, C{shutdown}) is kept in
+        C{stop_reason} for the C{stopping} transition's listeners.
 
         @return: a Deferred of its own that fires once the child ended
             (stopped or failed state); never errbacks.
@@ -265,6 +282,7 @@ class ModelProcess:
         done = self._stopped.wait()
         if self._state is State.STOPPING:
             return done
+        self.stop_reason = reason
         if self._state is State.STARTING:
             self._ready.fail(
                 StartFailed(f"the start of model {self.model.id} was aborted (unloaded)")
@@ -296,6 +314,7 @@ class ModelProcess:
                 "{model} exited unexpectedly ({status})", model=self.model.id, status=status
             )
             self.last_error = f"exited unexpectedly ({status})"
+        self.stop_reason = "exit"
         assert self._child is not None
         self._child.signal(signal.SIGKILL)  # leftovers of a dead server: no grace
         self._begin_stop(Event.EXITED, PIPE_GRACE)

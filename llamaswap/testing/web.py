@@ -24,6 +24,7 @@ from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
 from llamaswap.names import LocalTarget, Resolver
 from llamaswap.process.states import State
+from llamaswap.scheduling import QueueStats
 from llamaswap.supervisor import Lease, ModelStatus
 from llamaswap.web.site import LlamaSwapSite
 
@@ -65,7 +66,9 @@ def make_config(text: str = CONFIG, **changes: Any) -> Config:
 class FakeSupervisor:
     """
     Hands out real L{Lease}s at once, or holds them (C{hold=True}) until the
-    test calls L{grant}; C{error} makes every acquire fail with it.
+    test calls L{grant}; C{error} makes every acquire fail with it. What its
+    statuses show is the test's to set: C{states}, C{queued} and
+    C{oldest_wait} by model id; C{stats} is what C{/metrics} reads.
     """
 
     def __init__(self, config: Config) -> None:
@@ -77,10 +80,15 @@ class FakeSupervisor:
         self.cancelled: list[str] = []
         self.unloaded: list[str | None] = []
         self.states: dict[str, str] = {}
+        self.queued: dict[str, int] = {}
+        self.oldest_wait: dict[str, float] = {}
+        self.stats = QueueStats()
         self.waiting: list[tuple[Deferred[Lease], Lease]] = []
         # When a list: leases report refused connections here (Lease.connection_refused),
         # one pending Deferred each, for the test to fire.
         self.refusals: list[Deferred[None]] | None = None
+        # What position() answers for a held acquire: (ahead, queued), as the test sets it.
+        self.place: tuple[int, int] | None = None
 
     def acquire(self, target: LocalTarget) -> Deferred[Lease]:
         requested = target.requested
@@ -99,6 +107,10 @@ class FakeSupervisor:
         d: Deferred[Lease] = Deferred(lambda _: self.cancelled.append(requested))
         self.waiting.append((d, lease))
         return d
+
+    def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None:
+        held = any(d is acquired for d, _ in self.waiting)
+        return self.place if held and not acquired.called else None
 
     def _refused(self) -> Deferred[None]:
         assert self.refusals is not None
@@ -131,6 +143,8 @@ class FakeSupervisor:
             ttl=self.config.models[model_id].ttl,
             ttl_remaining=None,
             last_error=None,
+            queued=self.queued.get(model_id, 0),
+            oldest_wait=self.oldest_wait.get(model_id),
         )
 
     def statuses(self) -> list[ModelStatus]:

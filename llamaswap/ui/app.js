@@ -7,7 +7,7 @@ const MAX_REQUESTS = 500;
 
 const state = {
   models: [],                 // latest modelStatus snapshot
-  snapshotAt: 0,              // performance.now() when it arrived (TTL countdown)
+  snapshotAt: 0,              // performance.now() when it arrived (TTL countdown, queue wait)
   logs: { proxy: [], upstream: [] },   // [{seq, text}]
   seq: 0,
   requests: [],               // newest last
@@ -93,6 +93,26 @@ function ttlText(model) {
   return `${left}s left`;
 }
 
+function queueText(model) {
+  if (!model.queued) return "—";
+  let text = `${model.queued} queued`;
+  if (model.oldest_wait !== null && model.oldest_wait !== undefined) {
+    const elapsed = (performance.now() - state.snapshotAt) / 1000;
+    text += `, oldest ${Math.floor(model.oldest_wait + elapsed)} s`;
+  }
+  return text;
+}
+
+// Why a model is stopping (the snapshot's "reason"), in words.
+const STOP_REASONS = {
+  evict: "making room",
+  ttl: "idle (TTL)",
+  unload: "unloaded",
+  exit: "server exited",
+  shutdown: "shutting down",
+  failed: "start timed out",
+};
+
 function renderModels() {
   const body = $("models-body");
   const rows = [];
@@ -116,10 +136,11 @@ function renderModels() {
     }
     rows.push(el("tr", { dataset: { model: model.id } },
       cell,
-      el("td", {}, el("span", { class: `state state-${model.state}` }, model.state)),
+      stateCell(model),
       el("td", {}, ...(model.aliases || []).map((a) => el("span", { class: "alias" }, a))),
       el("td", { class: "ttl" }, ttlText(model)),
       el("td", { class: "num" }, model.in_flight || 0),
+      el("td", { class: model.queued ? "queue queued" : "queue" }, queueText(model)),
       el("td", { class: "actions" }, loadButton, unloadButton),
     ));
   }
@@ -127,15 +148,29 @@ function renderModels() {
   $("models-empty").hidden = state.models.length > 0;
   const ready = state.models.filter((m) => m.state === "ready").length;
   const n = state.models.length;
-  $("models-summary").textContent = `${n} model${n === 1 ? "" : "s"}, ${ready} ready`;
+  const queued = state.models.reduce((sum, m) => sum + (m.queued || 0), 0);
+  $("models-summary").textContent =
+    `${n} model${n === 1 ? "" : "s"}, ${ready} ready` + (queued ? `, ${queued} queued` : "");
   $("unload-all").disabled = state.busy.has("*");
   refreshModelSelect();
 }
 
-function tickTTL() {
+function stateCell(model) {
+  const cell = el("td", {}, el("span", { class: `state state-${model.state}` }, model.state));
+  if (model.state === "stopping" && model.reason) {
+    cell.append(" ", el("span", { class: "state-reason", title: `reason: ${model.reason}` },
+      STOP_REASONS[model.reason] || model.reason));
+  }
+  return cell;
+}
+
+// Between snapshots, count the TTL down and the queue's oldest wait up.
+function tickModels() {
   for (const row of document.querySelectorAll("#models-body tr")) {
     const model = state.models.find((m) => m.id === row.dataset.model);
-    if (model) row.querySelector(".ttl").textContent = ttlText(model);
+    if (!model) continue;
+    row.querySelector(".ttl").textContent = ttlText(model);
+    row.querySelector(".queue").textContent = queueText(model);
   }
 }
 
@@ -304,7 +339,7 @@ function init() {
   showPage();
   renderModels();
   renderRequests();
-  setInterval(tickTTL, 1000);
+  setInterval(tickModels, 1000);
   connect();
 }
 

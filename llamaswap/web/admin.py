@@ -121,8 +121,18 @@ class ModelList(JSONResource):
         raise ModelNotFound(f"model not found: {wanted}")
 
 
+def wait_seconds(wait: float | None) -> float | None:
+    """A queue wait as shown to people: to the tenth of a second (None: nothing waits)."""
+    return None if wait is None else round(wait, 1)
+
+
 class Running(JSONResource):
-    """C{GET /running}: every model whose process exists, sorted by id."""
+    """
+    C{GET /running}: every model whose process exists, sorted by id, with its
+    queue (C{queued}, C{oldestWait}); also a model whose process does not
+    exist (yet) while requests wait for it, so that no queued request is
+    invisible here.
+    """
 
     isLeaf = True
 
@@ -134,7 +144,7 @@ class Running(JSONResource):
     def render_GET(self, request: Request) -> bytes:
         running = []
         for status in sorted(self._supervisor.statuses(), key=lambda s: s.model_id):
-            if status.state not in LOADED_STATES:
+            if status.state not in LOADED_STATES and not status.queued:
                 continue
             model = self._config.models[status.model_id]
             running.append(
@@ -149,6 +159,8 @@ class Running(JSONResource):
                     "pid": status.pid,
                     "inFlight": status.in_flight,
                     "ttlRemaining": status.ttl_remaining,
+                    "queued": status.queued,
+                    "oldestWait": wait_seconds(status.oldest_wait),
                 }
             )
         return respond_json(request, {"running": running})

@@ -32,6 +32,7 @@ from llamaswap.supervisor import StatusSource
 
 if TYPE_CHECKING:
     from llamaswap.names import LocalTarget
+    from llamaswap.scheduling import QueueStats
     from llamaswap.supervisor import Lease, ModelStatus
 
 _log = Logger()
@@ -47,9 +48,15 @@ class SupervisorAPI(StatusSource, Protocol):
 
     def acquire(self, target: LocalTarget) -> Deferred[Lease]: ...
 
+    def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None: ...
+
     def unload(self, model_id: str | None = None) -> Deferred[None]: ...
 
     def status(self, model_id: str) -> ModelStatus: ...
+
+    @property
+    def stats(self) -> QueueStats:
+        """The queue's counts (waits, refusals, swaps), for C{/metrics}."""
 
 
 # An answer computed asynchronously: (status, content type, body).
@@ -137,9 +144,12 @@ def request_accept(request: Request) -> bytes:
 
 
 def respond_error(request: Request, error: ProxyError) -> bytes:
-    """Answer a L{ProxyError} (see L{error_payload}); adds C{Retry-After} to a 429."""
-    if error.status == 429:
-        request.setHeader(b"Retry-After", b"1")
+    """Answer a L{ProxyError} (see L{error_payload}), with its C{Retry-After} (a 429: 1 s)."""
+    retry_after = error.retry_after
+    if retry_after is None and error.status == 429:
+        retry_after = 1
+    if retry_after is not None:
+        request.setHeader(b"Retry-After", b"%d" % retry_after)
     content_type, body = error_payload(error, request_accept(request))
     return respond(request, error.status, body, content_type)
 

@@ -115,9 +115,10 @@ class EventsResource(JSONResource):
     """
     C{GET /api/events}: the UI's live feed (see docs/logs-and-ui.md).
 
-    Model snapshots go out on every C{modelStatus} and C{request} event, and
-    also whenever a once-a-second look at the supervisor sees a change no
-    event announced (a lease released, a TTL countdown restarted).
+    Model snapshots go out on every C{modelStatus} and C{request} event, on a
+    C{queue} event that changed what the snapshot shows (a model's queue grew
+    or shrank), and also whenever a once-a-second look at the supervisor sees a
+    change no event announced (a lease released, a TTL countdown restarted).
     """
 
     isLeaf = True
@@ -140,6 +141,8 @@ class EventsResource(JSONResource):
         self.clients: set[EventClient] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self._last_key: tuple[Any, ...] | None = None
+        # Why each stopping model is stopping, from its last modelStatus event.
+        self._reasons: dict[str, str] = {}
         self._poll = LoopingCall(self._look)
         self._poll.clock = clock
         # One long-lived subscription for all clients (the resource lives as
@@ -156,7 +159,14 @@ class EventsResource(JSONResource):
             # Its end may have released a lease and restarted a TTL.
             self._broadcast_snapshot()
         elif kind == "modelStatus":
+            model, reason = str(data.get("model")), data.get("reason")
+            if data.get("state") == "stopping" and isinstance(reason, str) and reason:
+                self._reasons[model] = reason
+            else:
+                self._reasons.pop(model, None)
             self._broadcast_snapshot()
+        elif kind == "queue":
+            self._look()
 
     def _broadcast(self, frame: bytes) -> None:
         for client in list(self.clients):
@@ -177,13 +187,20 @@ class EventsResource(JSONResource):
                 m["pid"],
                 m["in_flight"],
                 m["last_error"],
+                m["reason"],
+                m["queued"],
                 # The deadline, not the countdown: changes only when the TTL restarts.
                 None if m["ttl_remaining"] is None else round(now + m["ttl_remaining"]),
+                # When the oldest queued request came, not its wait: changes only when it leaves.
+                None if m["oldest_wait"] is None else round(now - m["oldest_wait"]),
             )
             for m in models
         )
 
     def _look(self) -> None:
+        """Send a snapshot if it differs from the last one sent (by L{_key})."""
+        if not self.clients:
+            return
         try:
             models = self.models()
             key = self._key(models)
@@ -212,6 +229,11 @@ class EventsResource(JSONResource):
                     "ttl": status.ttl,
                     "ttl_remaining": status.ttl_remaining,
                     "last_error": status.last_error,
+                    "queued": status.queued,
+                    "oldest_wait": status.oldest_wait,
+                    "reason": self._reasons.get(status.model_id)
+                    if status.state == "stopping"
+                    else None,
                 }
             )
         return out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -20,24 +21,49 @@ class LoadingStream:
     """
     The answer to a streamed chat request while its model loads: status 200 and
     event-stream headers at once, then C{reasoning_content} deltas (the model's
-    name, a dot every L{LOADING_TICK} seconds, how long it took). Afterwards the
+    name, its place in the queue whenever that changes, else a dot every
+    L{LOADING_TICK} seconds, how long it took). Afterwards the
     upstream's own events are appended (L{Relay}), or L{fail} ends it with an
     error event.
     """
 
-    def __init__(self, request: Request, model_id: str, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        request: Request,
+        model_id: str,
+        clock: IReactorTime,
+        where: Callable[[], tuple[int, int] | None] = lambda: None,
+    ) -> None:
         self._request = request
         self._model_id = model_id
         self._clock = clock
+        self._where = where  # (requests ahead, requests queued), None when not queued
+        self._told: tuple[int, int] | None = None
         self._started = clock.seconds()
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
         self.send(f"llamaswap loading model: {model_id}\n")
-        self._ticker = LoopingCall(self.send, ".")
+        self._tell_place()
+        self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         self._ticker.start(LOADING_TICK, now=False)
+
+    def _tick(self) -> None:
+        """A dot, or the request's place in the queue when it changed."""
+        if not self._tell_place():
+            self.send(".")
+
+    def _tell_place(self) -> bool:
+        """Send the request's place in the queue if it changed; whether it did."""
+        place = self._where()
+        if place is None or place == self._told or (self._told is None and place[0] == 0):
+            return False  # not queued, no change, or first in line (just loading)
+        self._told = place
+        ahead, queued = place
+        self.send(f"\nqueued: {ahead} ahead of this request, {queued} waiting\n")
+        return True
 
     def send(self, text: str) -> None:
         """One C{chat.completion.chunk} whose delta carries C{text} as reasoning."""

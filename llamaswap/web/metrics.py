@@ -10,9 +10,8 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.web.server import Request
 
 from llamaswap.events import EventBus
-from llamaswap.metrics.counters import Metrics
+from llamaswap.metrics.counters import Metrics, QueueSource
 from llamaswap.metrics.prometheus import CONTENT_TYPE
-from llamaswap.supervisor import StatusSource
 from llamaswap.web.base import JSONResource, render_answer
 
 
@@ -35,7 +34,7 @@ class MetricsResource(JSONResource):
 
 
 def build_metrics_resource(
-    supervisor: StatusSource, events: EventBus, reactor: Any
+    supervisor: QueueSource, events: EventBus, reactor: Any
 ) -> MetricsResource:
     """The resource mounted at C{/metrics}; GPU gauges if C{nvidia-smi} is on the PATH."""
     nvidia_smi = shutil.which("nvidia-smi") if IReactorProcess.providedBy(reactor) else None

@@ -318,7 +318,9 @@ class Relay:
             and isinstance(target, LocalTarget)
             and target.model.send_loading_state
         ):
-            stream = LoadingStream(request, target.model_id, self._clock)
+            stream = LoadingStream(
+                request, target.model_id, self._clock, lambda: self._supervisor.position(acquired)
+            )
         try:
             lease = await acquired
         except CancelledError:
