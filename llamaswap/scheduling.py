@@ -151,6 +151,10 @@ class QueueStats:
     def waited(self, model_id: str, seconds: float) -> None:
         """A request was granted after C{seconds} (0 for one served at once)."""
         buckets = self.wait_buckets[model_id]
+        if seconds <= WAIT_BUCKETS[0]:  # a request served at once: most of them
+            buckets[0] += 1
+            self.wait_sum[model_id] += seconds
+            return
         for i, bound in enumerate(WAIT_BUCKETS):
             if seconds <= bound:
                 buckets[i] += 1

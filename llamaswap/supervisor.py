@@ -463,7 +463,8 @@ class Supervisor(Service):
             return
         if not self._queue:
             self._announced.clear()  # all that a walk of an empty queue does
-            self._wake_at(math.inf)
+            if self._wake is not None:
+                self._wake_at(math.inf)
             return
         self._walking = True
         try:
