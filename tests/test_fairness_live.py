@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from llamaswap.config import parse_config
 from tests.chat_clients import ChatAnswer, ChatClients, gather
+from tests.fakeserver_helper import port_block
 from tests.live_proxy import RunningProxy
 from tests.proctools import sleep
 
@@ -31,7 +32,9 @@ SLACK = 2.5
 
 
 def config_text(*names: str, queue: str) -> str:
-    lines = [f"queue: {queue}", "healthCheckTimeout: 30", "models:"]
+    # A block of free ports for ${PORT}: other tests and benchmarks may run beside us.
+    lines = [f"queue: {queue}", f"startPort: {port_block(len(names))}", "healthCheckTimeout: 30"]
+    lines.append("models:")
     for name in names:
         lines += [
             f"  {name}:",
