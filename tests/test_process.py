@@ -247,7 +247,7 @@ class HealthTests(SynchronousTestCase):
         self.successResultOf(ready)
 
     def test_poll_fast_then_back_off(self) -> None:
-        """Probes every 50 ms for the first seconds, then gently slower, up to 1 s."""
+        """Probes every 50 ms for the first seconds, then gently slower, up to 0.25 s."""
         h = ModelProcessHarness()
         h.proc.start()
         for _ in range(2000):

@@ -118,7 +118,7 @@ class PolicyTests(SynchronousTestCase):
         """
         hot_rare: the rare model's requests wait at most maxWait, plus the hot
         model's longest request, plus the loads (measured: 62.1 s at 0.3 s
-        loads, 81.7 s at 20 s loads).
+        loads, 81.5 s at 20 s loads).
         """
         for load in (0.3, 20.0):
             b = simulate(hot_rare(load), NEW, SECONDS).model("b")
@@ -151,8 +151,8 @@ class PolicyTests(SynchronousTestCase):
         No request of any trace waits longer than maxWait plus, for each due
         swap ahead of it (two in hot_two_rare: b's, then its own), the running
         model's residency and longest request, a stop and a load. Measured
-        (max of all models): 62.1 s (0.3 s loads) and 81.7 s (20 s loads) in
-        hot_rare, 63.9 and 102.6 s in hot_two_rare, 20.7 and 81.0 s in the
+        (max of all models): 62.1 s (0.3 s loads) and 81.5 s (20 s loads) in
+        hot_rare, 63.9 and 102.3 s in hot_two_rare, 20.7 and 81.0 s in the
         others.
         """
         for name, make in TRACES.items():

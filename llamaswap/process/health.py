@@ -28,11 +28,14 @@ if TYPE_CHECKING:
     from llamaswap.config import ModelConfig
 
 # Health polling: fast at first, so readiness is noticed within ~50 ms, then
-# backing off gently for slow loaders.
+# backing off gently for slow loaders, to four polls a second: a poll is one
+# loopback GET, while every moment a loaded model goes unnoticed leaves the GPU idle
+# and its waiting requests unanswered (at 1 s, a start slowed past 3 s by a busy
+# machine was noticed up to half a second late).
 POLL_FAST = 0.05
 POLL_FAST_PERIOD = 3.0
 POLL_BACKOFF = 1.25
-POLL_MAX = 1.0
+POLL_MAX = 0.25
 PROBE_TIMEOUT = 2.0  # one health request (a server that accepts but never answers)
 # Before a spawn, a connection to the model's address is tried for this long: if
 # something accepts it, another server owns the port (and would answer our health
