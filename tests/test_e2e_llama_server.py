@@ -582,5 +582,4 @@ class LlamaServerConcurrencyTests(_LlamaServerCase):
             bad = [a for a in answers if not (a.code == 200 and a.complete and a.model == model)]
             self.assertEqual(bad, [], f"round {round_}")
             lags.append(max(a.ended for a in answers) - ready)
-        print("LAGS", sorted(round(lag, 3) for lag in lags))
         self.assertLess(max(lags), 0.5, [round(lag, 3) for lag in lags])
