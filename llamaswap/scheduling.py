@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
     from llamaswap.config import ModelConfig
+    from llamaswap.config.matrix import Decision
     from llamaswap.names import LocalTarget
     from llamaswap.supervisor import Lease
 
@@ -65,7 +66,7 @@ class Waiter:
         self.since = since
         self.seq = seq  # arrival order: breaks every tie
         self.due_at = since + self.model.max_wait
-        self.decision: object | None = None  # the matrix's latest choice for it
+        self.decision: Decision | None = None  # the matrix's latest choice for it
         self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
         self.timer: IDelayedCall | None = None  # the queue timeout
         self.done = False  # served, failed or withdrawn: skipped, then dropped from the queue

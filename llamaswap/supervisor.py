@@ -302,7 +302,7 @@ class Supervisor(Service):
             and self.config.matrix is None
             and all(w.done for w in self._queue)
             and self._slot_free(proc)
-            and not any(p.occupied and m not in allowed for m, p in self._procs.items())
+            and not self._must_stop(allowed)
         ):
             # What a walk of a queue holding only this waiter would do: grant at once.
             # (A walk leaves everything else as it was: it ran after the last change.)
@@ -450,6 +450,10 @@ class Supervisor(Service):
         self._queued_changed(waiter.model.id)
         self._walk()
 
+    def _must_stop(self, allowed: frozenset[str]) -> list[ModelProcess]:
+        """The models that run (or start, or stop) outside C{allowed}."""
+        return [p for m, p in self._procs.items() if p.occupied and m not in allowed]
+
     def _slot_free(self, proc: ModelProcess) -> bool:
         """Whether a lease on C{proc} stays within the concurrency limits."""
         limit = proc.model.concurrency_limit
@@ -518,7 +522,7 @@ class Supervisor(Service):
             if (
                 proc.state is State.READY
                 and self._slot_free(proc)
-                and not any(p.occupied and m not in waiter.allowed for m, p in self._procs.items())
+                and not self._must_stop(waiter.allowed)
                 and (
                     not held_back(waiter, barriers)
                     or resident(waiter, proc.ready_at, proc.model.min_residency, now)
@@ -536,7 +540,7 @@ class Supervisor(Service):
             if self.config.matrix is not None and waiter.target.profile is None:
                 self._decide(waiter, decisions)
             proc = self._procs[waiter.model.id]
-            evict = [p for m, p in self._procs.items() if p.occupied and m not in waiter.allowed]
+            evict = self._must_stop(waiter.allowed)
             if proc.state is State.READY and not evict:
                 continue  # waits for a slot, or behind a due request
             key = waiter.key
@@ -565,9 +569,9 @@ class Supervisor(Service):
 
     def _announce(self, waiter: Waiter) -> None:
         """Log the matrix's decision once per swap, at its first step."""
-        decision = waiter.decision
-        if isinstance(decision, Decision) and waiter.model.id not in self._announced:
+        if waiter.decision is not None and waiter.model.id not in self._announced:
             self._announced.add(waiter.model.id)
+            decision = waiter.decision
             self.log.info(
                 "matrix: model={model} set={set} evict=[{evict}] cost={cost}",
                 model=decision.model,
