@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -218,6 +219,7 @@ class Supervisor(Service):
         self._arrivals = 0  # numbers the waiters: ties go to the earlier
         self._in_flight = 0  # leases held on local models, for queue.concurrencyLimit
         self._wake: IDelayedCall | None = None  # the next walk a clock time calls for
+        self._requeued: set[str] = set()  # models whose queue changed since the last event
         self.stats = QueueStats()
         # may_run_with() per (profile, model id), computed on first use.
         self._allowed: dict[tuple[str | None, str], frozenset[str]] = {}
@@ -416,9 +418,17 @@ class Supervisor(Service):
         self._walk()
 
     def _queued_changed(self, model_id: str) -> None:
-        """Tell the views that C{model_id}'s queue grew or shrank."""
-        queued = sum(1 for w in self._queue if not w.done and w.model.id == model_id)
-        self._events.publish("queue", {"model": model_id, "queued": queued})
+        """Note that C{model_id}'s queue grew or shrank; the walk that follows tells the views."""
+        self._requeued.add(model_id)
+
+    def _publish_queues(self) -> None:
+        """One C{queue} event per model whose queue changed, however many waiters moved."""
+        if not self._requeued:
+            return
+        changed, self._requeued = self._requeued, set()
+        queued = Counter(w.model.id for w in self._queue if not w.done)
+        for model_id in sorted(changed):
+            self._events.publish("queue", {"model": model_id, "queued": queued[model_id]})
 
     def _withdraw(self, waiter: Waiter) -> None:
         """The caller cancelled: forget the waiter (its Deferred gets CancelledError)."""
@@ -480,6 +490,8 @@ class Supervisor(Service):
         finally:
             self._walking = False
         self._wake_at(wake)
+        # After the walk: leases granted in it count in flight by now.
+        self._publish_queues()
 
     def _wake_at(self, when: float) -> None:
         """Walk again at clock time C{when} (inf: no walk is due at any time)."""
@@ -651,9 +663,8 @@ class Supervisor(Service):
     def _grant(self, waiter: Waiter, proc: ModelProcess, now: float) -> None:
         waiter.finish()
         self.stats.waited(waiter.model.id, now - waiter.since)
-        lease = self._lease(waiter.model, waiter.target, proc)
-        self._queued_changed(waiter.model.id)  # after the lease: in flight already counts it
-        waiter.deferred.callback(lease)
+        self._queued_changed(waiter.model.id)
+        waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
 
     def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
         """A lease on C{proc}, a ready model's process, counted in flight."""
