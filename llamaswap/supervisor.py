@@ -87,6 +87,7 @@ class ModelStatus:
     last_error: str | None
     queued: int = 0  # requests waiting in the queue for this model
     oldest_wait: float | None = None  # seconds the oldest of them has waited
+    stop_reason: str | None = None  # while stopping: evict, ttl, unload, exit, shutdown, failed
 
 
 class StatusSource(Protocol):
@@ -390,6 +391,7 @@ class Supervisor(Service):
             last_error=proc.last_error,
             queued=len(waiting),
             oldest_wait=self._clock.seconds() - min(waiting) if waiting else None,
+            stop_reason=proc.stop_reason if proc.state is State.STOPPING else None,
         )
 
     def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None:

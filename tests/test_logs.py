@@ -587,6 +587,7 @@ class FakeSupervisor:
         self.states = {model_id: "stopped" for model_id in config.models}
         self.queued: dict[str, int] = {}
         self.oldest_wait: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
 
     def statuses(self) -> list[ModelStatus]:
         return [
@@ -600,6 +601,7 @@ class FakeSupervisor:
                 last_error=None,
                 queued=self.queued.get(model_id, 0),
                 oldest_wait=self.oldest_wait.get(model_id),
+                stop_reason=self.reasons.get(model_id),
             )
             for model_id, state in self.states.items()
         ]
@@ -764,15 +766,16 @@ class EventsTests(HubCase):
         )
 
     def test_stopping_reason(self) -> None:
-        """A stopping model's snapshot says why, from its C{modelStatus} event; others: null."""
+        """A stopping model's snapshot says why (the supervisor's status); others: null."""
         bus, supervisor, _, transport = self.open_events()
         seen = len(sse_events(transport.value()))
         self.assertIsNone(sse_events(transport.value())[0]["data"][0]["reason"])
-        supervisor.states["alpha"] = "stopping"
+        supervisor.states["alpha"], supervisor.reasons["alpha"] = "stopping", "ttl"
         bus.publish(
             "modelStatus", {"model": "alpha", "state": "stopping", "pid": 7, "reason": "ttl"}
         )
         supervisor.states["alpha"] = "stopped"
+        del supervisor.reasons["alpha"]
         bus.publish("modelStatus", {"model": "alpha", "state": "stopped", "pid": None})
         supervisor.states["alpha"] = "starting"
         bus.publish("modelStatus", {"model": "alpha", "state": "starting", "pid": 8})

@@ -322,6 +322,7 @@ class BrowserUITests(TestCase):
             reactor=reactor,
         )
         supervisor.states.update(alpha="starting", beta="stopping")
+        supervisor.reasons["beta"] = "evict"
         supervisor.queued["alpha"] = 3
         supervisor.since["alpha"] = reactor.seconds() - 12
         events.publish("modelStatus", {"model": "beta", "state": "stopping", "reason": "evict"})

@@ -82,6 +82,7 @@ class FakeSupervisor:
         self.states: dict[str, str] = {}
         self.queued: dict[str, int] = {}
         self.oldest_wait: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}  # why each stopping model stops
         self.stats = QueueStats()
         self.waiting: list[tuple[Deferred[Lease], Lease]] = []
         # When a list: leases report refused connections here (Lease.connection_refused),
@@ -145,6 +146,7 @@ class FakeSupervisor:
             last_error=None,
             queued=self.queued.get(model_id, 0),
             oldest_wait=self.oldest_wait.get(model_id),
+            stop_reason=self.reasons.get(model_id),
         )
 
     def statuses(self) -> list[ModelStatus]:

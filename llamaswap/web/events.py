@@ -141,8 +141,6 @@ class EventsResource(JSONResource):
         self.clients: set[EventClient] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self._last_key: tuple[Any, ...] | None = None
-        # Why each stopping model is stopping, from its last modelStatus event.
-        self._reasons: dict[str, str] = {}
         self._poll = LoopingCall(self._look)
         self._poll.clock = clock
         # One long-lived subscription for all clients (the resource lives as
@@ -159,11 +157,6 @@ class EventsResource(JSONResource):
             # Its end may have released a lease and restarted a TTL.
             self._broadcast_snapshot()
         elif kind == "modelStatus":
-            model, reason = str(data.get("model")), data.get("reason")
-            if data.get("state") == "stopping" and isinstance(reason, str) and reason:
-                self._reasons[model] = reason
-            else:
-                self._reasons.pop(model, None)
             self._broadcast_snapshot()
         elif kind == "queue":
             self._look()
@@ -231,9 +224,7 @@ class EventsResource(JSONResource):
                     "last_error": status.last_error,
                     "queued": status.queued,
                     "oldest_wait": status.oldest_wait,
-                    "reason": self._reasons.get(status.model_id)
-                    if status.state == "stopping"
-                    else None,
+                    "reason": status.stop_reason,
                 }
             )
         return out
