@@ -257,26 +257,25 @@ class GroupsAndMatrixTests(Fixture):
         self.successResultOf(c)
         self.assertEqual(sorted(self.running()), ["a", "c"])
 
-    def test_matrix_sets_obey_the_bound(self) -> None:
-        """The bound applies to a matrix's swaps like to groups'."""
-        self.harness("a", "b", top=FAIR + "\nmatrix:\n  sets:\n    one: 'a'\n    two: 'b'\n")
+    def hot_then_due(self, top: str, hot: str, rare: str) -> None:
+        """
+        C{hot} is busy past its residency while C{rare}, which must stop it, becomes
+        due: a new request for C{hot} then waits, and C{rare} is served once it drains.
+        """
+        self.harness("a", "b", top=FAIR + top)
         self.advance(20)
-        held = self.lease("a")
-        b = self.h.sup.acquire_by_name("b")
+        held = self.lease(hot)
+        waiting = self.h.sup.acquire_by_name(rare)
         self.advance(30)
-        self.assertNoResult(self.h.sup.acquire_by_name("a"))
+        self.assertNoResult(self.h.sup.acquire_by_name(hot))
         held.release()
         self.h.tick()
-        self.successResultOf(b)
+        self.successResultOf(waiting)
+
+    def test_matrix_sets_obey_the_bound(self) -> None:
+        """The bound applies to a matrix's swaps like to groups'."""
+        self.hot_then_due("\nmatrix:\n  sets:\n    one: 'a'\n    two: 'b'\n", "a", "b")
 
     def test_profiles_obey_the_bound(self) -> None:
         """p:a is held back by a due request for q:b, which must stop it."""
-        self.harness("a", "b", top=FAIR + "\nprofiles:\n  p: [a]\n  q: [b]")
-        self.advance(20)
-        held = self.lease("p:a")
-        b = self.h.sup.acquire_by_name("q:b")
-        self.advance(30)
-        self.assertNoResult(self.h.sup.acquire_by_name("p:a"))
-        held.release()
-        self.h.tick()
-        self.successResultOf(b)
+        self.hot_then_due("\nprofiles:\n  p: [a]\n  q: [b]", "p:a", "q:b")
