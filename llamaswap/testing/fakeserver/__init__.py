@@ -11,6 +11,15 @@ content), and flags make it misbehave the way real upstreams do: slow to load
 (``--startup-delay``), never healthy, exiting during start-up, crashing after
 N requests, deaf to SIGTERM, leaving a grandchild in its process group.
 
+On a fake GPU (the directory C{LLAMASWAP_FAKE_GPU} names; see
+L{llamaswap.testing.fake_gpu} and the fake ``nvidia-smi``,
+L{llamaswap.testing.nvidia_smi}), ``--gpu-memory SPEC`` (``12GiB``, or
+``0=20GiB,1=20GiB``) takes memory before listening, on the first device of
+``CUDA_VISIBLE_DEVICES`` unless SPEC names them, or exits 1 with
+``CUDA error: out of memory (device N: need X MiB, free Y MiB)`` on stderr;
+the memory is given back when the server exits, ``--gpu-release-delay S``
+later (a SIGKILLed server's at once).
+
 Connections can be handled the way llama-server's cpp-httplib does it (all off
 by default; ``--like-llama-server`` turns on the first three):
 ``--http-threads N`` (N workers, each tied to one connection from accept to

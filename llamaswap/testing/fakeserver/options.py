@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from attrs import frozen
 
+from llamaswap.testing.fake_gpu import parse_gpu_memory
+
 _T = TypeVar("_T")
 
 
@@ -35,6 +37,8 @@ class FakeOptions:
     keep_alive_timeout: float = 0.0  # 0: never
     accept_delay: float = 0.0
     read_delay: float = 0.0
+    gpu_memory: str | None = None  # --gpu-memory SPEC, checked (see fake_gpu.parse_gpu_memory)
+    gpu_release_delay: float = 0.0
 
 
 # What --like-llama-server turns on: cpp-httplib's habits, with llama-server's
@@ -76,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeOptions:
     )
     _add_behaviour(parser)
     _add_connections(parser)
+    _add_gpu(parser)
     ns = parser.parse_args(argv)
     like = bool(ns.like_llama_server)
     return FakeOptions(
@@ -98,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeOptions:
         keep_alive_timeout=_given(ns.keep_alive_timeout, LLAMA_SERVER_KEEP_ALIVE if like else 0.0),
         accept_delay=ns.accept_delay,
         read_delay=ns.read_delay,
+        gpu_memory=ns.gpu_memory,
+        gpu_release_delay=ns.gpu_release_delay,
     )
 
 
@@ -180,6 +187,36 @@ def _add_connections(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"preset: --close-after-stream --keep-alive-timeout {LLAMA_SERVER_KEEP_ALIVE:g} "
         f"--http-threads {LLAMA_SERVER_HTTP_THREADS}, each unless given explicitly",
+    )
+
+
+def _gpu_memory(text: str) -> str:
+    try:
+        parse_gpu_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_gpu(parser: argparse.ArgumentParser) -> None:
+    """Memory on the fake GPU (L{llamaswap.testing.fake_gpu}), for memory-aware proxies."""
+    parser.add_argument(
+        "--gpu-memory",
+        type=_gpu_memory,
+        default=None,
+        metavar="SPEC",
+        help="when LLAMASWAP_FAKE_GPU names a fake GPU, allocate this on it before listening, "
+        "or exit 1 with 'CUDA error: out of memory (...)' on stderr. SPEC: a size (12GiB, "
+        "512MiB, 1.5G, 100M; binary units; a bare number is MiB) on the first device of "
+        "CUDA_VISIBLE_DEVICES (else 0), or DEV=SIZE,DEV=SIZE over several devices",
+    )
+    parser.add_argument(
+        "--gpu-release-delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="after exiting (SIGTERM, SIGINT, a crash; not SIGKILL), the memory stays used "
+        "for S seconds, as a driver frees it a moment after the process is gone. Default 0",
     )
 
 

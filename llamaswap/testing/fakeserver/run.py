@@ -3,10 +3,16 @@
 Running the fake server as a program: plain-line logging to stdout/stderr,
 and L{main}, which listens, announces itself, and stops on SIGTERM (unless
 --ignore-sigterm) or SIGINT.
+
+With C{--gpu-memory} and a fake GPU (C{LLAMASWAP_FAKE_GPU}, see
+L{llamaswap.testing.fake_gpu}), the program takes its memory before it
+listens (or exits 1, CUDA-like, when it does not fit) and gives it back, after
+C{--gpu-release-delay}, however it ends but by SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,6 +33,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llamaswap.testing import fake_gpu
 from llamaswap.testing.fakeserver.options import FakeOptions, parse_args
 from llamaswap.testing.fakeserver.server import LOG_NAMESPACE, FakeServer, FakeSite
 from llamaswap.testing.fakeserver.tree import build_root
@@ -93,13 +100,58 @@ class _Program:
     def __init__(self, options: FakeOptions, reactor: Any) -> None:
         self.options = options
         self.reactor = reactor
-        self.fake = FakeServer(options, reactor)
+        self.fake = FakeServer(options, reactor, exit_process=self._exit_process)
         self.log = self.fake.log
         self.exit_code = 0
         self.port: Any = None  # an IListeningPort once listening
+        self.gpu_dir: str | None = None  # the fake GPU, while we hold memory on it
 
     def run(self) -> int:
-        """Listen and serve until stopped; the exit status."""
+        """Take the GPU memory, listen and serve until stopped; the exit status."""
+        if not self._allocate_gpu():
+            return 1
+        try:
+            return self._serve()
+        finally:
+            self._release_gpu()
+
+    def _allocate_gpu(self) -> bool:
+        """Take --gpu-memory on the fake GPU, if both are there; False: it did not fit."""
+        options = self.options
+        directory = fake_gpu.fake_gpu_dir()
+        if options.gpu_memory is None or directory is None:
+            return True
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        usage = fake_gpu.parse_gpu_memory(options.gpu_memory, visible)
+        try:
+            fake_gpu.allocate(directory, usage)
+        except fake_gpu.AllocationError as e:
+            # llama.cpp-like: the reason on stderr, exit 1, never listening.
+            self.log.error("{error}", error=str(e))
+            return False
+        self.gpu_dir = directory
+        self.log.info(
+            "fakeserver {name}: allocated GPU memory {usage}",
+            name=options.name,
+            usage=", ".join(f"device {d}: {mib} MiB" for d, mib in usage.items()),
+        )
+        return True
+
+    def _release_gpu(self) -> None:
+        """Give the GPU memory back, --gpu-release-delay from now (once)."""
+        directory, self.gpu_dir = self.gpu_dir, None
+        if directory is not None:
+            try:
+                fake_gpu.release(directory, self.options.gpu_release_delay)
+            except OSError as e:
+                self.log.error("fakeserver: cannot release GPU memory: {e}", e=e)
+
+    def _exit_process(self, code: int) -> None:
+        """An abrupt exit (crash, /exit): no cleanup but the GPU memory's release."""
+        self._release_gpu()
+        os._exit(code)
+
+    def _serve(self) -> int:
         options = self.options
         if options.exit_during_startup is not None:
             self.log.info("fakeserver {name}: loading model", name=options.name)
