@@ -128,3 +128,10 @@ class ShuttingDown(ProxyError):
     """llamaswap is stopping and takes no new work."""
 
     status = 503
+
+
+class ModelTooLarge(ProxyError):
+    """The model's measured memory exceeds its device's whole budget (docs/swapping.md)."""
+
+    status = 500  # a retry cannot help: the config (or the budget) must change
+    code = "model_too_large"

@@ -67,6 +67,7 @@ class Waiter:
         self.seq = seq  # arrival order: breaks every tie
         self.due_at = since + self.model.max_wait
         self.decision: Decision | None = None  # the matrix's latest choice for it
+        self.victims: frozenset[str] = frozenset()  # due: what its start stops for memory
         self.deferred: Deferred[Lease] = Deferred(lambda _: withdraw(self))
         self.timer: IDelayedCall | None = None  # the queue timeout
         self.done = False  # served, failed or withdrawn: skipped, then dropped from the queue
@@ -99,7 +100,10 @@ def walk_order(waiters: list[Waiter], now: float) -> list[Waiter]:
 
 def held_back(waiter: Waiter, barriers: list[Waiter]) -> bool:
     """Whether serving C{waiter} would keep a due waiter's swap waiting."""
-    return any(waiter.model.id not in barrier.allowed for barrier in barriers)
+    model_id = waiter.model.id
+    return any(
+        model_id not in barrier.allowed or model_id in barrier.victims for barrier in barriers
+    )
 
 
 def resident(waiter: Waiter, ready_at: float | None, min_residency: float, now: float) -> bool:

@@ -22,6 +22,11 @@ The rules (docs/swapping.md has the long version, and the figures behind them):
  - Swaps go in arrival order, due requests first (earliest deadline first);
    during its residency an idle model is kept a moment for its next request
    before waiters that are not due may stop it (L{kept_until}).
+ - With memory admission (L{llamaswap.memory}), a model must also fit in its
+   devices' budgets beside what keeps running: idle models are stopped for it,
+   least recently used first (never a busy one), a request waiting for memory
+   reserves it from later ones, and a start waits at the memory gate until
+   the memory it was promised is free.
  - Waiters for the same model share one start; a failed start fails every
    waiter for that model, and the next request retries.
  - The queue is bounded in length (C{queue.maxLength}: 429 beyond) and in
@@ -37,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import frozen
@@ -48,10 +53,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap.config import Config, ModelConfig
+from llamaswap.config import DEFAULT_GROUP_ID, Config, ModelConfig
 from llamaswap.config.matrix import Decision
-from llamaswap.errors import ModelNotFound, QueueFull, QueueTimeout, ShuttingDown
+from llamaswap.errors import ModelNotFound, ModelTooLarge, QueueFull, QueueTimeout, ShuttingDown
 from llamaswap.events import EventBus
+from llamaswap.memory.admission import BUSY, IDLE, STOPPING, Holder, Plan
+from llamaswap.memory.ledger import MemoryLedger, make_probe
+from llamaswap.memory.probe import Probe
 from llamaswap.names import LocalTarget, Resolver, Target
 from llamaswap.process.model import ModelProcess
 from llamaswap.process.states import State
@@ -88,12 +96,16 @@ class ModelStatus:
     queued: int = 0  # requests waiting in the queue for this model
     oldest_wait: float | None = None  # seconds the oldest of them has waited
     stop_reason: str | None = None  # while stopping: evict, ttl, unload, exit, shutdown, failed
+    memory: Mapping[str, Any] | None = None  # declared, measured, holds (memory admission on)
 
 
 class StatusSource(Protocol):
     """What the read-only views (C{/api/events}, C{/metrics}) call on the supervisor."""
 
     def statuses(self) -> list[ModelStatus]: ...
+
+    def memory_summary(self) -> dict[str, Any] | None:
+        """Memory admission's devices and gate counts, None when it is off."""
 
 
 class Lease:
@@ -153,7 +165,9 @@ def may_run_with(names: Resolver, target: LocalTarget) -> frozenset[str]:
     For a plain name, llama-swap's group rule, with T's group G: a member of G
     is stopped if G swaps; a member of another group H is stopped if G is
     exclusive and H is not persistent. Models in no group form a default group
-    that swaps and is exclusive, so with no groups only T itself may run.
+    that swaps and is exclusive, so with no groups only T itself may run;
+    with memory admission on, that default group neither swaps nor is
+    exclusive: the budget decides.
 
     For C{profile:model} (seed profiles): the profile's members, plus the
     members of persistent groups (which nothing but their own group stops).
@@ -163,13 +177,16 @@ def may_run_with(names: Resolver, target: LocalTarget) -> frozenset[str]:
     if target.profile is not None:
         return frozenset(config.profiles[target.profile]) | persistent
     group = names.group_of(target.model_id)
+    swap, exclusive = group.swap, group.exclusive
+    if config.memory is not None and group.id == DEFAULT_GROUP_ID:
+        swap = exclusive = False  # models in no group run together while memory allows
     allowed = {target.model_id}
     for model_id in config.models:
         other = names.group_of(model_id)
         if other.id == group.id:
-            if not group.swap:
+            if not swap:
                 allowed.add(model_id)
-        elif not group.exclusive or other.persistent:
+        elif not exclusive or other.persistent:
             allowed.add(model_id)
     return frozenset(allowed)
 
@@ -191,7 +208,14 @@ class Supervisor(Service):
         clock: IReactorTime | None = None,
         kill: Callable[[int, int], None] | None = None,
         http: HTTPClient | None = None,
+        memory_probe: Probe | None = None,
     ) -> None:
+        """
+        @param memory_probe: where device memory is read (memory admission);
+            by default the source C{memory.source} names.
+        @raise ConfigError: memory admission is on and its budgets cannot be
+            read, or a declared figure exceeds its device's budget.
+        """
         self.config = config
         self.names = Resolver(config)
         self._reactor = reactor
@@ -203,6 +227,10 @@ class Supervisor(Service):
             from llamaswap.process.health import PROBE_TIMEOUT
 
             http, self._pool = make_http(reactor, persistent=False, connect_timeout=PROBE_TIMEOUT)
+        self.memory: MemoryLedger | None = None
+        if config.memory is not None:
+            probe = memory_probe if memory_probe is not None else make_probe(config.memory, reactor)
+            self.memory = MemoryLedger(config.memory, config.models, probe=probe, clock=self._clock)
         self._procs: dict[str, ModelProcess] = {
             model_id: ModelProcess(
                 model,
@@ -295,6 +323,8 @@ class Supervisor(Service):
         if self._shutting_down:
             return fail(ShuttingDown("llamaswap is shutting down"))
         model = target.model
+        if self.memory is not None and (refusal := self.memory.refusal(model)) is not None:
+            return fail(ModelTooLarge(refusal))
         key = (target.profile, model.id)
         allowed = self._allowed.get(key)
         if allowed is None:
@@ -370,6 +400,16 @@ class Supervisor(Service):
         """One status per configured model, in config order."""
         return [self.status(model_id) for model_id in self.config.models]
 
+    def memory_summary(self) -> dict[str, Any] | None:
+        if self.memory is None:
+            return None
+        return {
+            "devices": self.memory.devices_view(),
+            "gateWaits": self.memory.gate_waits,
+            "gateTimeouts": self.memory.gate_timeouts,
+            "gateSeconds": round(self.memory.gate_seconds, 3),
+        }
+
     def status(self, model_id: str) -> ModelStatus:
         """
         The status of one model.
@@ -392,6 +432,7 @@ class Supervisor(Service):
             queued=len(waiting),
             oldest_wait=self._clock.seconds() - min(waiting) if waiting else None,
             stop_reason=proc.stop_reason if proc.state is State.STOPPING else None,
+            memory=None if self.memory is None else self.memory.model_view(model),
         )
 
     def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None:
@@ -416,7 +457,20 @@ class Supervisor(Service):
         elif proc.state is State.STOPPING:
             event["reason"] = proc.stop_reason
             self.stats.swaps[(proc.model.id, proc.stop_reason or "unload")] += 1
+        if self.memory is not None and not proc.occupied:
+            self.memory.ended(proc.model.id)
         self._events.publish("modelStatus", event)
+        self._walk()
+        if self.memory is not None and proc.state is State.READY:
+            # After the walk: what queued for this load is served by it, whatever it measures.
+            self.memory.ready(proc.model).addCallback(self._measured, proc)
+
+    def _measured(self, _: None, proc: ModelProcess) -> None:
+        """A ready server was measured: what it holds changed, and it may be refused from now."""
+        assert self.memory is not None
+        refusal = self.memory.refusal(proc.model)
+        if refusal is not None:
+            self._fail_waiters(proc.model.id, ModelTooLarge(refusal))
         self._walk()
 
     def _queued_changed(self, model_id: str) -> None:
@@ -544,10 +598,12 @@ class Supervisor(Service):
             ):
                 self._grant(waiter, proc, now)
             elif waiter.due(now):
+                waiter.victims = self._memory_victims(waiter, proc)
                 barriers.append(waiter)
         # Then one step for each swap, in the same order; a wish that conflicts with
         # an earlier one waits for it (distinct wishes only).
         blocked: dict[tuple[str, frozenset[str]], bool] = {}
+        reserved: Counter[str] = Counter()  # memory that earlier waiters wait for, by device
         for waiter in order:
             if waiter.done:
                 continue
@@ -561,10 +617,45 @@ class Supervisor(Service):
             if key in blocked:
                 continue  # the first waiter with this wish took the step for all
             blocked[key] = clash = any(conflict(key, other) for other in blocked)
-            if not clash:
-                wake = min(wake, self._advance(waiter, proc, evict, waiter.due(now), now))
+            if clash:
+                continue
+            plan = None
+            if self.memory is not None and not proc.occupied:
+                plan = self.memory.plan(proc.model, self._holders(proc, evict), reserved)
+                if plan is None or (reserved and plan.victims):
+                    blocked[key] = True  # the memory goes to an earlier request first
+                    continue
+                evict = evict + [self._procs[m] for m in plan.victims]
+            wake = min(wake, self._advance(waiter, proc, evict, waiter.due(now), now, plan))
+            if plan is not None and not proc.occupied:
+                reserved.update(plan.devices)  # not started yet: later requests leave it room
         # A waiter that becomes due changes what the next walk may do.
         return min([wake, *(w.due_at for w in order if not w.done and not w.due(now))])
+
+    def _holders(self, proc: ModelProcess, evict: list[ModelProcess]) -> list[Holder]:
+        """What the models that stay (not C{proc}, not in C{evict}) hold, for memory admission."""
+        assert self.memory is not None
+        holders = []
+        for model_id, usage in self.memory.holding.items():
+            other = self._procs[model_id]
+            if other is proc or other in evict or not other.occupied:
+                continue
+            if other.state is State.STOPPING:
+                stage = STOPPING
+            elif other.state is State.READY and other.in_flight == 0:
+                stage = IDLE
+            else:
+                stage = BUSY
+            holders.append(Holder(model_id, usage, stage, other.idle_since))
+        return holders
+
+    def _memory_victims(self, waiter: Waiter, proc: ModelProcess) -> frozenset[str]:
+        """The models a due waiter's start would stop for memory (none if it needs none)."""
+        if self.memory is None or proc.occupied:
+            return frozenset()
+        evict = self._must_stop(waiter.allowed)
+        plan = self.memory.plan(proc.model, self._holders(proc, evict), {})
+        return frozenset() if plan is None else frozenset(plan.victims)
 
     def _decide(
         self, waiter: Waiter, decisions: dict[tuple[str, tuple[str, ...]], Decision]
@@ -601,6 +692,7 @@ class Supervisor(Service):
         evict: list[ModelProcess],
         due: bool,
         now: float,
+        plan: Plan | None = None,
     ) -> float:
         """
         Take the next step towards serving C{waiter}; never waits.
@@ -647,17 +739,33 @@ class Supervisor(Service):
             self._announce(waiter)
             self._announced.discard(proc.model.id)
             self.log.info("starting {model}", model=proc.model.id)
-            proc.start().addErrback(self._start_failed, proc)
+            if plan is None:
+                proc.start().addErrback(self._start_failed, proc)
+            else:
+                self._start_admitted(proc, plan)
         # STARTING: ready soon; STOPPING (TTL or unload): start again once stopped.
         return math.inf
 
+    def _start_admitted(self, proc: ModelProcess, plan: Plan) -> None:
+        """Start C{proc} on the devices memory admission chose, through the memory gate."""
+        memory = self.memory
+        assert memory is not None
+        model_id = proc.model.id
+        memory.started(model_id, plan.devices, lambda: proc.pid)
+        gpu = plan.device if proc.model.placed else None
+        started = proc.start(gpu=gpu, gate=lambda: memory.gate(model_id))
+        started.addErrback(self._start_failed, proc)
+
     def _start_failed(self, failure: Failure, proc: ModelProcess) -> None:
         """Fail every request waiting for this model with the start's error."""
-        failed = [w for w in self._queue if w.model.id == proc.model.id and not w.done]
+        self._fail_waiters(proc.model.id, failure)
+
+    def _fail_waiters(self, model_id: str, failure: Failure | Exception) -> None:
+        failed = [w for w in self._queue if w.model.id == model_id and not w.done]
         for waiter in failed:
             waiter.finish()
         if failed:
-            self._queued_changed(proc.model.id)
+            self._queued_changed(model_id)
         for waiter in failed:
             waiter.deferred.errback(failure)
         self._walk()

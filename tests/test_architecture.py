@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llamaswap.tap", "llamaswap.cli", "llamaswap.fakeserver"),
     ("llamaswap.web",),
     ("llamaswap.supervisor", "llamaswap.peers", "llamaswap.metrics", "llamaswap.logs"),
-    ("llamaswap.process", "llamaswap.scheduling"),
+    ("llamaswap.process", "llamaswap.scheduling", "llamaswap.memory"),
     ("llamaswap.names", "llamaswap.bodies", "llamaswap.http"),
     ("llamaswap.config",),
     ("llamaswap.errors", "llamaswap.events", "llamaswap._twisted", "llamaswap"),

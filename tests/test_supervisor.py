@@ -27,6 +27,7 @@ from llamaswap.events import EventBus
 from llamaswap.names import Resolver
 from llamaswap.process.health import POLL_FAST
 from llamaswap.supervisor import REFUSED_WAIT, Lease, ModelStatus, Supervisor, may_run_with
+from llamaswap.testing.memory import FakeProbe
 from llamaswap.testing.process import (
     FakeChild,
     FakeHealth,
@@ -59,9 +60,11 @@ def yaml_for(*names: str, extra: dict[str, str] | None = None, top: str = "") ->
 class SupervisorHarness:
     """A Supervisor on fakes, with every published state change recorded."""
 
-    def __init__(self, yaml_text: str) -> None:
+    def __init__(self, yaml_text: str, memory: dict[str, Any] | None = None) -> None:
         self.config = make_config(yaml_text)
         self.reactor = FakeProcessReactor()
+        # memory: FakeProbe's keyword arguments (totals, usage, ...), for memory admission
+        self.probe = None if memory is None else FakeProbe(self.reactor, **memory)
         self.kill = FakeKill(self.reactor)
         self.health = FakeHealth(self.reactor)
         self.events = EventBus()
@@ -75,6 +78,7 @@ class SupervisorHarness:
             events=self.events,
             kill=self.kill,
             http=self.health,  # type: ignore[arg-type]
+            memory_probe=self.probe,
         )
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from attrs import frozen
 
+from llamaswap.config._memory import GPU_MACRO, read_model_memory
 from llamaswap.config._readers import (
     ConfigError,
     _bool,
@@ -54,6 +55,7 @@ _MODEL_KEYS = (
     "filters",
     "sendLoadingState",
     "reuseConnections",
+    "memory",
 )
 _FILTER_KEYS = ("stripParams", "setParams", "setParamsByID")
 
@@ -177,6 +179,8 @@ def _read_model(
             f"{where}.sendLoadingState", raw.get("sendLoadingState", defaults.send_loading_state)
         ),
         reuse_connections=_bool(f"{where}.reuseConnections", raw.get("reuseConnections", True)),
+        memory=read_model_memory(f"{where}.memory", raw.get("memory")),
+        placed=GPU_MACRO in command.line or any(GPU_MACRO in v for v in env_vars.values()),
     )
     return model, alias_paths
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llamaswap.config._memory import GPU_MACRO, check_memory, read_memory
 from llamaswap.config._models import _ModelDefaults, _read_filters, _read_models, _url
 from llamaswap.config._readers import (
     ConfigError,
@@ -81,6 +82,7 @@ _TOP_KEYS = (
     "groups",
     "matrix",
     "queue",
+    "memory",
 )
 _PEER_KEYS = ("proxy", "models", "apiKey", "filters", "reuseConnections")
 _GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
@@ -142,6 +144,8 @@ def parse_config(
     profiles = _read_profiles(raw.get("profiles"), models, aliases)
     peers = _read_peers(raw.get("peers"), models, expand, warnings)
     groups = _read_groups(raw.get("groups"), models, aliases, warnings)
+    memory = None if raw.get("memory") is None else read_memory(raw["memory"], base_dir)
+    check_memory(memory, models)
     return Config(
         models=models,
         profiles=profiles,
@@ -151,6 +155,7 @@ def parse_config(
         preload=_read_hooks(raw.get("hooks"), models, aliases, peers, warnings),
         api_keys=_read_api_keys(raw.get("apiKeys"), env),
         queue=queue,
+        memory=memory,
         health_check_timeout=hct,
         log_requests=_bool("logRequests", raw.get("logRequests", False)),
         log_level=_choice("logLevel", raw.get("logLevel", "info"), LOG_LEVELS),
@@ -184,8 +189,11 @@ def _read_document(text: str, source: str) -> dict[str, Any]:
 
 
 def _builtin_macros() -> dict[str, object]:
-    """The macros every config has: C{${PYTHON}}, this interpreter, quoted for a shell."""
-    return {"PYTHON": shlex.quote(sys.executable)}
+    """
+    The macros every config has: C{${PYTHON}}, this interpreter, quoted for a
+    shell, and C{${GPU}}, which stays as it is until a start places the model.
+    """
+    return {"PYTHON": shlex.quote(sys.executable), "GPU": GPU_MACRO}
 
 
 def _read_health_check_timeout(value: object, warnings: list[str]) -> int:

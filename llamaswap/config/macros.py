@@ -4,7 +4,7 @@ Macros and commands: C{macros} sections, C{${env.NAME}} and C{${macro}}
 expansion, and turning a (possibly multi-line) C{cmd} into an argv.
 
 Declared macros are expanded when read, in the order declared; the built-in
-C{PID}, C{PORT} and C{MODEL_ID} are late: filled in per model (C{PID} only
+C{PID}, C{PORT}, C{MODEL_ID} and C{GPU} are late: filled in per model (C{PID} only
 when C{cmdStop} runs), so a macro value may mention them.
 """
 
@@ -20,14 +20,15 @@ from attrs import frozen
 from llamaswap.config._readers import ConfigError, _join, _mapping, _type_name
 
 # Macros the loader provides itself; users may not redefine them.
-RESERVED_MACROS = frozenset({"PID", "PORT", "MODEL_ID", "PYTHON"})
+RESERVED_MACROS = frozenset({"PID", "PORT", "MODEL_ID", "PYTHON", "GPU"})
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 _MACRO_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_REF = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
-# Built-in macros filled in per model (PID only when cmdStop runs); a macro value
+# Built-in macros filled in per model (PID only when cmdStop runs, GPU at each start:
+# it stays "${GPU}" until then, llamaswap.process.spawn); a macro value
 # may mention them, and they are substituted where that macro is used.
-_LATE_MACROS = frozenset({"PID", "PORT", "MODEL_ID"})
+_LATE_MACROS = frozenset({"PID", "PORT", "MODEL_ID", "GPU"})
 
 
 def _substitute_env(where: str, text: str, environ: Mapping[str, str]) -> str:

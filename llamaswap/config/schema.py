@@ -27,6 +27,13 @@ DEFAULT_MAX_WAIT = 60.0
 DEFAULT_MIN_RESIDENCY = 10.0
 DEFAULT_QUEUE_TIMEOUT = 600.0
 DEFAULT_QUEUE_LENGTH = 512
+# Memory admission (docs/swapping.md, "Memory"): what is kept free on each device, how long
+# a start waits for a stopped server's memory to come back, where measured figures are kept.
+DEFAULT_MEMORY_RESERVE = 2**30
+DEFAULT_RELEASE_TIMEOUT = 30.0
+DEFAULT_MEMORY_STATE_FILE = "llamaswap-memory.json"
+MEMORY_SOURCES = ("nvidia-smi", "meminfo", "none")
+ANY_DEVICE = "*"  # a model's one memory figure: on the device it is placed on, or the first
 # /upstream/<model>/<path> requests matching these never start a model (llama-swap's default).
 DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 # Request body keys filters may neither strip nor set: routing depends on them.
@@ -38,6 +45,10 @@ LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 
 def _mapping_proxy(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
+
+
+def _optional_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if value is None else _mapping_proxy(value)
 
 
 @frozen(kw_only=True)
@@ -96,6 +107,24 @@ class ModelConfig:
     # Keep-alive while requests do not overlap (False: a connection per request;
     # docs/llama-server.md).
     reuse_connections: bool = True
+    # Declared memory in bytes by device (ANY_DEVICE: one figure), None: not declared.
+    memory: Mapping[str, int] | None = field(default=None, converter=_optional_mapping)
+    placed: bool = False  # cmd or env uses ${GPU}: started on whichever device has room
+
+
+@frozen(kw_only=True)
+class MemoryConfig:
+    """
+    Memory admission (C{memory:}): models run together while they fit in each
+    device's budget (its memory less C{reserve}); docs/swapping.md, "Memory".
+    """
+
+    source: str = "nvidia-smi"  # where device totals and usage come from: MEMORY_SOURCES
+    devices: Mapping[str, int] = field(factory=dict, converter=_mapping_proxy)  # declared totals
+    reserve: int = DEFAULT_MEMORY_RESERVE  # bytes kept free on every device
+    release_timeout: float = DEFAULT_RELEASE_TIMEOUT  # 0: do not wait for memory to come back
+    state_file: str = DEFAULT_MEMORY_STATE_FILE  # measured figures; absolute once loaded
+    nvidia_smi: tuple[str, ...] = ("nvidia-smi",)  # the command, for tests and odd installs
 
 
 @frozen(kw_only=True)
@@ -159,6 +188,7 @@ class Config:
     matrix: Matrix | None = None  # llama-swap's matrix; never together with groups
     peers: Mapping[str, PeerConfig] = field(factory=dict, converter=_mapping_proxy)
     queue: QueueConfig = QueueConfig()
+    memory: MemoryConfig | None = None  # None: no memory admission (the default)
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     log_requests: bool = False
     log_level: str = "info"

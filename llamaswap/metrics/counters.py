@@ -119,6 +119,7 @@ class Metrics:
             *self._request_families(),
             *self._model_families(statuses),
             *self._queue_families(statuses, self._supervisor.stats),
+            *memory_families(statuses, self._supervisor.memory_summary()),
             *self._host.families(),
         ]
         if self._gpu is None:
@@ -232,3 +233,50 @@ class Metrics:
                 (({"model": m, "status": s}, counted.get((m, s), 0)) for m, s in refused),
             ),
         ]
+
+
+def memory_families(statuses: list[ModelStatus], summary: dict[str, Any] | None) -> list[Family]:
+    """Memory admission's series (none when it is off): budgets, and declared vs measured."""
+    if summary is None:
+        return []
+    figures = [
+        ({"model": s.model_id, "device": device, "source": source}, size)
+        for s in statuses
+        if s.memory is not None
+        for source in ("declared", "measured", "holds")
+        for device, size in sorted((s.memory.get(source) or {}).items())
+    ]
+    devices = summary["devices"]
+    return [
+        family(
+            "llamaswap_model_memory_bytes",
+            "gauge",
+            "Each model's memory by device: declared in the config, measured at its last load "
+            "(device * for a model placed with ${GPU}), and what it holds now (source holds).",
+            figures,
+        ),
+        family(
+            "llamaswap_memory_budget_bytes",
+            "gauge",
+            "Each device's budget for models: its memory less memory.reserve.",
+            (({"device": d["device"]}, d["budget"]) for d in devices),
+        ),
+        family(
+            "llamaswap_memory_allocated_bytes",
+            "gauge",
+            "What the models that run now hold on each device, by memory admission's book.",
+            (({"device": d["device"]}, d["allocated"]) for d in devices),
+        ),
+        family(
+            "llamaswap_memory_gate_waits_total",
+            "counter",
+            "Starts that waited for a stopped server's memory to come back.",
+            [({}, summary["gateWaits"])],
+        ),
+        family(
+            "llamaswap_memory_gate_timeouts_total",
+            "counter",
+            "Starts that went ahead after memory.releaseTimeout without the memory back.",
+            [({}, summary["gateTimeouts"])],
+        ),
+    ]

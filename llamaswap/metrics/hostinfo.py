@@ -14,18 +14,16 @@ The parsers (L{cpu_times}, L{meminfo}, L{net_bytes}, L{gpu_families}) are pure.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from llamaswap.memory.probe import meminfo
 from llamaswap.metrics.prometheus import Family, family, gauge
+from llamaswap.process.oneshot import run_briefly
 
 GPU_TIMEOUT = 5.0  # seconds an nvidia-smi run may take before it is killed
 GPU_FIELDS = (
@@ -68,17 +66,6 @@ def cpu_times(text: str) -> dict[str, tuple[int, int]]:
         total = sum(ticks)
         times[name[3:] or "all"] = (total - idle, total)
     return times
-
-
-def meminfo(text: str) -> dict[str, int]:
-    """C{/proc/meminfo} in bytes."""
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return values
 
 
 def net_bytes(text: str) -> list[tuple[str, int, int]]:
@@ -231,27 +218,6 @@ def gpu_families(csv: str) -> list[Family]:
     return families
 
 
-class _Collect(ProcessProtocol):
-    """Collects a short-lived child's stdout; fires C{done} with it (or None on failure)."""
-
-    def __init__(self) -> None:
-        self.out = b""
-        self.done: Deferred[bytes | None] = Deferred()
-        self.timer: IDelayedCall | None = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.done.callback(self.out if isinstance(reason.value, ProcessDone) else None)
-
-    def kill(self) -> None:
-        if self.transport is not None:
-            self.transport.signalProcess("KILL")
-
-
 class GPUGauges:
     """
     The GPU gauges from C{program} (an C{nvidia-smi}), run through C{reactor}
@@ -287,24 +253,16 @@ class GPUGauges:
             waiter.callback(families)
 
     def _run(self) -> Deferred[list[Family]]:
-        collect = _Collect()
         args = [self._program, f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader,nounits"]
-        try:
-            IReactorProcess(self._reactor).spawnProcess(
-                collect, self._program, args, env=dict(os.environ)
-            )
-        except OSError as e:
-            self._failure(str(e))
-            return succeed([])
-        collect.timer = self._clock.callLater(self._timeout, collect.kill)
 
         def parsed(out: bytes | None) -> list[Family]:
             if out is None:
-                self._failure("it failed or timed out")
+                self._failure("it could not start, failed or timed out")
                 return []
             return gpu_families(out.decode("utf-8", "replace"))
 
-        return collect.done.addCallback(parsed)
+        done: Deferred[bytes | None] = run_briefly(self._reactor, args, self._timeout)
+        return done.addCallback(parsed)
 
     def _failure(self, why: str) -> None:
         if not self._failed:  # once: a scrape every 15 s must not flood the log

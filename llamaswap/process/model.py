@@ -73,6 +73,7 @@ class ModelProcess:
         self._started_at = 0.0
         self._child: Child | None = None  # from spawn to on_ended
         self._health: HealthPoller | None = None  # while starting
+        self._gating: Deferred[None] | None = None  # while a start waits at the memory gate
         self._failure: Exception | None = None  # why the current start failed, if it did
         self._ready = Waiters()
         self._stopped = Waiters()
@@ -176,12 +177,16 @@ class ModelProcess:
 
     # --- start -----------------------------------------------------------
 
-    def start(self) -> Deferred[None]:
+    def start(
+        self, *, gpu: str | None = None, gate: Callable[[], Deferred[None]] | None = None
+    ) -> Deferred[None]:
         """
         Start the server unless it is starting or ready already.
 
-        The spawn waits for a check that nothing else listens on the model's
-        address yet (L{HealthPoller.check_port}); if something does, the start fails.
+        The spawn waits for C{gate} (the memory gate: the memory the start was
+        promised is free), then for a check that nothing else listens on the
+        model's address yet (L{HealthPoller.check_port}); if something does,
+        the start fails. C{gpu} replaces C{${GPU}} in its command and env.
 
         @return: like L{when_ready}, for this start.
         @raise RuntimeError: while stopping (wait for L{when_stopped} first).
@@ -206,15 +211,25 @@ class ModelProcess:
             timeout=self._health_timeout,
         )
         self._go(Event.START)
-        env = model_env(self.model, self._environ)
+        env = model_env(self.model, self._environ, gpu)
         try:
-            args = server_command(self.model, env, self._base_dir, self.model.unload_timeout)
+            args = server_command(self.model, env, self._base_dir, self.model.unload_timeout, gpu)
         except Exception as e:
             self._fail(StartFailed(f"failed to start model {self.model.id}: {e}"))
             return ready
+        if gate is None:
+            self._check_port(args, env)
+        else:
+            gating = self._gating = gate()
+            gating.addCallback(lambda _: self._check_port(args, env)).addErrback(ignore_cancelled)
+        return ready
+
+    def _check_port(self, args: list[str], env: dict[str, str]) -> None:
+        self._gating = None
+        if self._health is None:  # the start was aborted meanwhile
+            return
         check = self._health.check_port()
         check.addCallback(self._port_checked, args, env).addErrback(ignore_cancelled)
-        return ready
 
     def _port_checked(
         self, taken: StartFailed | None, args: list[str], env: dict[str, str]
@@ -287,7 +302,7 @@ class ModelProcess:
             self._ready.fail(
                 StartFailed(f"the start of model {self.model.id} was aborted (unloaded)")
             )
-            if self._child is None:  # still checking the port: nothing to signal
+            if self._child is None:  # at the gate or checking the port: nothing to signal
                 self._go(Event.ENDED)
                 return done
         self._begin_stop(Event.STOP, self.model.unload_timeout if grace is None else grace)
@@ -348,6 +363,9 @@ class ModelProcess:
         if left is State.STARTING and self._health is not None:
             self._health.stop()
             self._health = None
+        if left is State.STARTING and self._gating is not None:
+            gating, self._gating = self._gating, None
+            gating.cancel()
         if self._state is State.READY:
             self._arm_ttl()
             self._ready.fire()

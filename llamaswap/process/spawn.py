@@ -38,22 +38,39 @@ def resolve_executable(name: str, env: Mapping[str, str], base_dir: str) -> str:
     return os.path.abspath(found)
 
 
-def model_env(model: ModelConfig, environ: Mapping[str, str] | None) -> dict[str, str]:
-    """Our environment (or C{environ}) plus the model's C{env}, which wins."""
-    return {**(os.environ if environ is None else environ), **model.env}
+GPU_MACRO = "${GPU}"
+
+
+def model_env(
+    model: ModelConfig, environ: Mapping[str, str] | None, gpu: str | None = None
+) -> dict[str, str]:
+    """
+    Our environment (or C{environ}) plus the model's C{env}, which wins, with
+    C{${GPU}} replaced by the device the start placed the model on. A placed
+    model's CUDA devices are numbered as nvidia-smi numbers them
+    (C{CUDA_DEVICE_ORDER=PCI_BUS_ID}, unless set), so C{${GPU}} names the
+    device that was measured.
+    """
+    env = {**(os.environ if environ is None else environ), **model.env}
+    if gpu is not None:
+        env = {k: v.replace(GPU_MACRO, gpu) for k, v in env.items()}
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return env
 
 
 def server_command(
-    model: ModelConfig, env: Mapping[str, str], base_dir: str, grace: float
+    model: ModelConfig, env: Mapping[str, str], base_dir: str, grace: float, gpu: str | None = None
 ) -> list[str]:
     """
-    The wrapper's argv, which execs the model's C{cmd}; C{grace} is how long
-    the group guard waits between SIGTERM and SIGKILL once we are gone.
+    The wrapper's argv, which execs the model's C{cmd} (C{${GPU}} replaced by
+    C{gpu}); C{grace} is how long the group guard waits between SIGTERM and
+    SIGKILL once we are gone.
 
     @raise FileNotFoundError: if the program cannot be found.
     """
-    exe = resolve_executable(model.cmd[0], env, base_dir)
-    return [sys.executable, "-I", "-S", SESSION_WRAPPER, repr(float(grace)), exe, *model.cmd]
+    cmd = model.cmd if gpu is None else tuple(arg.replace(GPU_MACRO, gpu) for arg in model.cmd)
+    exe = resolve_executable(cmd[0], env, base_dir)
+    return [sys.executable, "-I", "-S", SESSION_WRAPPER, repr(float(grace)), exe, *cmd]
 
 
 def stop_command(model: ModelConfig, pid: int) -> list[str]:

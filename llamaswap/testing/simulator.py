@@ -188,8 +188,19 @@ TRACES: dict[str, Callable[..., Trace]] = {
 }
 
 
+def memory_policy(budget_gib: float) -> str:
+    """
+    Memory admission on one device of C{budget_gib} GiB (declared figures
+    only: nothing is measured), each model declaring L{MODEL_GIB}.
+    """
+    return f"memory: {{source: none, devices: {{0: {budget_gib:g}GiB}}, reserve: 0}}\n"
+
+
+MODEL_GIB = 20  # what each model declares under a memory policy
+
+
 def config_text(trace: Trace, policy: str = NEW) -> str:
-    """The config of C{trace}'s models under C{policy} (a C{queue:} fragment)."""
+    """The config of C{trace}'s models under C{policy} (a C{queue:} or C{memory:} fragment)."""
     lines = [policy.rstrip("\n"), "healthCheckTimeout: 3600", "models:"]
     for port, spec in enumerate(trace.models, FIRST_PORT):
         lines += [
@@ -197,6 +208,8 @@ def config_text(trace: Trace, policy: str = NEW) -> str:
             f"    cmd: {sys.executable} {SIM_ARG} {spec.name}",
             f"    proxy: http://127.0.0.1:{port}",
         ]
+        if "memory:" in policy:
+            lines.append(f"    memory: {MODEL_GIB}GiB")
         lines += [f"    {line}" for line in spec.yaml.splitlines() if line]
     return "\n".join(lines) + "\n"
 

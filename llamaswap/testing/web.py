@@ -152,6 +152,9 @@ class FakeSupervisor:
     def statuses(self) -> list[ModelStatus]:
         return [self.status(m) for m in self.config.models]
 
+    def memory_summary(self) -> dict[str, Any] | None:
+        return None
+
 
 class RecordingUpstream(Resource):
     """

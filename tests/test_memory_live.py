@@ -1,0 +1,166 @@
+"""
+Memory admission with real processes (docs/swapping.md, "Memory"): the whole
+service on a real port, fake model servers that allocate on a fake GPU (a
+folder the fake C{nvidia-smi} reads, L{llamaswap.testing.fake_gpu}) and fail
+with CUDA's out-of-memory error when it is full, as llama-server does. Their
+memory lingers a moment after they exit, as a real driver's does.
+
+What users see is asserted: every answer complete and from the model asked
+for (so no start ever ran out of memory), models that fit running together,
+and measured figures surviving a restart of the proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from llamaswap.config import parse_config
+from llamaswap.http import make_http
+from llamaswap.testing.fake_gpu import ENV_VAR, device_usage, write_devices
+from tests.chat_clients import ChatAnswer, ChatClients, gather
+from tests.fakeserver_helper import port_block
+from tests.live_proxy import RunningProxy
+from tests.proctools import sleep
+
+PY = sys.executable
+LINGER = 1.0  # seconds a stopped fake server's memory stays used
+GIB = 2**30
+
+
+def config_text(gpu: str, state: str, sizes: dict[str, tuple[int, bool]], gate: float) -> str:
+    """Models by name: (GiB they allocate, whether the config declares it)."""
+    smi = f"env {ENV_VAR}={gpu} {PY} -m llamaswap.testing.nvidia_smi"
+    lines = [
+        f"memory: {{reserve: 0, releaseTimeout: {gate}, stateFile: {state}, nvidiaSmi: '{smi}'}}",
+        "queue: {minResidency: 0.5, maxWait: 3}",
+        f"startPort: {port_block(len(sizes))}",
+        "healthCheckTimeout: 30",
+        "models:",
+    ]
+    for name, (gib, declared) in sizes.items():
+        lines += [
+            f"  {name}:",
+            f"    cmd: {PY} -m llamaswap.fakeserver --quiet --name {name} --port ${{PORT}}"
+            f" --startup-delay 0.2 --tokens 8 --token-delay 0.05"
+            f" --gpu-memory {gib}GiB --gpu-release-delay {LINGER}",
+            f"    env: ['{ENV_VAR}={gpu}']",
+            "    unloadTimeout: 5",
+        ]
+        if declared:
+            lines.append(f"    memory: {gib}GiB")
+    return "\n".join(lines) + "\n"
+
+
+class MemoryLiveTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.gpu = os.path.abspath(self.mktemp())
+        write_devices(self.gpu, {"0": 64 * 1024})
+        self.state = os.path.abspath(self.mktemp())
+
+    def start(self, sizes: dict[str, tuple[int, bool]], gate: float = 20) -> ChatClients:
+        text = config_text(self.gpu, self.state, sizes, gate)
+        self.proxy = RunningProxy(self, parse_config(text))
+        self.most_ready = 0
+        self.proxy.service.events.subscribe(self._count_ready)
+        return ChatClients(self, f"http://127.0.0.1:{self.proxy.port}")
+
+    def _count_ready(self, kind: str, data: dict[str, object]) -> None:
+        if kind == "modelStatus":
+            ready = [s for s in self.proxy.service.supervisor.statuses() if s.state == "ready"]
+            self.most_ready = max(self.most_ready, len(ready))
+
+    def check_answers(self, done: list[tuple[str, ChatAnswer]]) -> None:
+        wrong = [
+            (model, answer)
+            for model, answer in done
+            if answer.code != 200 or not answer.complete or answer.served_by != model
+        ]
+        self.assertEqual(wrong, [])
+
+    async def test_mixed_load_never_runs_out_of_memory(self) -> None:
+        """
+        12 clients for 8 s, streaming and not, over five models on a 64 GiB
+        GPU: three of 20 GiB (declared), one of 20 GiB measured at its first
+        load, one of 40 GiB. Nothing fails, though every start after an
+        eviction meets memory that lingers for a second; models that fit run
+        together.
+        """
+        sizes = {"a": (20, True), "b": (20, True), "c": (20, True), "d": (20, False)}
+        sizes["big"] = (40, True)
+        clients = self.start(sizes)
+        done: list[tuple[str, ChatAnswer]] = []
+        deadline = time.monotonic() + 8
+
+        async def client(seed: int) -> None:
+            pick = random.Random(seed)
+            while time.monotonic() < deadline:
+                model = pick.choices(list(sizes), weights=(30, 25, 20, 15, 10))[0]
+                done.append((model, await clients.chat(model, stream=pick.random() < 0.7)))
+
+        await gather(client(seed) for seed in range(12))
+        self.check_answers(done)
+        self.assertGreaterEqual(len(done), 12)
+        self.assertGreaterEqual(self.most_ready, 3)  # they shared the GPU
+        summary = self.proxy.service.supervisor.memory_summary()
+        assert summary is not None
+        self.assertGreater(summary["gateWaits"], 0)  # lingering memory was waited for
+        self.assertEqual(summary["gateTimeouts"], 0)
+        status = self.proxy.service.supervisor.status("d")
+        self.assertEqual(status.memory["measured"], {"0": 20 * GIB})  # type: ignore[index]
+        await self.proxy.stop_and_check(self)
+
+    async def test_without_the_gate_a_start_meets_lingering_memory(self) -> None:
+        """
+        The failure the gate prevents: with C{releaseTimeout: 0}, a swap from
+        one 40 GiB model to another starts the second while the first's memory
+        is still held; it fails with CUDA's error, which the client reads.
+        """
+        clients = self.start({"x": (40, True), "y": (40, True)}, gate=0)
+        first = await clients.chat("x", stream=False)
+        self.assertEqual(first.code, 200)
+        failed = await clients.chat("y", stream=False)
+        self.assertEqual(failed.code, 502, failed)
+        self.assertIn(b"CUDA error: out of memory", failed.body)
+        await self.proxy.stop_and_check(self)
+
+    async def test_measured_memory_is_remembered_across_restarts(self) -> None:
+        """d's size is measured at its first load; the next proxy knows it before loading it."""
+        sizes = {"a": (20, True), "d": (30, False)}
+        clients = self.start(sizes)
+        self.assertEqual((await clients.chat("d", stream=False)).code, 200)
+        await self.wait_for_measure("d")
+        await self.proxy.stop_and_check(self)
+        await sleep(LINGER)  # the fake GPU frees d's memory
+
+        clients = self.start(sizes)
+        metrics = await self.metrics()
+        self.assertIn(f'model="d",device="0",source="measured"}} {30 * GIB}', metrics)
+        for model in ("d", "a"):  # known to fit together: no eviction
+            self.assertEqual((await clients.chat(model, stream=False)).code, 200)
+        self.assertEqual(self.proxy.states(), {"a": "ready", "d": "ready"})
+        self.assertEqual(device_usage(self.gpu), {"0": 50 * 1024})
+        await self.proxy.stop_and_check(self)
+
+    async def wait_for_measure(self, model: str) -> None:
+        for _ in range(200):
+            memory = self.proxy.service.supervisor.status(model).memory
+            if memory is not None and memory["measured"] is not None:
+                return
+            await sleep(0.05)
+        self.fail(f"{model} was never measured")
+
+    async def metrics(self) -> str:
+        """The memory lines of C{/metrics}."""
+        http, pool = make_http(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        response = await http.get(f"http://127.0.0.1:{self.proxy.port}/metrics")
+        text: str = (await response.content()).decode()
+        return "\n".join(line for line in text.splitlines() if "_memory_" in line)
