@@ -7,8 +7,10 @@ Each trace (llamaswap/testing/simulator.py) runs on the real supervisor with fak
 servers and a fake clock, for --seconds of simulated time (600 s by default; a run takes
 about a second of CPU). Policies: "today" is the scheduler before issue 11 (no request is
 ever due, no residency, no queue bounds), "new" the defaults; --queue adds a policy of your
-own, e.g. --queue "{maxWait: 30, minResidency: 5}". --duration sets how long each request
-holds its model (default: the trace's own, 1 s, or 2 s for hot_rare and hot_alone).
+own, e.g. --queue "{maxWait: 30, minResidency: 5}"; --memory 40 60 adds memory admission
+on one 40 GiB and one 60 GiB device (each model 20 GiB: two or all three fit). --duration
+sets how long each request holds its model (default: the trace's own, 1 s, or 2 s for
+hot_rare and hot_alone).
 
 Columns: model starts; starts per 100 granted requests; the share of time some model is
 ready, and ready with a request in flight; completed requests per second (total, then per
@@ -66,6 +68,8 @@ def policies(sim: ModuleType, args: argparse.Namespace) -> dict[str, str]:
     chosen = {name: sim.POLICIES[name] for name in names}
     if args.queue:
         chosen["queue: " + args.queue] = f"queue: {args.queue}\n"
+    for budget in args.memory or ():
+        chosen[f"memory {budget:g} GiB"] = sim.memory_policy(budget)
     if args.tree:
         where = os.path.basename(os.path.abspath(args.tree))
         chosen = {f"{name if text else 'defaults'}@{where}": text for name, text in chosen.items()}
@@ -117,6 +121,12 @@ def main() -> int:
         "--policy", choices=("today", "new", "both"), help="default: both; with --tree: new"
     )
     parser.add_argument("--queue", help="a policy of your own: the value of queue: in YAML")
+    parser.add_argument(
+        "--memory",
+        nargs="+",
+        type=float,
+        help="memory admission policies: one device of this many GiB, 20 GiB per model",
+    )
     parser.add_argument("--duration", type=float, help="seconds each request holds its model")
     parser.add_argument("--seconds", type=float, default=600.0, help="simulated time")
     parser.add_argument("--seed", type=int, default=0)

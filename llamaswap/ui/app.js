@@ -103,6 +103,27 @@ function queueText(model) {
   return text;
 }
 
+// Memory admission: what a model holds now, else what is known of it (measured, declared).
+function sizeText(bytes) {
+  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${Math.round(bytes / 2 ** 20)} MiB`;
+}
+
+function figureText(figures) {
+  const total = Object.values(figures).reduce((sum, b) => sum + b, 0);
+  const devices = Object.keys(figures).filter((d) => d !== "*");
+  return sizeText(total) + (devices.length ? ` on ${devices.join(", ")}` : "");
+}
+
+function memoryText(model) {
+  const memory = model.memory;
+  if (!memory) return "—";
+  const parts = [];
+  if (memory.holds) parts.push(`holds ${figureText(memory.holds)}`);
+  if (memory.measured) parts.push(`measured ${figureText(memory.measured)}`);
+  if (memory.declared) parts.push(`declared ${figureText(memory.declared)}`);
+  return parts.length ? parts.join(" · ") : "unknown until loaded";
+}
+
 // Why a model is stopping (the snapshot's "reason"), in words.
 const STOP_REASONS = {
   evict: "making room",
@@ -116,6 +137,7 @@ const STOP_REASONS = {
 function renderModels() {
   const body = $("models-body");
   const rows = [];
+  const withMemory = state.models.some((m) => m.memory);
   for (const model of state.models) {
     const busy = state.busy.has(model.id) || state.busy.has("*");
     const running = ["starting", "ready"].includes(model.state);
@@ -141,9 +163,11 @@ function renderModels() {
       el("td", { class: "ttl" }, ttlText(model)),
       el("td", { class: "num" }, model.in_flight || 0),
       el("td", { class: model.queued ? "queue queued" : "queue" }, queueText(model)),
+      el("td", { class: "memory", hidden: !withMemory }, memoryText(model)),
       el("td", { class: "actions" }, loadButton, unloadButton),
     ));
   }
+  document.querySelectorAll("th.memory").forEach((th) => { th.hidden = !withMemory; });
   body.replaceChildren(...rows);
   $("models-empty").hidden = state.models.length > 0;
   const ready = state.models.filter((m) => m.state === "ready").length;

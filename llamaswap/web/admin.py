@@ -131,7 +131,8 @@ class Running(JSONResource):
     C{GET /running}: every model whose process exists, sorted by id, with its
     queue (C{queued}, C{oldestWait}); also a model whose process does not
     exist (yet) while requests wait for it, so that no queued request is
-    invisible here.
+    invisible here. With memory admission on, each model's C{memory}
+    (declared, measured, holds: bytes by device) and the devices' budgets.
     """
 
     isLeaf = True
@@ -147,6 +148,7 @@ class Running(JSONResource):
             if status.state not in LOADED_STATES and not status.queued:
                 continue
             model = self._config.models[status.model_id]
+            memory = {} if status.memory is None else {"memory": status.memory}
             running.append(
                 {
                     "model": model.id,
@@ -161,9 +163,13 @@ class Running(JSONResource):
                     "ttlRemaining": status.ttl_remaining,
                     "queued": status.queued,
                     "oldestWait": wait_seconds(status.oldest_wait),
+                    **memory,
                 }
             )
-        return respond_json(request, {"running": running})
+        devices = self._supervisor.memory_summary()
+        return respond_json(
+            request, {"running": running, **({} if devices is None else {"memory": devices})}
+        )
 
 
 class Health(JSONResource):

@@ -186,6 +186,7 @@ class EventsResource(JSONResource):
                 None if m["ttl_remaining"] is None else round(now + m["ttl_remaining"]),
                 # When the oldest queued request came, not its wait: changes only when it leaves.
                 None if m["oldest_wait"] is None else round(now - m["oldest_wait"]),
+                repr(m["memory"]),
             )
             for m in models
         )
@@ -225,6 +226,7 @@ class EventsResource(JSONResource):
                     "queued": status.queued,
                     "oldest_wait": status.oldest_wait,
                     "reason": status.stop_reason,
+                    "memory": None if status.memory is None else dict(status.memory),
                 }
             )
         return out
