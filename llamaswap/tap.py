@@ -199,7 +199,10 @@ def _freeze_startup_heap() -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # late: twistd has installed its reactor
 
-    service = build_service(options["parsed"], reactor=reactor, listen=options["listen"])
+    try:
+        service = build_service(options["parsed"], reactor=reactor, listen=options["listen"])
+    except ConfigError as e:  # what only start-up can check (memory budgets from nvidia-smi)
+        raise ConfigUsageError(str(e)) from e
     # Once running (services started): only twistd's process, never a test's.
     reactor.callWhenRunning(reactor.callLater, 0, _freeze_startup_heap)
     return service

@@ -12,6 +12,7 @@ and measured figures surviving a restart of the proxy.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -147,6 +148,22 @@ class MemoryLiveTests(TestCase):
             self.assertEqual((await clients.chat(model, stream=False)).code, 200)
         self.assertEqual(self.proxy.states(), {"a": "ready", "d": "ready"})
         self.assertEqual(device_usage(self.gpu), {"0": 50 * 1024})
+        await self.wait_for_measure("a")
+        running = json.loads(await self.get("/running"))
+        memory = {m["model"]: m["memory"] for m in running["running"]}
+        self.assertEqual(
+            memory,
+            {
+                "a": {
+                    "declared": {"*": 20 * GIB},
+                    "measured": {"0": 20 * GIB},
+                    "holds": {"0": 20 * GIB},
+                },
+                "d": {"declared": None, "measured": {"0": 30 * GIB}, "holds": {"0": 30 * GIB}},
+            },
+        )
+        device = {"device": "0", "total": 64 * GIB, "budget": 64 * GIB, "allocated": 50 * GIB}
+        self.assertEqual(running["memory"]["devices"], [device])
         await self.proxy.stop_and_check(self)
 
     async def wait_for_measure(self, model: str) -> None:
@@ -157,10 +174,14 @@ class MemoryLiveTests(TestCase):
             await sleep(0.05)
         self.fail(f"{model} was never measured")
 
-    async def metrics(self) -> str:
-        """The memory lines of C{/metrics}."""
+    async def get(self, path: str) -> bytes:
         http, pool = make_http(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        response = await http.get(f"http://127.0.0.1:{self.proxy.port}/metrics")
-        text: str = (await response.content()).decode()
+        response = await http.get(f"http://127.0.0.1:{self.proxy.port}{path}")
+        body: bytes = await response.content()
+        return body
+
+    async def metrics(self) -> str:
+        """The memory lines of C{/metrics}."""
+        text = (await self.get("/metrics")).decode()
         return "\n".join(line for line in text.splitlines() if "_memory_" in line)

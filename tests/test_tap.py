@@ -96,6 +96,23 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(expected, error.message)
             self.assertNotIn("\n", error.message)
 
+    def test_memory_budget_errors_are_one_usage_line(self) -> None:
+        """What only start-up can check (nvidia-smi's budgets) is a one-line error too."""
+        from llamaswap.tap import makeService
+
+        cases = {
+            "nvidiaSmi: /nonexistent/nvidia-smi": "memory: cannot run /nonexistent/nvidia-smi: "
+            "No such file or directory (declare memory.devices, or use source: meminfo or "
+            "source: none)",
+            "nvidiaSmi: 'false'": "memory: false failed (exit status 1): no GPU listed",
+        }
+        for memory, expected in cases.items():
+            path = write(self.folder, "memory.yaml", f"memory: {{{memory}}}\n" + GOOD)
+            options = Options()
+            options.parseOptions(["--config", str(path)])
+            error = self.assertRaises(ConfigUsageError, makeService, options)
+            self.assertTrue(error.message.startswith(expected), error.message)
+
     def test_example_config(self) -> None:
         """The shipped config.example.yaml passes option parsing."""
         options = Options()

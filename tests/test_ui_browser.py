@@ -122,6 +122,7 @@ def drive_browser(base: str, shots: Path) -> dict[str, Any]:
         ]
         seen["aliases"] = alpha.locator(".alias").all_inner_texts()
         seen["ttl_before"] = alpha.locator(".ttl").inner_text()
+        seen["memory_column"] = page.locator("th.memory").is_visible()
         page.screenshot(path=str(shots / "1-models.png"))
 
         # Load: the state goes to ready, live, without reloading the page.
@@ -202,6 +203,11 @@ def drive_queue_view(base: str, shots: Path, empty_queue: Callable[[], None]) ->
         seen["summary"] = page.locator("#models-summary").inner_text()
         seen["beta_state"] = beta.locator(".state").inner_text()
         seen["beta_reason"] = beta.locator(".state-reason").inner_text()
+        seen["memory_column"] = page.locator("th.memory").is_visible()
+        seen["memory"] = [
+            alpha.locator(".memory").inner_text(),
+            beta.locator(".memory").inner_text(),
+        ]
         # The oldest wait counts up between snapshots.
         page.wait_for_function(
             "(() => { const m = document.querySelector("
@@ -228,18 +234,27 @@ def waited_seconds(queue_text: str) -> int:
 
 
 class QueueingSupervisor(FakeSupervisor):
-    """The fake supervisor, with requests waiting since given times of the real clock."""
+    """
+    The fake supervisor, with requests waiting since given times of the real
+    clock, and memory admission's figures for the models given some.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.since: dict[str, float] = {}
+        self.memory: dict[str, dict[str, Any]] = {}
 
     def status(self, model_id: str) -> ModelStatus:
         status = super().status(model_id)
+        if self.memory:
+            status = attrs.evolve(status, memory=self.memory.get(model_id, MEMORY_UNKNOWN))
         since = self.since.get(model_id)
         if since is None:
             return status
         return attrs.evolve(status, oldest_wait=reactor.seconds() - since)
+
+
+MEMORY_UNKNOWN = {"declared": None, "measured": None, "holds": None}
 
 
 class BrowserUITests(TestCase):
@@ -279,6 +294,7 @@ class BrowserUITests(TestCase):
         self.assertEqual(seen["initial"], ["stopped", "stopped"])
         self.assertEqual(seen["aliases"], ["first"])
         self.assertEqual(seen["ttl_before"], "120s")
+        self.assertFalse(seen["memory_column"])  # memory admission is off
         self.assertTrue(seen["ready_unload_enabled"])
         self.assertEqual(seen["beta_after_load"], "stopped")
         self.assertEqual(seen["chat_status"], 200)
@@ -308,7 +324,9 @@ class BrowserUITests(TestCase):
         In Chromium, over the fake supervisor: a model with requests waiting
         shows how many and the oldest wait (which counts up), the summary
         adds them up, a stopping model says why, and the queue column empties
-        when a C{queue} event reports the queue drained.
+        when a C{queue} event reports the queue drained. With memory
+        admission on, the memory column shows what each model holds, was
+        measured at and declares.
         """
         config = make_config()
         supervisor = QueueingSupervisor(config)
@@ -325,6 +343,12 @@ class BrowserUITests(TestCase):
         supervisor.reasons["beta"] = "evict"
         supervisor.queued["alpha"] = 3
         supervisor.since["alpha"] = reactor.seconds() - 12
+        gib = 2**30
+        supervisor.memory["alpha"] = {
+            "declared": {"*": 20 * gib},
+            "measured": {"0": 19 * gib + gib // 2},
+            "holds": {"0": 19 * gib + gib // 2},
+        }
         events.publish("modelStatus", {"model": "beta", "state": "stopping", "reason": "evict"})
         site = LlamaSwapSite(
             root, max_body_size=config.max_body_size, events=events, reactor=reactor
@@ -350,4 +374,12 @@ class BrowserUITests(TestCase):
         self.assertEqual(seen["summary"], "5 models, 0 ready, 3 queued")
         self.assertEqual((seen["beta_state"], seen["beta_reason"]), ("stopping", "making room"))
         self.assertEqual(seen["summary_after"], "5 models, 0 ready")
+        self.assertTrue(seen["memory_column"])
+        self.assertEqual(
+            seen["memory"],
+            [
+                "holds 19.5 GiB on 0 · measured 19.5 GiB on 0 · declared 20.0 GiB",
+                "unknown until loaded",
+            ],
+        )
         self.assertEqual(seen["page_errors"], [])

@@ -128,8 +128,10 @@ class NvidiaSmi(_ProcGroups):
             done = subprocess.run(
                 [*self._command, GPU_QUERY, _FORMAT], capture_output=True, text=True, timeout=30
             )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise ProbeError(f"{self._command[0]}: {e}") from e
+        except OSError as e:
+            raise ProbeError(f"cannot run {self._command[0]}: {e.strerror}") from e
+        except subprocess.TimeoutExpired as e:
+            raise ProbeError(f"{self._command[0]} did not answer within 30 s") from e
         devices = parse_gpus(done.stdout)
         if done.returncode != 0 or not devices:
             why = (done.stdout + done.stderr).strip().splitlines()
