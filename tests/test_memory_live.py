@@ -19,6 +19,7 @@ import sys
 import time
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from llamaswap.config import parse_config
@@ -34,8 +35,13 @@ LINGER = 1.0  # seconds a stopped fake server's memory stays used
 GIB = 2**30
 
 
-def config_text(gpu: str, state: str, sizes: dict[str, tuple[int, bool]], gate: float) -> str:
-    """Models by name: (GiB they allocate, whether the config declares it)."""
+def config_text(
+    gpu: str, state: str, sizes: dict[str, tuple[int, bool]], gate: float, placed: bool = False
+) -> str:
+    """
+    Models by name: (GiB they allocate, whether the config declares it);
+    C{placed}: each is started on the device memory admission picks.
+    """
     smi = f"env {ENV_VAR}={gpu} {PY} -m llamaswap.testing.nvidia_smi"
     lines = [
         f"memory: {{reserve: 0, releaseTimeout: {gate}, stateFile: {state}, nvidiaSmi: '{smi}'}}",
@@ -50,7 +56,8 @@ def config_text(gpu: str, state: str, sizes: dict[str, tuple[int, bool]], gate: 
             f"    cmd: {PY} -m llamaswap.fakeserver --quiet --name {name} --port ${{PORT}}"
             f" --startup-delay 0.2 --tokens 8 --token-delay 0.05"
             f" --gpu-memory {gib}GiB --gpu-release-delay {LINGER}",
-            f"    env: ['{ENV_VAR}={gpu}']",
+            f"    env: ['{ENV_VAR}={gpu}'"
+            + (", 'CUDA_VISIBLE_DEVICES=${GPU}']" if placed else "]"),
             "    unloadTimeout: 5",
         ]
         if declared:
@@ -66,8 +73,10 @@ class MemoryLiveTests(TestCase):
         write_devices(self.gpu, {"0": 64 * 1024})
         self.state = os.path.abspath(self.mktemp())
 
-    def start(self, sizes: dict[str, tuple[int, bool]], gate: float = 20) -> ChatClients:
-        text = config_text(self.gpu, self.state, sizes, gate)
+    def start(
+        self, sizes: dict[str, tuple[int, bool]], gate: float = 20, placed: bool = False
+    ) -> ChatClients:
+        text = config_text(self.gpu, self.state, sizes, gate, placed)
         self.proxy = RunningProxy(self, parse_config(text))
         self.most_ready = 0
         self.proxy.service.events.subscribe(self._count_ready)
@@ -116,6 +125,43 @@ class MemoryLiveTests(TestCase):
         self.assertEqual(summary["gateTimeouts"], 0)
         status = self.proxy.service.supervisor.status("d")
         self.assertEqual(status.memory["measured"], {"0": 20 * GIB})  # type: ignore[index]
+        await self.proxy.stop_and_check(self)
+
+    async def test_least_recently_used_idle_model_makes_room_never_a_busy_one(self) -> None:
+        """
+        a, b and c (20 GiB each) run together on 64 GiB; a is streaming and
+        was used longest ago, b idle longer than c: a request for d stops b
+        only, and a's stream goes on to its end.
+        """
+        sizes = {name: (20, True) for name in ("a", "b", "c", "d")}
+        clients = self.start(sizes)
+        for model in ("a", "b", "c"):
+            self.assertEqual((await clients.chat(model, stream=False)).code, 200)
+        pids = {model: self.proxy.pid(model) for model in ("a", "b", "c")}
+        long = ChatClients(self, f"http://127.0.0.1:{self.proxy.port}", fake_tokens=60)
+        streaming = Deferred.fromCoroutine(long.chat("a", stream=True))  # 60 x 0.05 s
+        await sleep(0.5)
+        self.assertEqual(self.proxy.service.supervisor.status("a").in_flight, 1)
+        d = await clients.chat("d", stream=False)
+        self.assertEqual((d.code, d.served_by), (200, "d"))
+        self.assertEqual(
+            self.proxy.states(), {"a": "ready", "b": "stopped", "c": "ready", "d": "ready"}
+        )
+        self.assertEqual(
+            {m: self.proxy.pid(m) for m in ("a", "c")}, {"a": pids["a"], "c": pids["c"]}
+        )
+        a = await streaming
+        self.assertEqual((a.code, a.complete, a.served_by), (200, True, "a"))
+        await self.proxy.stop_and_check(self)
+
+    async def test_placed_models_share_two_gpus(self) -> None:
+        """${GPU}: two 16 GiB models on two 24 GiB GPUs run one on each, as nvidia-smi shows."""
+        write_devices(self.gpu, {"0": 24 * 1024, "1": 24 * 1024})
+        clients = self.start({"x": (16, True), "y": (16, True)}, placed=True)
+        for model in ("x", "y"):
+            self.assertEqual((await clients.chat(model, stream=False)).code, 200)
+        self.assertEqual(self.proxy.states(), {"x": "ready", "y": "ready"})
+        self.assertEqual(device_usage(self.gpu), {"0": 16 * 1024, "1": 16 * 1024})
         await self.proxy.stop_and_check(self)
 
     async def test_without_the_gate_a_start_meets_lingering_memory(self) -> None:
