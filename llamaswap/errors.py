@@ -142,3 +142,15 @@ class InvalidConfig(ProxyError):
 
     status = 400
     code = "invalid_config"
+
+
+class Unauthorized(ProxyError):
+    """No valid API key (C{apiKeys} is set)."""
+
+    status = 401
+
+
+class Forbidden(ProxyError):
+    """A valid key outside its scope, or a browser origin or Host that is not allowed."""
+
+    status = 403

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from llamaswap.config import ModelConfig
     from llamaswap.config.matrix import Decision
+    from llamaswap.config.schema import ApiKey
     from llamaswap.names import LocalTarget
     from llamaswap.supervisor import Lease
 
@@ -59,8 +60,11 @@ class Waiter:
         since: float,
         seq: int,
         withdraw: Callable[[Waiter], None],
+        api_key: ApiKey | None = None,
     ) -> None:
         self.target = target
+        self.api_key = api_key  # its API key: priority, and the key's concurrency limit
+        self.priority = 0 if api_key is None else api_key.priority
         self.model: ModelConfig = target.model
         self.allowed = allowed
         self.since = since
@@ -93,9 +97,12 @@ def walk_order(waiters: list[Waiter], now: float) -> list[Waiter]:
     """
     The order in which a walk considers C{waiters}: the due ones first, the
     earliest due first (so a short C{maxWait} can overtake a long one), then
-    the others in arrival order.
+    the others by their key's priority (highest first), then in arrival order.
     """
-    return sorted(waiters, key=lambda w: (0, w.due_at, w.seq) if w.due(now) else (1, 0.0, w.seq))
+    return sorted(
+        waiters,
+        key=lambda w: (0, w.due_at, 0, w.seq) if w.due(now) else (1, 0.0, -w.priority, w.seq),
+    )
 
 
 def held_back(waiter: Waiter, barriers: list[Waiter]) -> bool:

@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from llamaswap.config import DEFAULT_GROUP_ID, Config, ConfigError, ModelConfig
 from llamaswap.config.diff import ConfigDiff, diff_configs, restart_only
 from llamaswap.config.matrix import Decision
+from llamaswap.config.schema import ApiKey
 from llamaswap.errors import ModelNotFound, ModelTooLarge, QueueFull, QueueTimeout, ShuttingDown
 from llamaswap.events import EventBus
 from llamaswap.memory.admission import BUSY, IDLE, STOPPING, Holder, Plan
@@ -243,6 +244,7 @@ class Supervisor(Service):
         self._queue: list[Waiter] = []
         self._arrivals = 0  # numbers the waiters: ties go to the earlier
         self._in_flight = 0  # leases held on local models, for queue.concurrencyLimit
+        self._key_in_flight: Counter[ApiKey] = Counter()  # for each key's concurrencyLimit
         self._wake: IDelayedCall | None = None  # the next walk a clock time calls for
         self._requeued: set[str] = set()  # models whose queue changed since the last event
         self.stats = QueueStats()
@@ -327,10 +329,12 @@ class Supervisor(Service):
 
     # --- API -----------------------------------------------------------------
 
-    def acquire(self, target: LocalTarget) -> Deferred[Lease]:
+    def acquire(self, target: LocalTarget, *, api_key: ApiKey | None = None) -> Deferred[Lease]:
         """
         Get a lease on a ready model for C{target} (what the request's name
         resolved to: L{llamaswap.names}), starting or swapping models as needed.
+        C{api_key}: the API key it came with: its C{priority} orders it among queued
+        requests that are not due, its C{concurrencyLimit} bounds its leases.
 
         @return: a Deferred that fires with a L{Lease} (call its C{release()}
             when the request ends). It errbacks with L{StartFailed} (with the
@@ -345,24 +349,24 @@ class Supervisor(Service):
         model = target.model
         if self.memory is not None and (refusal := self.memory.refusal(model)) is not None:
             return fail(ModelTooLarge(refusal))
-        key = (target.profile, model.id)
-        allowed = self._allowed.get(key)
+        names_key = (target.profile, model.id)
+        allowed = self._allowed.get(names_key)
         if allowed is None:
-            allowed = self._allowed[key] = may_run_with(self.names, target)
+            allowed = self._allowed[names_key] = may_run_with(self.names, target)
         proc = self._procs[model.id]
         if (
             proc.state is State.READY
             and model.id not in self._retiring
             and self.config.matrix is None
             and all(w.done for w in self._queue)
-            and self._slot_free(proc)
+            and self._slot_free(proc, api_key)
             and not self._must_stop(allowed)
         ):
             # What a walk of a queue holding only this waiter would do: grant at once.
             # (A walk leaves everything else as it was: it ran after the last change.)
             self._queue = []
             self.stats.waited(model.id, 0.0)
-            return succeed(self._lease(model, target, proc))
+            return succeed(self._lease(model, target, proc, api_key))
         live = [w for w in self._queue if not w.done]
         if len(live) >= self.config.queue.max_length:
             self.stats.refused[(model.id, QueueFull.status)] += 1
@@ -374,7 +378,9 @@ class Supervisor(Service):
                 )
             )
         self._arrivals += 1
-        waiter = Waiter(target, allowed, self._clock.seconds(), self._arrivals, self._withdraw)
+        waiter = Waiter(
+            target, allowed, self._clock.seconds(), self._arrivals, self._withdraw, api_key
+        )
         timeout = self.config.queue.timeout
         if timeout > 0:
             waiter.timer = self._clock.callLater(timeout, self._expire, waiter)
@@ -612,10 +618,13 @@ class Supervisor(Service):
         """The models that run (or start, or stop) outside C{allowed}."""
         return [p for m, p in self._procs.items() if p.occupied and m not in allowed]
 
-    def _slot_free(self, proc: ModelProcess) -> bool:
-        """Whether a lease on C{proc} stays within the concurrency limits."""
+    def _slot_free(self, proc: ModelProcess, api_key: ApiKey | None = None) -> bool:
+        """Whether a lease on C{proc} (for C{api_key}) stays within the concurrency limits."""
         limit = proc.model.concurrency_limit
         total = self.config.queue.concurrency_limit
+        if api_key is not None and api_key.concurrency_limit:
+            if self._key_in_flight[api_key] >= api_key.concurrency_limit:
+                return False
         return (limit == 0 or proc.in_flight < limit) and (total == 0 or self._in_flight < total)
 
     def _walk(self) -> None:
@@ -692,7 +701,7 @@ class Supervisor(Service):
             if (
                 proc.state is State.READY
                 and waiter.model.id not in self._retiring
-                and self._slot_free(proc)
+                and self._slot_free(proc, waiter.api_key)
                 and not self._must_stop(waiter.allowed)
                 and (
                     not held_back(waiter, barriers)
@@ -880,16 +889,22 @@ class Supervisor(Service):
         self.stats.waited(waiter.model.id, now - waiter.since)
         self._queued_changed(waiter.model.id)
         # proc.model: a reload since the request queued may have changed the settings.
-        waiter.deferred.callback(self._lease(proc.model, waiter.target, proc))
+        waiter.deferred.callback(self._lease(proc.model, waiter.target, proc, waiter.api_key))
 
-    def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
-        """A lease on C{proc}, a ready model's process, counted in flight."""
+    def _lease(
+        self, model: ModelConfig, target: LocalTarget, proc: ModelProcess, api_key: ApiKey | None
+    ) -> Lease:
+        """A lease on C{proc}, a ready model's process, counted in flight (for C{api_key} too)."""
         proc.request_started()
         self._in_flight += 1
+        if api_key is not None:
+            self._key_in_flight[api_key] += 1
         start = proc.starts
 
         def release() -> None:
             self._in_flight -= 1
+            if api_key is not None:
+                self._key_in_flight[api_key] -= 1
             proc.request_finished()
             self._walk()
 

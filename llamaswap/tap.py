@@ -166,6 +166,8 @@ class LlamaSwapService(MultiService):
             log_debug=config.log_level.lower() == "debug",
             events=self.events,
             reactor=reactor,
+            header_timeout=config.security.header_timeout,
+            body_timeout=config.security.body_timeout,
         )
         self.http = HTTPService(_endpoint(reactor, listen), site)
         # Start order: logs first (capture everything), then models, then HTTP.
@@ -262,6 +264,8 @@ class LlamaSwapService(MultiService):
         self.site.max_body_size = new.max_body_size
         self.site.log_requests = new.log_requests
         self.site.log_debug = new.log_level.lower() == "debug"
+        self.site.header_timeout = new.security.header_timeout  # for new connections
+        self.site.body_timeout = new.security.body_timeout
         self.site.resource = self._root_for(new, self.site.resource.parts)
         changes = diff.summary()
         self.events.publish(

@@ -190,7 +190,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.unload_timeout, 2.5)
         self.assertTrue(config.include_aliases_in_list)
         self.assertEqual(config.max_body_size, 2048)
-        self.assertEqual(config.api_keys, ("sk-one", "sk-two"))
+        self.assertEqual([k.key for k in config.api_keys], ["sk-one", "sk-two"])
         self.assertEqual(config.preload, ("qwen",))
         self.assertEqual(dict(config.profiles), {"coding": ("qwen",)})
         model = config.models["qwen"]
@@ -490,7 +490,7 @@ class ValidationTests(ErrorAssertions):
                 "includeAliasesInList: must be true or false, not an integer",
             ),
             ("maxBodySize: 100", "maxBodySize: must be >= 1024"),
-            ("apiKeys: sk-1", "apiKeys: must be a list of strings, not a string"),
+            ("apiKeys: sk-1", "apiKeys: must be a list of strings or mappings"),
             ("apiKeys: ['']", "apiKeys[0]: must be non-empty and contain no spaces"),
             ("apiKeys: [ok, 'has space']", "apiKeys[1]: must be non-empty and contain no spaces"),
             ("apiKeys: [1]", "apiKeys[0]: must be a string, not an integer"),
@@ -772,7 +772,7 @@ class MacroTests(ErrorAssertions):
         self.assertEqual(model.cmd, ("server", "-m", "/data/gguf/m.gguf", "--api-key", "sk-123"))
         self.assertEqual(model.proxy, "http://10.0.0.2:8080")
         self.assertEqual(dict(model.env), {"HF_HOME": "/home/u/.hf"})
-        self.assertEqual(config.api_keys, ("sk-123",))
+        self.assertEqual([k.key for k in config.api_keys], ["sk-123"])
 
     def test_env_macro_unset(self) -> None:
         """An unset ${env.VAR} is an error naming the field and the variable."""

@@ -24,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from llamaswap.config.schema import SecurityConfig
 from tests.fakeserver_helper import (
     fake_model,
     free_port,
@@ -205,7 +206,7 @@ class StreamingTests(IntegrationCase):
             rss_before = rss_kib() * 1024
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
-                s.sendall(b"GET /upstream/alpha/big?mb=200 HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /upstream/alpha/big?mb=200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 received = len(s.recv(65536))
                 time.sleep(1.0)  # not reading: the proxy must pause the upstream
                 in_flight = (fake_get(upstream, "/debug/stats")["frames"] - before) * 65536
@@ -433,7 +434,7 @@ class ErrorTests(IntegrationCase):
             # Announce 10 GB, send nothing: the answer must come without the body.
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
                 s.sendall(
-                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
                     b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
                 )
                 started = time.monotonic()
@@ -509,18 +510,20 @@ class RoutingTests(IntegrationCase):
         self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["org", "org/alpha"])
 
     async def test_model_list_and_cors(self) -> None:
-        """/v1/models is sorted with unlisted models hidden; CORS preflight answered."""
-        proxy = Proxy(
-            self,
-            make_config(
-                {
-                    "zeta": fake_model("zeta"),
-                    "alpha": fake_model("alpha", name="Alpha"),
-                    "secret": fake_model("secret", unlisted=True),
-                    "Beta": fake_model("Beta"),
-                }
-            ),
+        """
+        /v1/models is sorted with unlisted models hidden; CORS answered for an
+        allowed origin (security.allowedOrigins), a 403 for another.
+        """
+        config = make_config(
+            {
+                "zeta": fake_model("zeta"),
+                "alpha": fake_model("alpha", name="Alpha"),
+                "secret": fake_model("secret", unlisted=True),
+                "Beta": fake_model("Beta"),
+            }
         )
+        allowed = SecurityConfig(allowed_origins=("http://webui.test",))
+        proxy = Proxy(self, attrs.evolve(config, security=allowed))
         status, headers, body = await proxy.call(
             "GET", "/v1/models", headers={"Origin": "http://webui.test"}
         )
@@ -539,9 +542,15 @@ class RoutingTests(IntegrationCase):
             },
         )
         self.assertEqual(status, 204)
-        self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertEqual(headers["access-control-allow-origin"], "http://webui.test")
         self.assertEqual(headers["access-control-allow-headers"], "authorization, content-type")
         self.assertIn("POST", headers["access-control-allow-methods"])
+        status, headers, body = await proxy.call(
+            "GET", "/v1/models", headers={"Origin": "http://evil.test"}
+        )
+        self.assertEqual(status, 403)
+        self.assertNotIn("access-control-allow-origin", headers)
+        self.assertIn(b"origin not allowed: http://evil.test", body)
         status, _, body = await proxy.call("GET", "/running")
         self.assertEqual(json.loads(body), {"running": []})  # nothing was started
 

@@ -340,7 +340,7 @@ def connect(root: Resource) -> tuple[HTTPChannel, StringTransport]:
 
 
 def get(channel: HTTPChannel, path: str, headers: str = "") -> None:
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes]:
@@ -905,7 +905,7 @@ class ConcurrentStreamTests(TestCase):
         async def open_client(path: str) -> Collector:
             client = await endpoint.connect(Factory.forProtocol(Collector))
             client.transport.write(
-                f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()  # type: ignore[union-attr]
+                f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()  # type: ignore[union-attr]
             )
             self.addCleanup(lambda: client.lost)
             self.addCleanup(client.transport.loseConnection)  # type: ignore[union-attr]

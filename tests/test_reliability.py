@@ -569,7 +569,7 @@ def broken_framing(draw: st.DrawFn, config: Config) -> Malformed:
     )
     if how == "request line":
         data = draw(st.binary(min_size=1, max_size=60).filter(lambda b: b.count(b" ") != 2))
-        data = data.translate(None, b"\r\n") + b"\r\nHost: x\r\n\r\n"
+        data = data.translate(None, b"\r\n") + b"\r\nHost: localhost\r\n\r\n"
     elif how == "length":
         value = draw(st.sampled_from([b"-1", b"abc", b"1e3", b"0x10", b"+5", b" ", b"1 2"]))
         data = http_request(b"POST", path, headers=[(b"Content-Length", value)]) + body
@@ -704,7 +704,7 @@ class BadInputTests(TestCase):
         body = json.dumps(chat_body("alpha")).encode()
         cases = [
             (b"GARBAGE\r\n\r\n", 400),
-            (b"GET /v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+            (b"GET /v1/\xff HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
             (http_request(b"POST", b"/v1/completions", headers=[(b"Content-Length", b"-1")]), 400),
             (
                 http_request(b"POST", b"/v1/completions", headers=[(b"Transfer-Encoding", b"x")]),
@@ -1027,7 +1027,7 @@ class SlowClientTests(TestCase):
 
         half = socket.create_connection(("127.0.0.1", proxy.port))
         self.addCleanup(half.close)
-        half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Le")
         deaf = socket.socket()
         self.addCleanup(deaf.close)
         deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

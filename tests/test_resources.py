@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from llamaswap.config.schema import SecurityConfig
 from llamaswap.errors import HealthTimeout, QueueFull, QueueTimeout, StartFailed
 from llamaswap.testing.web import (
     Response,
@@ -27,6 +28,9 @@ from llamaswap.web.site import REFUSED_BODY_LINGER
 from llamaswap.web.tree import mount
 from tests.multipart import CT, multipart
 from tests.resource_tree import PEER_CONFIG, ResourceTreeHarness
+
+# A UI on another origin that the config allows (security.allowedOrigins).
+UI_ORIGIN = SecurityConfig(allowed_origins=("http://ui.test",))
 
 
 def assert_error(case: SynchronousTestCase, response: Response, status: int, code: str) -> str:
@@ -340,7 +344,7 @@ class ErrorFormatTests(SynchronousTestCase):
         small = ResourceTreeHarness(max_body_size=1024)
         exchange = small.client.open()
         exchange.send(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n"
             b"Content-Length: 5000\r\n\r\n"
         )
         response = exchange.response()
@@ -484,8 +488,8 @@ class ModelListTests(SynchronousTestCase):
         self.assertEqual(data[0]["meta"]["llamaswap"]["type"], "alias")
 
     def test_status_and_origin(self) -> None:
-        """C{status.value} follows the process state; C{Origin} is echoed."""
-        h = ResourceTreeHarness()
+        """C{status.value} follows the process state; an allowed C{Origin} is echoed."""
+        h = ResourceTreeHarness(security=UI_ORIGIN)
         h.supervisor.states["beta"] = "ready"
         h.supervisor.states["alpha"] = "failed"
         response = h.client.request("GET", "/v1/models", headers={"Origin": "http://ui.test"})
@@ -521,15 +525,21 @@ class ManagementTests(SynchronousTestCase):
         self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)  # headers only
 
     def test_running(self) -> None:
-        """C{/running} lists models whose process exists, sorted, with their command."""
+        """
+        C{/running} lists models whose process exists, sorted; with their
+        command for a local client (no keys: a remote one does not see it).
+        """
         self.assertEqual(self.h.client.request("GET", "/running").json(), {"running": []})
         self.h.supervisor.states.update(beta="starting", alpha="ready", author="failed")
         running = self.h.client.request("GET", "/running").json()["running"]
         self.assertEqual(
             [(r["model"], r["state"]) for r in running], [("alpha", "ready"), ("beta", "starting")]
         )
-        self.assertEqual(running[0]["cmd"], "fake --name alpha")
+        self.assertNotIn("cmd", running[0])
         self.assertEqual(running[0]["proxy"], "http://127.0.0.1:9001")
+        self.h.client.peer = "127.0.0.1"
+        running = self.h.client.request("GET", "/running").json()["running"]
+        self.assertEqual(running[0]["cmd"], "fake --name alpha")
 
     def test_running_shows_the_queue(self) -> None:
         """
@@ -541,6 +551,7 @@ class ManagementTests(SynchronousTestCase):
         supervisor.states.update(alpha="ready", beta="stopped")
         supervisor.queued.update(beta=3)
         supervisor.oldest_wait.update(beta=12.345)
+        self.h.client.peer = "127.0.0.1"  # a local client sees the commands
         running = self.h.client.request("GET", "/running").json()["running"]
         self.assertEqual(
             [(r["model"], r["state"], r["queued"], r["oldestWait"]) for r in running],
@@ -608,22 +619,30 @@ class ManagementTests(SynchronousTestCase):
 
 class CORSAndAuthTests(SynchronousTestCase):
     def test_preflight_anywhere(self) -> None:
-        """C{OPTIONS} on any path: 204 and permissive CORS headers, requested names sanitized."""
-        h = ResourceTreeHarness(api_keys=("sekrit",))
+        """
+        C{OPTIONS} on any path from an allowed origin: 204 and CORS headers naming
+        it, requested names sanitized; no key needed.
+        """
+        h = ResourceTreeHarness(api_keys=("sekrit",), security=UI_ORIGIN)
         response = h.client.request(
             "OPTIONS",
             "/v1/chat/completions",
-            headers={"Access-Control-Request-Headers": "content-type, x-custom, bad(name), "},
+            headers={
+                "Access-Control-Request-Headers": "content-type, x-custom, bad(name), ",
+                "Origin": "http://ui.test",
+            },
         )
         self.assertEqual(response.status, 204)
-        self.assertEqual(response.header("access-control-allow-origin"), "*")
+        self.assertEqual(response.header("access-control-allow-origin"), "http://ui.test")
         self.assertEqual(
             response.header("access-control-allow-methods"),
             "GET, POST, PUT, PATCH, DELETE, OPTIONS",
         )
         self.assertEqual(response.header("access-control-allow-headers"), "content-type, x-custom")
         self.assertEqual(response.header("access-control-max-age"), "86400")
-        response = h.client.request("OPTIONS", "/no/such/path")
+        response = h.client.request(
+            "OPTIONS", "/no/such/path", headers={"Origin": "http://ui.test"}
+        )
         self.assertEqual(response.status, 204)
         self.assertEqual(
             response.header("access-control-allow-headers"),
@@ -664,7 +683,7 @@ class BodyLimitTests(SynchronousTestCase):
         """A too-large Content-Length is answered 413 at once, before any body byte."""
         exchange = self.h.client.open()
         exchange.send(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n"
         )
         response = exchange.response()
@@ -681,7 +700,8 @@ class BodyLimitTests(SynchronousTestCase):
         """A chunked body is refused as soon as it passes the limit."""
         exchange = self.h.client.open()
         exchange.send(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
         )
         exchange.send(b"200\r\n" + b"a" * 512 + b"\r\n")
         self.assertEqual(exchange.transport.value(), b"")
@@ -697,10 +717,8 @@ class BodyLimitTests(SynchronousTestCase):
         body = body[: body.rindex(b'"')] + b'"}'
         exchange = self.h.client.open()
         exchange.send(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"%x\r\n" % len(body)
-            + body
-            + b"\r\n0\r\n\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
         )
         self.assertEqual(exchange.response().status, 200)
         sent = self.h.sent()

@@ -144,7 +144,7 @@ class ServerSideTests(SynchronousTestCase):
         protocol = wrap_channel(channel)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        protocol.dataReceived(b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.dataReceived(b"GET /missing HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 404"))
 
     def test_bad_request_hook(self) -> None:
@@ -166,7 +166,7 @@ class ServerSideTests(SynchronousTestCase):
         """While headers still arrive, the channel knows the method and path."""
         channel, _ = self._channel(HTTPChannel())
         self.assertEqual(pending_request_line(channel), (None, None))
-        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         self.assertEqual(pending_request_line(channel), (b"POST", b"/v1/chat/completions"))
 
 

@@ -35,8 +35,9 @@ from llamaswap.config._readers import (
     _str,
     _str_list,
 )
+from llamaswap.config._security import key_text, read_api_keys, read_security
 from llamaswap.config._yaml import _load_yaml
-from llamaswap.config.macros import Expander, _read_macros, _substitute_env
+from llamaswap.config.macros import Expander, _read_macros
 from llamaswap.config.matrix import Matrix, build_matrix
 from llamaswap.config.schema import (
     DEFAULT_GROUP_ID,
@@ -85,6 +86,7 @@ _TOP_KEYS = (
     "matrix",
     "queue",
     "memory",
+    "security",
 )
 _PEER_KEYS = ("proxy", "models", "apiKey", "filters", "reuseConnections")
 _GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
@@ -162,7 +164,8 @@ def parse_config(
         matrix=_read_matrix(raw.get("matrix"), models, aliases, groups),
         peers=peers,
         preload=_read_hooks(raw.get("hooks"), models, aliases, peers, warnings),
-        api_keys=_read_api_keys(raw.get("apiKeys"), env),
+        api_keys=read_api_keys(raw.get("apiKeys"), env, base_dir),
+        security=read_security(raw.get("security")),
         queue=queue,
         memory=memory,
         health_check_timeout=hct,
@@ -267,19 +270,6 @@ def _read_upstream(value: object) -> tuple[re.Pattern[str], ...]:
     return tuple(patterns)
 
 
-def _read_api_keys(value: object, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """C{apiKeys}: the keys a client may present (C{${env.X}} allowed)."""
-    keys = _str_list("apiKeys", value)
-    return tuple(_api_key(f"apiKeys[{i}]", key, environ) for i, key in enumerate(keys))
-
-
-def _api_key(where: str, text: str, environ: Mapping[str, str]) -> str:
-    key = _substitute_env(where, text, environ)
-    if not key or any(c.isspace() for c in key):
-        raise ConfigError(f"{where}: must be non-empty and contain no spaces")
-    return key
-
-
 def _check_model_id(
     where: str, name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]
 ) -> None:
@@ -347,7 +337,7 @@ def _read_peer(
     api_key = None
     if raw.get("apiKey") is not None:
         path = f"{where}.apiKey"
-        api_key = _api_key(path, _str(path, raw["apiKey"]), expand.environ)
+        api_key = key_text(path, _str(path, raw["apiKey"]), expand.environ)
     filters_raw = _mapping(f"{where}.filters", raw.get("filters"))
     if "setParamsByID" in filters_raw:
         raise ConfigError(f"{where}.filters.setParamsByID: not available for peers")

@@ -163,6 +163,53 @@ class PeerConfig:
 
 DEFAULT_GROUP_ID = "(default)"  # the implicit group of models listed in no group
 
+# What a key may do besides inference (docs/api.md, "API keys"): "inference" (model
+# routes and the model list), "read" (+ /running), "admin" (everything).
+ACCESS_LEVELS = ("inference", "read", "admin")
+DEFAULT_HEADER_TIMEOUT = 30.0  # seconds to receive a request's whole head
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds a body upload may go without a byte
+
+
+def _api_key(value: ApiKey | str) -> ApiKey:
+    return ApiKey(key=value) if isinstance(value, str) else value
+
+
+def _api_keys(values: tuple[ApiKey | str, ...]) -> tuple[ApiKey, ...]:
+    return tuple(_api_key(v) for v in values)
+
+
+@frozen(kw_only=True)
+class ApiKey:
+    """
+    One API key and what it may do. A key given as a plain string may do
+    everything (as before scopes existed).
+    """
+
+    key: str = field(repr=False)  # never in a repr, a log line or an error
+    name: str = ""  # what logs and errors call it
+    models: tuple[str, ...] = ("*",)  # model ids/aliases and <peer>/<model> names (globs)
+    load: bool = True  # may start a model that is not loaded (and so stop others)
+    access: str = "admin"
+    concurrency_limit: int = 0  # its requests in flight at once; more wait (0: no limit)
+    priority: int = 0  # higher goes first among queued requests that are not due
+
+    @property
+    def label(self) -> str:
+        return self.name or "a key"
+
+
+@frozen(kw_only=True)
+class SecurityConfig:
+    """
+    C{security}: what protects a proxy on a workstation from web pages and slow
+    clients (docs/deployment.md, "Security").
+    """
+
+    allowed_hosts: tuple[str, ...] = ()  # beyond localhost names and IP addresses; "*": any
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides our own; "*": any
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # 0: no bound
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # 0: no bound
+
 
 @frozen(kw_only=True)
 class GroupConfig:
@@ -203,7 +250,8 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     include_aliases_in_list: bool = False
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = field(default=(), converter=_api_keys)
+    security: SecurityConfig = SecurityConfig()
     preload: tuple[str, ...] = ()
     send_loading_state: bool = False
     upstream_ignore_paths: tuple[re.Pattern[str], ...] = field(

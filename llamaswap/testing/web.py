@@ -91,7 +91,7 @@ class FakeSupervisor:
         # What position() answers for a held acquire: (ahead, queued), as the test sets it.
         self.place: tuple[int, int] | None = None
 
-    def acquire(self, target: LocalTarget) -> Deferred[Lease]:
+    def acquire(self, target: LocalTarget, *, api_key: Any = None) -> Deferred[Lease]:
         requested = target.requested
         self.acquired.append(requested)
         if self.error is not None:
@@ -238,11 +238,11 @@ class Response:
 class Exchange:
     """One client connection to the site: send bytes, read what came back."""
 
-    def __init__(self, site: LlamaSwapSite) -> None:
+    def __init__(self, site: LlamaSwapSite, peer: str = "10.1.2.3") -> None:
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
-            peerAddress=IPv4Address("TCP", "10.1.2.3", 40000),
+            peerAddress=IPv4Address("TCP", peer, 40000),
         )
         assert self.channel is not None
         self.channel.makeConnection(self.transport)
@@ -274,7 +274,10 @@ class SiteClient:
         events: EventBus | None = None,
         clock: Clock | None = None,
         log_requests: bool = False,
+        peer: str = "10.1.2.3",
     ) -> None:
+        """C{peer}: the clients' address (another machine's, unless a test says otherwise)."""
+        self.peer = peer
         self.clock = clock if clock is not None else Clock()
         self.site = LlamaSwapSite(
             root,
@@ -285,7 +288,7 @@ class SiteClient:
         )
 
     def open(self) -> Exchange:
-        return Exchange(self.site)
+        return Exchange(self.site, self.peer)
 
     def start(
         self,
@@ -296,7 +299,7 @@ class SiteClient:
     ) -> Exchange:
         """Send one request; return the exchange (to read, pause or disconnect)."""
         exchange = self.open()
-        lines = [f"{method} {path} HTTP/1.1", "Host: proxy.test"]
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost:8080"]
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}")
         if body is not None:

@@ -29,6 +29,8 @@ from llamaswap.web.base import (
     respond_error,
     respond_json,
 )
+from llamaswap.web.guard import Client
+from llamaswap.web.site import request_info
 
 # States in which a model's process exists (llama-swap's "loaded").
 LOADED_STATES = frozenset({"starting", "ready", "stopping"})
@@ -56,11 +58,12 @@ class ModelList(JSONResource):
         self._supervisor = supervisor
         self._clock = clock
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, client: Client | None = None) -> list[dict[str, Any]]:
+        """The listed models (and peers' models) that C{client}'s key may use."""
         created = int(self._clock.seconds())
         records = []
         for model in self._config.models.values():
-            if model.unlisted:
+            if model.unlisted or (client is not None and not client.may_use(model.id)):
                 continue
             loaded = self._supervisor.status(model.id).state in LOADED_STATES
             records.append(self._record(model, model.id, created, loaded))
@@ -70,7 +73,11 @@ class ModelList(JSONResource):
                     for alias in model.aliases
                 )
         for peer in self._config.peers.values():
-            records.extend(self._peer_record(peer, name, created) for name in peer.models)
+            records.extend(
+                self._peer_record(peer, name, created)
+                for name in peer.models
+                if client is None or client.may_use(f"{peer.id}/{name}")
+            )
         return sorted(records, key=lambda r: str(r["id"]).encode("utf-8"))
 
     @staticmethod
@@ -108,12 +115,8 @@ class ModelList(JSONResource):
         return record
 
     def render_GET(self, request: Request) -> bytes:
-        origin = request.getHeader(b"origin")
-        if origin:
-            # Browsers call this cross-origin to fill model pickers.
-            request.setHeader(b"Access-Control-Allow-Origin", origin)
-            request.setHeader(b"Vary", b"Origin")
-        records = self.records()
+        # CORS for pages that fill model pickers: the root's, for allowed origins only.
+        records = self.records(request_info(request).client)
         wanted = _model_id_from(request)
         if not wanted:
             return respond_json(request, {"object": "list", "data": records})
@@ -145,9 +148,13 @@ class Running(JSONResource):
         self._supervisor = supervisor
 
     def render_GET(self, request: Request) -> bytes:
+        client = request_info(request).client
+        secrets = client is None or client.sees_secrets
         running = []
         for status in sorted(self._supervisor.statuses(), key=lambda s: s.model_id):
             if status.state not in LOADED_STATES and not status.queued:
+                continue
+            if client is not None and not client.may_use(status.model_id):
                 continue
             model = self._config.models.get(status.model_id)
             if model is None:  # removed by a reload; its server drains
@@ -158,7 +165,8 @@ class Running(JSONResource):
                 {
                     "model": model.id,
                     "state": status.state,
-                    "cmd": model.cmd_line,
+                    # It may hold tokens and paths: admin keys (or local clients without keys).
+                    **({"cmd": model.cmd_line} if secrets else {}),
                     "proxy": model.proxy,
                     "ttl": model.ttl,
                     "name": model.name,
@@ -187,7 +195,10 @@ class Health(JSONResource):
 
 
 class LegacyUnload(JSONResource):
-    """C{GET /unload}: stop every model (without waiting for in-flight requests)."""
+    """
+    C{GET /unload} (llama-swap's) or C{POST /unload}: stop every model
+    (without waiting for in-flight requests).
+    """
 
     isLeaf = True
 
@@ -200,6 +211,8 @@ class LegacyUnload(JSONResource):
             return self._supervisor.unload(None).addCallback(lambda _: (200, TEXT_TYPE, b"OK"))
 
         return render_answer(request, unload, cancel=False)
+
+    render_POST = render_GET
 
 
 class UnloadAPI(JSONResource):

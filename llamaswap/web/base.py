@@ -31,6 +31,7 @@ from llamaswap.errors import ProxyError
 from llamaswap.supervisor import StatusSource
 
 if TYPE_CHECKING:
+    from llamaswap.config.schema import ApiKey
     from llamaswap.names import LocalTarget
     from llamaswap.scheduling import QueueStats
     from llamaswap.supervisor import Lease, ModelStatus
@@ -46,7 +47,7 @@ _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 class SupervisorAPI(StatusSource, Protocol):
     """What the web resources call on the supervisor (L{llamaswap.supervisor.Supervisor})."""
 
-    def acquire(self, target: LocalTarget) -> Deferred[Lease]: ...
+    def acquire(self, target: LocalTarget, *, api_key: ApiKey | None = None) -> Deferred[Lease]: ...
 
     def position(self, acquired: Deferred[Lease]) -> tuple[int, int] | None: ...
 

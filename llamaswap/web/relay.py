@@ -44,6 +44,7 @@ from llamaswap.names import LocalTarget, PeerTarget, Target
 from llamaswap.peers import PeerLease
 from llamaswap.supervisor import Lease
 from llamaswap.web.base import SupervisorAPI, client_gone, render_async
+from llamaswap.web.guard import authorize_model
 from llamaswap.web.loading import LoadingStream
 from llamaswap.web.site import request_info
 
@@ -275,7 +276,14 @@ class Relay:
         loads, if the model's C{sendLoadingState} is on.
         Returns C{NOT_DONE_YET} for C{render_*} to return.
         """
-        request_info(request).proxied = True
+        info = request_info(request)
+        info.proxied = True
+        if info.client is not None:
+            loaded = (
+                isinstance(target, LocalTarget)
+                and self._supervisor.status(target.model_id).state == "ready"
+            )
+            authorize_model(info.client, target, loaded)  # 403 before anything starts
 
         def exchange() -> Deferred[None]:
             return Deferred.fromCoroutine(
@@ -284,11 +292,12 @@ class Relay:
 
         return render_async(request, exchange, error=self._error)
 
-    def acquire(self, target: Target) -> Deferred[Lease]:
-        """A lease on C{target}: a peer's at once, else the supervisor's."""
+    def acquire(self, target: Target, request: Request) -> Deferred[Lease]:
+        """A lease on C{target}: a peer's at once, else the supervisor's (for C{request}'s key)."""
         if isinstance(target, PeerTarget):
             return succeed(PeerLease(target))
-        return self._supervisor.acquire(target)
+        client = request_info(request).client
+        return self._supervisor.acquire(target, api_key=None if client is None else client.key)
 
     async def _exchange(
         self, request: Request, uri: bytes, target: Target, body_for: BodyFor, loading: bool
@@ -309,7 +318,7 @@ class Relay:
             if the lease was refused after a loading stream said 200 (the
             stream ended with the error).
         """
-        acquired = self.acquire(target)
+        acquired = self.acquire(target, request)
         stream = None
         # Only while the lease is not at hand: refusals (404, 429, 503) stay plain errors.
         if (
@@ -403,7 +412,7 @@ class Relay:
             model=lease.model.id,
         )
         lease.release()
-        lease = await self.acquire(target)
+        lease = await self.acquire(target, request)
         try:
             # Same target, same model: the body made for the first lease fits.
             return lease, await self._request_upstream(request, uri, lease, body)

@@ -18,6 +18,7 @@ from typing import Any
 from attrs import define
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
@@ -60,6 +61,8 @@ class RequestInfo:
     # A feed that ends only when its client leaves (/api/events, /logs/stream):
     # a graceful stop closes it at once instead of waiting for it.
     endless: bool = False
+    # Who sent it (llamaswap.web.guard.Client), once the root checked its key.
+    client: Any = None
 
 
 def request_info(request: Request) -> RequestInfo:
@@ -260,7 +263,66 @@ class LlamaSwapChannel(ChannelHooks):
     Content-Length, too many headers) with a bare C{400} and no body, and
     drops a header line over C{MAX_LENGTH} without any answer. Clients then
     see nothing they can parse; these overrides answer in OpenAI's shape.
+
+    It also bounds slow clients (C{security.headerTimeout}, C{bodyTimeout}):
+    a request's head must arrive whole within its time from its first byte (a
+    client sending a header line every few seconds never trips twisted.web's
+    idle timeout), and a body upload may not stall longer than its own. Both
+    answer 408 and close.
     """
+
+    header_timeout = 0.0  # set from the site, per connection (0: no bound)
+    body_timeout = 0.0
+    _deadline: IDelayedCall | None = None
+    _in_head = True  # waiting for (the rest of) a request's head, not its body
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._in_head and self._deadline is None and self.header_timeout:
+            self._deadline = self.callLater(self.header_timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._in_head = False
+        self._stop_deadline()
+        if self.body_timeout:
+            self._deadline = self.callLater(self.body_timeout, self._body_stalled)
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._deadline is not None and not self._in_head:
+            self._deadline.reset(self.body_timeout)  # progress: the stall counts anew
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        self._in_head = True  # the next request's head: its time runs from its first byte
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(
+            408,
+            "Request Timeout",
+            f"the request head did not arrive within {self.header_timeout:g} s "
+            "(security.headerTimeout)",
+        )
+
+    def _body_stalled(self) -> None:
+        self._deadline = None
+        self._refuse(
+            408,
+            "Request Timeout",
+            f"the request body stalled for {self.body_timeout:g} s (security.bodyTimeout)",
+        )
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -296,7 +358,11 @@ class LlamaSwapChannel(ChannelHooks):
 
 
 def _json_channel(site: Site) -> Any:
-    return wrap_channel(LlamaSwapChannel())
+    channel = LlamaSwapChannel()
+    if isinstance(site, LlamaSwapSite):
+        channel.header_timeout = site.header_timeout
+        channel.body_timeout = site.body_timeout
+    return wrap_channel(channel)
 
 
 class LlamaSwapSite(Site):
@@ -318,8 +384,13 @@ class LlamaSwapSite(Site):
         log_debug: bool = True,
         events: EventBus | None = None,
         reactor: Any = None,
+        header_timeout: float = 0.0,
+        body_timeout: float = 0.0,
     ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        # Slow clients (LlamaSwapChannel): seconds, 0 for no bound.
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.max_body_size = max_body_size
         self.log_requests = log_requests
         # Whether a debug access line can be seen at all (logLevel: debug). Emitting

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import re
 from typing import Any
 
@@ -20,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from llamaswap.config import Config
-from llamaswap.errors import ProxyError
+from llamaswap.errors import Forbidden, Unauthorized
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.names import Resolver
@@ -36,10 +35,12 @@ from llamaswap.web.admin import (
 )
 from llamaswap.web.base import ErrorResource, JSONResource, Redirect, SupervisorAPI
 from llamaswap.web.events import EventsResource, build_events_resource
+from llamaswap.web.guard import OPEN_SEGMENTS, Guard
 from llamaswap.web.logs import build_logs_resource
 from llamaswap.web.metrics import build_metrics_resource
 from llamaswap.web.models import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
 from llamaswap.web.relay import Relay
+from llamaswap.web.site import request_info
 from llamaswap.web.ui import build_ui_resource
 
 # Routes whose model is named in the JSON body.
@@ -78,19 +79,23 @@ VERSIONLESS_ROUTES = (
     "rerank",
     "reranking",
 )
-# First path segments reachable without an API key.
-OPEN_SEGMENTS = frozenset({b"", b"health", b"favicon.ico"})
 
 CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_DEFAULT_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-UNAUTHORIZED = "unauthorized: invalid or missing API key"
 
 
 class Preflight(JSONResource):
-    """C{OPTIONS} on any path: 204 with permissive CORS headers."""
+    """
+    C{OPTIONS} on any path: 204, with CORS headers for an allowed origin (the
+    root refused the others; a request without C{Origin} gets none).
+    """
 
     isLeaf = True
+
+    def __init__(self, origin: bytes | None) -> None:
+        super().__init__()
+        self._origin = origin
 
     def render(self, request: Request) -> bytes:
         asked = b",".join(
@@ -98,7 +103,10 @@ class Preflight(JSONResource):
         )
         names = [n.strip() for n in asked.split(b",") if _TOKEN.fullmatch(n.strip())]
         request.setResponseCode(204)
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        if self._origin is None:
+            return b""
+        request.setHeader(b"Access-Control-Allow-Origin", self._origin)
+        request.setHeader(b"Vary", b"Origin")
         request.setHeader(b"Access-Control-Allow-Methods", CORS_METHODS)
         request.setHeader(
             b"Access-Control-Allow-Headers", b", ".join(names) if names else CORS_DEFAULT_HEADERS
@@ -139,31 +147,50 @@ class WebParts:
 
 
 class Root(JSONResource):
-    """The root: CORS preflight and API keys for every path below it."""
+    """
+    The root: for every path below it, the checks of L{Guard} (Host, browser
+    origin, API key, the route's access level), then CORS for an allowed
+    cross-origin request. The client it found is the request's
+    (C{request_info(request).client}) for the routes' own checks.
+    """
 
-    def __init__(self, api_keys: tuple[str, ...], parts: WebParts) -> None:
+    def __init__(self, guard: Guard, parts: WebParts) -> None:
         super().__init__()
-        self._keys = [k.encode("utf-8") for k in api_keys]
+        self._guard = guard
         self.parts = parts
 
-    def authorized(self, request: Request) -> bool:
-        if not self._keys:
-            return True
-        for presented in presented_keys(request):
-            candidate = presented.encode("utf-8")
-            # Compare with every key, in constant time, so timing tells nothing.
-            if any(hmac.compare_digest(candidate, key) for key in self._keys):
-                return True
-        return False
-
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
-        if request.method == b"OPTIONS":
-            return Preflight()
-        if path not in OPEN_SEGMENTS and not self.authorized(request):
+        guard = self._guard
+        if not guard.host_allowed(request):
+            host = (request.getHeader(b"host") or b"").decode("latin-1")
             return ErrorResource(
-                ProxyError(UNAUTHORIZED, 401),
-                {b"WWW-Authenticate": b'Basic realm="llama-swap"'},
+                Forbidden(f"host not allowed: {host} (add it to security.allowedHosts)")
             )
+        allowed, cors = guard.cross_origin(request)
+        if not allowed:
+            origin = (request.getHeader(b"origin") or b"(a page of another site)").decode("latin-1")
+            return ErrorResource(
+                Forbidden(f"origin not allowed: {origin} (add it to security.allowedOrigins)")
+            )
+        if cors is not None:
+            request.setHeader(b"Access-Control-Allow-Origin", cors)
+            request.setHeader(b"Vary", b"Origin")
+        if request.method == b"OPTIONS":
+            return Preflight(cors)
+        if path not in OPEN_SEGMENTS:
+            try:
+                client = guard.client(request, presented_keys(request))
+            except Unauthorized as e:
+                return ErrorResource(e, {b"WWW-Authenticate": b'Basic realm="llama-swap"'})
+            needed = guard.needs(path)
+            if not client.may(needed):
+                return ErrorResource(
+                    Forbidden(
+                        f"this API key may not use /{path.decode('latin-1')} "
+                        f"(it needs access: {needed})"
+                    )
+                )
+            request_info(request).client = client
         child: IResource = super().getChildWithDefault(path, request)
         return child
 
@@ -213,7 +240,7 @@ def build_root(
     else:
         parts.events.reconfigure(config)
     relay = parts.relay
-    root = Root(config.api_keys, parts)
+    root = Root(Guard(config), parts)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
         # Loading streams only where llama-swap has them: OpenAI chat.
