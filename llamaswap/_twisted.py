@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import LogPublisher
 from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import (
@@ -35,6 +36,7 @@ __all__ = [
     "pending_request_line",
     "publisher_observers",
     "standard_endpoint_factory",
+    "tcp_server_address",
     "wrap_channel",
 ]
 
@@ -162,3 +164,21 @@ def publisher_observers(publisher: LogPublisher) -> list[Any] | None:
     """
     observers = getattr(publisher, "_observers", None)
     return observers if isinstance(observers, list) else None
+
+
+# --- listening ---------------------------------------------------------------------------
+
+
+def tcp_server_address(endpoint: object) -> tuple[str, int] | None:
+    """
+    The (interface, port) a TCP server endpoint will bind, or None for other endpoints.
+
+    The public API tells the address only once listening; llamaswap.listen checks it
+    before twistd daemonizes, which is before the service listens.
+    """
+    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        return None
+    interface, port = getattr(endpoint, "_interface", None), getattr(endpoint, "_port", None)
+    if not isinstance(interface, str) or not isinstance(port, int):
+        return None
+    return interface, port

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogPublisher
@@ -27,6 +28,7 @@ from llamaswap._twisted import (
     publisher_observers,
     quiescent_callback,
     standard_endpoint_factory,
+    tcp_server_address,
     wrap_channel,
 )
 
@@ -182,3 +184,18 @@ class LogTests(SynchronousTestCase):
         observers[0] = second.append
         publisher({"log_format": "x"})
         self.assertEqual((len(first), len(second)), (0, 1))
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_tcp_server_address(self) -> None:
+        """A TCP server endpoint's interface and port, before it listens; None for others."""
+        reactor = MemoryReactorClock()
+        cases = {
+            "tcp:8080:interface=127.0.0.1": ("127.0.0.1", 8080),
+            "tcp:0": ("", 0),
+            "tcp6:9000:interface=\\:\\:1": ("::1", 9000),
+            "unix:/run/x.sock": None,
+        }
+        for description, address in cases.items():
+            endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+            self.assertEqual(tcp_server_address(endpoint), address, description)
