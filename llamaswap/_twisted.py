@@ -16,7 +16,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import LogPublisher
+from twisted.logger import FileLogObserver, LogPublisher
+from twisted.python.logfile import LogFile
 from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import (
     Agent,
@@ -35,6 +36,7 @@ __all__ = [
     "RequestNotSent",
     "pending_request_line",
     "publisher_observers",
+    "rotating_log_file",
     "standard_endpoint_factory",
     "tcp_server_address",
     "wrap_channel",
@@ -164,6 +166,20 @@ def publisher_observers(publisher: LogPublisher) -> list[Any] | None:
     """
     observers = getattr(publisher, "_observers", None)
     return observers if isinstance(observers, list) else None
+
+
+def rotating_log_file(observer: object) -> LogFile | None:
+    """
+    The size-rotated file C{observer} writes to, if it is a file observer on one.
+
+    twistd opens its C{--logfile} as a L{LogFile} with no bound on the rotated files
+    it keeps, and no option to set one; the file is only reachable through the
+    observer twistd registers (its C{_outFile}). llamaswap.logs sets the bounds on it.
+    """
+    if not isinstance(observer, FileLogObserver):
+        return None
+    out = getattr(observer, "_outFile", None)
+    return out if isinstance(out, LogFile) else None
 
 
 # --- listening ---------------------------------------------------------------------------

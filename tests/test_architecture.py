@@ -49,6 +49,7 @@ PRIVATE_TWISTED_ATTRIBUTES = frozenset(
         "_shouldRetry",
         "_quiescentCallback",
         "_endpointFactory",
+        "_outFile",
         "_interface",
     }
 )

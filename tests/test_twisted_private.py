@@ -5,13 +5,16 @@ so a Twisted upgrade that changes one fails here, by name, before it fails anywh
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogPublisher
+from twisted.logger import LogPublisher, jsonFileLogObserver, textFileLogObserver
+from twisted.python.logfile import DailyLogFile, LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, Agent
 from twisted.web.http import HTTPChannel
@@ -27,6 +30,7 @@ from llamaswap._twisted import (
     pending_request_line,
     publisher_observers,
     quiescent_callback,
+    rotating_log_file,
     standard_endpoint_factory,
     tcp_server_address,
     wrap_channel,
@@ -184,6 +188,23 @@ class LogTests(SynchronousTestCase):
         observers[0] = second.append
         publisher({"log_format": "x"})
         self.assertEqual((len(first), len(second)), (0, 1))
+
+    def test_rotating_log_file(self) -> None:
+        """
+        twistd's --logfile observer (textFileLogObserver on a LogFile) gives its
+        LogFile; other files and observers give None.
+        """
+        folder = self.mktemp()
+        os.makedirs(folder)
+        log_file = LogFile("x.log", folder)
+        self.addCleanup(log_file.close)
+        self.assertIs(rotating_log_file(textFileLogObserver(log_file)), log_file)
+        self.assertIs(rotating_log_file(jsonFileLogObserver(log_file)), log_file)
+        daily = DailyLogFile("d.log", folder)
+        self.addCleanup(daily.close)
+        self.assertIsNone(rotating_log_file(textFileLogObserver(daily)))
+        self.assertIsNone(rotating_log_file(textFileLogObserver(io.StringIO())))
+        self.assertIsNone(rotating_log_file(print))
 
 
 class EndpointTests(SynchronousTestCase):
