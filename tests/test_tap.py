@@ -8,6 +8,7 @@ reported before daemonizing, with exit status 1 and no pidfile.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sys
@@ -362,6 +363,26 @@ class ReadmeSnippetTests(SynchronousTestCase):
         self.assertIn("\nrun:", makefile)
         self.assertIn("\ntest:", makefile)
         self.assertIn("config.example.yaml", makefile)
+
+    def test_documented_twistd_commands_set_the_pidfile(self) -> None:
+        """
+        Every twistd command line in the README, docs and contrib that starts
+        llamaswap passes --pidfile (empty, or a path): twistd's default
+        twistd.pid would refuse a second llamaswap started in the same folder.
+        """
+        command = re.compile(r"twistd\b[^`\n]*?\bllamaswap\b[^`\n]*--config")
+        sources = [SOURCE_ROOT / "README.md", SOURCE_ROOT / "Makefile"]
+        sources += sorted((SOURCE_ROOT / "docs").glob("*.md"))
+        sources += sorted((SOURCE_ROOT / "contrib").rglob("*.*"))
+        found = []
+        for source in sources:
+            text = source.read_text(encoding="utf-8")
+            # A command continued on the next line with a backslash is one command.
+            for line in text.replace("\\\n", " ").splitlines():
+                for match in command.finditer(line):
+                    found.append((source.name, match.group(0)))
+        self.assertGreater(len(found), 5)
+        self.assertEqual([f for f in found if "--pidfile" not in f[1]], [])
 
 
 class PackagingTests(SynchronousTestCase):
