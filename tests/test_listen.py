@@ -144,6 +144,35 @@ class CheckFreeTests(SynchronousTestCase):
         check_free(self.endpoint("unix:/nonexistent/x.sock"))
         check_free(object())
 
+    def test_other_reasons(self) -> None:
+        """A privileged port, an unknown host and anything else: why, and what to do."""
+        denied = OSError(errno.EACCES, "Permission denied")
+        self.assertEqual(
+            cannot_listen("0.0.0.0", 80, denied, hint=True),
+            "cannot listen on 0.0.0.0:80: permission denied (ports below 1024 need root or "
+            "CAP_NET_BIND_SERVICE: use a port above 1023, or systemd socket activation, "
+            "docs/deployment.md)",
+        )
+        self.assertEqual(
+            cannot_listen("0.0.0.0", 8080, denied, hint=True),
+            "cannot listen on 0.0.0.0:8080: permission denied",
+        )
+        unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        self.assertEqual(
+            cannot_listen("nosuch.invalid", 8080, unknown, hint=True),
+            "cannot listen on nosuch.invalid:8080: unknown host 'nosuch.invalid'",
+        )
+        other = OSError(errno.EMFILE, "Too many open files")
+        self.assertEqual(
+            cannot_listen("::1", 8080, other, hint=True),
+            "cannot listen on [::1]:8080: too many open files",
+        )
+        self.assertEqual(
+            cannot_listen("::1", 8080, OSError(errno.EADDRINUSE, "x"), hint=True),
+            "cannot listen on [::1]:8080: address already in use (is another llamaswap "
+            "running? choose another port with --listen tcp6:PORT:interface=\\:\\:1)",
+        )
+
     def test_short_form_fits_twistd_report(self) -> None:
         """
         Without the hint (a daemon that lost the port after the check), the

@@ -7,6 +7,7 @@ checked as twistd will use them, and a bad one is one line naming the option.
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,22 @@ class TwistdPathTests(SynchronousTestCase):
         )
 
     def test_unwritable(self) -> None:
-        """A folder we may not write to: permission denied, and as whom."""
-        if os.geteuid() == 0:
-            self.skipTest("root may write anywhere")
+        """A file or folder we may not write to: permission denied, and as whom."""
         locked = self.folder / "locked"
-        locked.mkdir(mode=0o555)
-        self.addCleanup(locked.chmod, 0o755)
-        message = self.check(logfile=str(locked / "x.log"))
-        self.assertTrue(message.startswith(f"--logfile {locked / 'x.log'}: permission denied ("))
-        self.assertIn(f"cannot create files in {locked})", message)
+        locked.mkdir()
+        (locked / "old.log").write_text("")
+        # Tests may run as root, who may write anywhere: deny through os.access.
+        self.patch(os, "access", lambda path, mode: not str(path).startswith(str(locked)))
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        self.assertEqual(
+            self.check(logfile=str(locked / "x.log")),
+            f"--logfile {locked / 'x.log'}: permission denied ({user} cannot create files "
+            f"in {locked})",
+        )
+        self.assertEqual(
+            self.check(logfile=str(self.folder / "x.log"), pidfile=str(locked / "old.log")),
+            f"--pidfile {locked / 'old.log'}: permission denied ({user} cannot write it)",
+        )
 
     def test_good_and_unused_paths(self) -> None:
         """
