@@ -8,6 +8,7 @@ reported before daemonizing, with exit status 1 and no pidfile.
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
 import socket
@@ -16,12 +17,17 @@ from pathlib import Path
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import CannotListenError
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 import llamaswap
 from llamaswap.config import DEFAULT_LISTEN, Config
+from llamaswap.listen import ListenError
 from llamaswap.tap import ConfigUsageError, Options
 from tests.proctools import TWISTD, ChildOutput, send_signal, twistd_env
 
@@ -182,6 +188,28 @@ class OptionsTests(SynchronousTestCase):
         maker = makers["llamaswap"]
         self.assertIs(maker.options, Options)
         self.assertTrue(maker.description)
+
+
+class _TakenEndpoint:
+    """An endpoint whose port was taken after makeService checked it."""
+
+    def listen(self, factory: object) -> Deferred[object]:
+        error = OSError(errno.EADDRINUSE, "Address already in use")
+        return fail(CannotListenError("127.0.0.1", 8080, error))
+
+
+class HTTPServiceTests(SynchronousTestCase):
+    def test_port_taken_after_the_check(self) -> None:
+        """
+        A port lost between makeService's check and the bind (after a daemon's
+        fork) raises a line short enough for twistd's 100-byte report.
+        """
+        from llamaswap.tap import HTTPService
+
+        service = HTTPService(_TakenEndpoint(), Site(Resource()))  # type: ignore[arg-type]
+        error = self.assertRaises(ListenError, service.privilegedStartService)
+        self.assertEqual(str(error), "cannot listen on 127.0.0.1:8080: address already in use")
+        self.assertIsNone(service.port)
 
 
 class CommandLineTests(TestCase):
