@@ -135,3 +135,10 @@ class ModelTooLarge(ProxyError):
 
     status = 500  # a retry cannot help: the config (or the budget) must change
     code = "model_too_large"
+
+
+class InvalidConfig(ProxyError):
+    """A config reload was refused: the new file is invalid (nothing changed)."""
+
+    status = 400
+    code = "invalid_config"

@@ -210,6 +210,20 @@ class LogHub(Service):
         self._wrapped: list[_FilteredObserver] = []
         self.internal_errors = 0
 
+    def reconfigure(self, config: Config) -> None:
+        """
+        A reload: the level, what goes to stdout and the model names apply from
+        now; a new model gets its stream (removed ones keep theirs, with their
+        history). C{logHistoryBytes} applies to new streams only.
+        """
+        self.config = config
+        self._names = Resolver(config)
+        self._level = _LEVELS.get(config.log_level.lower(), LogLevel.info)
+        self._mode = config.log_to_stdout
+        for model_id in config.models:
+            if model_id not in self.streams:
+                self.streams[model_id] = LogStream(model_id, config.log_history_bytes)
+
     # --- lookups used by the web resources ---------------------------------
 
     def resolve(self, name: str) -> str | None:

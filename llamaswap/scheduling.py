@@ -46,7 +46,7 @@ WAIT_BUCKETS = (0.005, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 MIN_HOLD = 1.0
 
 # Why a model was started or stopped, for llamaswap_model_swaps_total.
-SWAP_REASONS = ("request", "evict", "ttl", "unload", "exit", "shutdown", "failed")
+SWAP_REASONS = ("request", "evict", "ttl", "unload", "exit", "shutdown", "failed", "reload")
 
 
 class Waiter:

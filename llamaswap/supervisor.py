@@ -53,7 +53,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap.config import DEFAULT_GROUP_ID, Config, ModelConfig
+from llamaswap.config import DEFAULT_GROUP_ID, Config, ConfigError, ModelConfig
+from llamaswap.config.diff import ConfigDiff, diff_configs, restart_only
 from llamaswap.config.matrix import Decision
 from llamaswap.errors import ModelNotFound, ModelTooLarge, QueueFull, QueueTimeout, ShuttingDown
 from llamaswap.events import EventBus
@@ -231,19 +232,14 @@ class Supervisor(Service):
         if config.memory is not None:
             probe = memory_probe if memory_probe is not None else make_probe(config.memory, reactor)
             self.memory = MemoryLedger(config.memory, config.models, probe=probe, clock=self._clock)
+        self._kill = kill if kill is not None else os.killpg
+        self._http = http
         self._procs: dict[str, ModelProcess] = {
-            model_id: ModelProcess(
-                model,
-                reactor=reactor,
-                clock=self._clock,
-                kill=kill if kill is not None else os.killpg,
-                http=http,
-                base_dir=config.base_dir,
-                health_timeout=config.health_check_timeout,
-                on_change=self._changed,
-            )
-            for model_id, model in config.models.items()
+            model_id: self._process(model) for model_id, model in config.models.items()
         }
+        # After a reload: models whose server must go once idle, with the settings for
+        # their next start (None: the model was removed).
+        self._retiring: dict[str, ModelConfig | None] = {}
         self._queue: list[Waiter] = []
         self._arrivals = 0  # numbers the waiters: ties go to the earlier
         self._in_flight = 0  # leases held on local models, for queue.concurrencyLimit
@@ -259,6 +255,18 @@ class Supervisor(Service):
         self._walking = False
         self._walk_again = False
         self._preloading: Deferred[None] | None = None
+
+    def _process(self, model: ModelConfig) -> ModelProcess:
+        return ModelProcess(
+            model,
+            reactor=self._reactor,
+            clock=self._clock,
+            kill=self._kill,
+            http=self._http,
+            base_dir=self.config.base_dir,
+            health_timeout=self.config.health_check_timeout,
+            on_change=self._changed,
+        )
 
     # --- service -----------------------------------------------------------
 
@@ -288,14 +296,7 @@ class Supervisor(Service):
             and so do the requests still queued.
         """
         super().stopService()  # type: ignore[no-untyped-call]
-        self._shutting_down = True
-        queued, self._queue = self._queue, []
-        if self._wake is not None and self._wake.active():
-            self._wake.cancel()
-        for waiter in queued:
-            if not waiter.done:
-                waiter.finish()
-                waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
+        self.drain()
         stops = [proc.stop(reason="shutdown") for proc in self._procs.values()]
 
         async def wait() -> None:
@@ -304,6 +305,25 @@ class Supervisor(Service):
                 await self._pool.closeCachedConnections()
 
         return Deferred.fromCoroutine(wait())
+
+    def drain(self) -> None:
+        """
+        A stop began: queued requests fail with 503 and new ones are refused;
+        leases held go on (L{llamaswap.lifecycle.shutdown}).
+        """
+        self._shutting_down = True
+        queued, self._queue = self._queue, []
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        for waiter in queued:
+            if not waiter.done:
+                waiter.finish()
+                waiter.deferred.errback(ShuttingDown("llamaswap is shutting down"))
+
+    def hurry(self) -> None:
+        """Stopping at once (a second signal): every server still running is killed now."""
+        for proc in self._procs.values():
+            proc.hurry()
 
     # --- API -----------------------------------------------------------------
 
@@ -332,6 +352,7 @@ class Supervisor(Service):
         proc = self._procs[model.id]
         if (
             proc.state is State.READY
+            and model.id not in self._retiring
             and self.config.matrix is None
             and all(w.done for w in self._queue)
             and self._slot_free(proc)
@@ -361,6 +382,60 @@ class Supervisor(Service):
         self._queued_changed(model.id)
         self._walk()
         return waiter.deferred
+
+    def check_reload(self, new: Config) -> None:
+        """
+        @raise ConfigError: C{new} cannot replace the running config (a setting
+            only a restart changes, or a declared memory figure too large).
+        """
+        why = restart_only(self.config, new)
+        if why is not None:
+            raise ConfigError(why)
+        if self.memory is not None:
+            self.memory.check_models(new.models)
+
+    def reload(self, new: Config) -> ConfigDiff:
+        """
+        Switch to C{new} (checked by L{check_reload}), model by model:
+        unchanged models are not touched; new ones are available at once;
+        settings that need no restart apply at once; a model whose server
+        changed (or that was removed) takes no new requests, finishes those in
+        flight, then stops, and its next request starts the new server.
+        Requests queued for a removed model fail with 404.
+        """
+        diff = diff_configs(self.config, new)
+        self.config = new
+        self.names = Resolver(new)
+        self._allowed.clear()
+        self._all_models = frozenset(new.models)
+        for model_id in diff.added:
+            retiring = model_id in self._retiring  # removed earlier, back before it stopped
+            if retiring:
+                self._retiring[model_id] = new.models[model_id]
+            else:
+                self._procs[model_id] = self._process(new.models[model_id])
+        for model_id in diff.updated + diff.unchanged + diff.restarted:
+            proc, model = self._procs[model_id], new.models[model_id]
+            if model_id in self._retiring or (model_id in diff.restarted and proc.occupied):
+                self._retiring[model_id] = model  # for the next server: this one goes
+            else:
+                proc.reconfigure(model, new.health_check_timeout)
+        for model_id in diff.removed:
+            if self._procs[model_id].occupied:
+                self._retiring[model_id] = None
+            else:
+                del self._procs[model_id]
+        changes = ", ".join(f"{k}: {' '.join(v)}" for k, v in diff.summary().items() if v)
+        self.log.info(
+            "config reloaded from {source} ({changes})",
+            source=new.source,
+            changes=changes or "no model changed",
+        )
+        for model_id in diff.removed:
+            gone = ModelNotFound(f"model not found: {model_id} (removed by a config reload)")
+            self._fail_waiters(model_id, gone)
+        self._walk()
+        return diff
 
     def acquire_by_name(self, requested: str) -> Deferred[Lease]:
         """
@@ -397,8 +472,11 @@ class Supervisor(Service):
         return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
     def statuses(self) -> list[ModelStatus]:
-        """One status per configured model, in config order."""
-        return [self.status(model_id) for model_id in self.config.models]
+        """
+        One status per configured model, in config order, then the models a
+        reload removed whose servers still run.
+        """
+        return [self.status(model_id) for model_id in self._procs]
 
     def memory_summary(self) -> dict[str, Any] | None:
         if self.memory is None:
@@ -416,10 +494,13 @@ class Supervisor(Service):
 
         @raise ModelNotFound: for an unknown id (aliases are accepted too).
         """
-        model = self.names.find_model(model_id)
-        if model is None:
-            raise ModelNotFound(f"model not found: {model_id}")
-        proc = self._procs[model.id]
+        proc = self._procs.get(model_id)
+        if proc is None:
+            found = self.names.find_model(model_id)
+            if found is None:
+                raise ModelNotFound(f"model not found: {model_id}")
+            proc = self._procs[found.id]
+        model = proc.model
         waiting = [w.since for w in self._queue if not w.done and w.model.id == model.id]
         return ModelStatus(
             model_id=model.id,
@@ -459,11 +540,22 @@ class Supervisor(Service):
             self.stats.swaps[(proc.model.id, proc.stop_reason or "unload")] += 1
         if self.memory is not None and not proc.occupied:
             self.memory.ended(proc.model.id)
+        if not proc.occupied and proc.model.id in self._retiring:
+            self._retired(proc)
         self._events.publish("modelStatus", event)
         self._walk()
         if self.memory is not None and proc.state is State.READY:
             # After the walk: what queued for this load is served by it, whatever it measures.
             self.memory.ready(proc.model).addCallback(self._measured, proc)
+
+    def _retired(self, proc: ModelProcess) -> None:
+        """A changed model's old server ended: the new settings apply; a removed model goes."""
+        model_id = proc.model.id
+        pending = self._retiring.pop(model_id)
+        if pending is None:
+            del self._procs[model_id]
+        else:
+            proc.reconfigure(pending, self.config.health_check_timeout)
 
     def _measured(self, _: None, proc: ModelProcess) -> None:
         """A ready server was measured: what it holds changed, and it may be refused from now."""
@@ -531,6 +623,8 @@ class Supervisor(Service):
         if self._walking:
             self._walk_again = True
             return
+        if self._retiring:
+            self._retire_idle()
         if not self._queue:
             self._announced.clear()  # all that a walk of an empty queue does
             if self._wake is not None:
@@ -548,6 +642,14 @@ class Supervisor(Service):
         self._wake_at(wake)
         # After the walk: leases granted in it count in flight by now.
         self._publish_queues()
+
+    def _retire_idle(self) -> None:
+        """After a reload: stop the changed or removed models' old servers once they are idle."""
+        for model_id in list(self._retiring):  # a stop may end at once, and leave it
+            proc = self._procs[model_id]
+            if proc.state is State.READY and proc.in_flight == 0:
+                self.log.info("{model}: its settings changed; stopping its server", model=model_id)
+                proc.stop(reason="reload")
 
     def _wake_at(self, when: float) -> None:
         """Walk again at clock time C{when} (inf: no walk is due at any time)."""
@@ -589,6 +691,7 @@ class Supervisor(Service):
             proc = self._procs[waiter.model.id]
             if (
                 proc.state is State.READY
+                and waiter.model.id not in self._retiring
                 and self._slot_free(proc)
                 and not self._must_stop(waiter.allowed)
                 and (
@@ -663,7 +766,9 @@ class Supervisor(Service):
         """Matrix: set C{waiter}'s allowed set from what runs now (stopping models excluded)."""
         assert self.config.matrix is not None
         running = tuple(
-            m for m, p in self._procs.items() if p.occupied and p.state is not State.STOPPING
+            m
+            for m, p in self._procs.items()
+            if p.occupied and p.state is not State.STOPPING and m in self.config.models
         )
         key = (waiter.model.id, running)
         decision = decisions.get(key)
@@ -774,7 +879,8 @@ class Supervisor(Service):
         waiter.finish()
         self.stats.waited(waiter.model.id, now - waiter.since)
         self._queued_changed(waiter.model.id)
-        waiter.deferred.callback(self._lease(waiter.model, waiter.target, proc))
+        # proc.model: a reload since the request queued may have changed the settings.
+        waiter.deferred.callback(self._lease(proc.model, waiter.target, proc))
 
     def _lease(self, model: ModelConfig, target: LocalTarget, proc: ModelProcess) -> Lease:
         """A lease on C{proc}, a ready model's process, counted in flight."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.copyright import version as twisted_version
@@ -27,6 +27,9 @@ import llamaswap
 from llamaswap.config import DEFAULT_LISTEN, Config, ConfigError, load_config
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
+from llamaswap.lifecycle import signals
+from llamaswap.lifecycle.shutdown import Drain
+from llamaswap.lifecycle.watch import ConfigWatcher
 from llamaswap.listen import (
     ListenError,
     bad_endpoint,
@@ -37,12 +40,20 @@ from llamaswap.listen import (
 )
 from llamaswap.preflight import PathError, check_twistd_paths
 
+if TYPE_CHECKING:
+    from llamaswap.web.tree import Root, WebParts
+
+_reload_log = Logger(namespace="llamaswap.reload")
+
 
 class Options(usage.Options):
     """C{twistd llamaswap} options."""
 
     synopsis = "--config PATH [--listen ENDPOINT]"
     longdesc = ""  # not the running script's docstring, usage.Options' fallback
+    optFlags = [
+        ["watch-config", "w", "Reload the config whenever its file changes (also: SIGHUP)."]
+    ]
     optParameters = [
         ["config", "c", None, "Path to the YAML configuration (required)."],
         [
@@ -143,18 +154,36 @@ class HTTPService(Service):
 
 class LlamaSwapService(MultiService):
     """
-    The whole proxy. Stops in order: stop accepting HTTP, stop every model
-    server (waits for each child to be reaped), then close pools and logs.
+    The whole proxy. Stops in order: stop accepting HTTP, let the answers in
+    flight finish (up to C{shutdownTimeout}: L{Drain}), stop every model server
+    (waits for each child to be reaped), then close pools and logs.
+
+    C{config_path}: the file L{reload_config} reads again (SIGHUP, the reload
+    API, C{--watch-config} with C{watch}).
     """
 
-    def __init__(self, config: Config, *, listen: str, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        listen: str,
+        reactor: Any,
+        config_path: str | None = None,
+        watch: bool = False,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         from llamaswap.logs import LogHub
         from llamaswap.supervisor import Supervisor
         from llamaswap.web.site import LlamaSwapSite
-        from llamaswap.web.tree import build_root
 
         self.config = config
+        self.config_path = config_path
+        self._reactor = reactor
+        self._drain: Drain | None = None
+        self._hurried = False
+        self._watcher = None
+        if watch and config_path is not None:
+            self._watcher = ConfigWatcher(config_path, reactor, self._watched)
         self.events = EventBus()
         self.logs = LogHub(config, events=self.events, reactor=reactor)
         self.supervisor = Supervisor(config, reactor=reactor, events=self.events)
@@ -162,17 +191,10 @@ class LlamaSwapService(MultiService):
         # per request for the rest (docs/llama-server.md).
         self._http, self._pool = make_http(reactor)
         fresh_http, self._fresh_pool = make_http(reactor, persistent=False)
-        root = build_root(
-            config,
-            supervisor=self.supervisor,
-            logs=self.logs,
-            events=self.events,
-            http=self._http,
-            fresh_http=fresh_http,
-            reactor=reactor,
-        )
+        self._fresh_http = fresh_http
+        root = self._root_for(config, None)
         # LlamaSwapSite: refuses oversized bodies before reading them, logs requests.
-        site = LlamaSwapSite(
+        self.site = site = LlamaSwapSite(
             root,
             max_body_size=config.max_body_size,
             log_requests=config.log_requests,
@@ -185,17 +207,112 @@ class LlamaSwapService(MultiService):
         for child in (self.logs, self.supervisor, self.http):
             child.setServiceParent(self)  # type: ignore[no-untyped-call]
 
+    def _root_for(self, config: Config, parts: WebParts | None) -> Root:
+        """The resource tree for C{config}; over C{parts} (the last tree's) after a reload."""
+        from llamaswap.web.tree import build_root
+
+        return build_root(
+            config,
+            supervisor=self.supervisor,
+            logs=self.logs,
+            events=self.events,
+            http=self._http,
+            fresh_http=self._fresh_http,
+            reactor=self._reactor,
+            parts=parts,
+            reload=self.reload_config,
+        )
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._watcher is not None:
+            self._watcher.start()
+
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)  # type: ignore[no-untyped-call]
+        if self._watcher is not None:
+            self._watcher.stop()
+        drain = self._drain = Drain(
+            self.site, self.supervisor, self._reactor, self.config.shutdown_timeout
+        )
+        if self._hurried:
+            drain.hurry()
 
         async def stop_in_order() -> None:
             await self.http.stopService()
-            await _await_maybe(self.supervisor.stopService())
+            await drain.run()
+            stopping = self.supervisor.stopService()
+            if self._hurried:
+                self.supervisor.hurry()
+            await _await_maybe(stopping)
             for pool in (self._pool, self._fresh_pool):
                 await _await_maybe(pool.closeCachedConnections())  # type: ignore[no-untyped-call]
             self.logs.stopService()
 
         return Deferred.fromCoroutine(stop_in_order())
+
+    def hurry(self) -> None:
+        """Stop at once (a second signal): cut what runs, kill the model servers."""
+        self._hurried = True
+        if self._drain is not None:
+            self._drain.hurry()
+        self.supervisor.hurry()
+
+    # --- reloading the config -------------------------------------------------
+
+    def reload_config(self, source: str) -> dict[str, Any]:
+        """
+        Read the config file again and switch to it (docs/deployment.md):
+        validated whole first; then the supervisor applies it model by model
+        and a new resource tree (over the same counters and feeds) takes the
+        next requests. C{source} says who asked (C{SIGHUP}, C{api}, C{watch}).
+
+        @return: what changed, for the reload API.
+        @raise ConfigError: the file is invalid, or changes what only a
+            restart can; nothing changed then. Logged and published either way.
+        """
+        when = round(self._reactor.seconds(), 3)
+        try:
+            if self.config_path is None:
+                raise ConfigError("no config file to reload (the config was not read from a file)")
+            # Running models keep their ${PORT}: adding a model moves no other.
+            ports = {m.id: m.port for m in self.config.models.values() if m.port is not None}
+            new = load_config(self.config_path, kept_ports=ports)
+            self.supervisor.check_reload(new)
+        except ConfigError as e:
+            _reload_log.error(
+                "config reload ({source}) failed; the running config is kept: {error}",
+                source=source,
+                error=str(e),
+            )
+            self.events.publish(
+                "config", {"ok": False, "source": source, "time": when, "error": str(e)}
+            )
+            raise
+        for warning in new.warnings:
+            Logger(namespace="llamaswap.config").warn("{warning}", warning=warning)
+        diff = self.supervisor.reload(new)
+        self.config = new
+        self.logs.reconfigure(new)
+        self.site.max_body_size = new.max_body_size
+        self.site.log_requests = new.log_requests
+        self.site.log_debug = new.log_level.lower() == "debug"
+        self.site.resource = self._root_for(new, self.site.resource.parts)
+        changes = diff.summary()
+        self.events.publish(
+            "config", {"ok": True, "source": source, "time": when, "changes": changes}
+        )
+        return {"reloaded": True, "source": source, "changes": changes}
+
+    def _reload_quietly(self, source: str) -> None:
+        """A reload nobody answers to (SIGHUP, the watcher): its failure is logged only."""
+        try:
+            self.reload_config(source)
+        except ConfigError:
+            pass
+
+    def _watched(self) -> None:
+        self._reload_quietly("watch")
 
 
 def _endpoint(reactor: Any, listen: str) -> IStreamServerEndpoint:
@@ -208,12 +325,19 @@ def _endpoint(reactor: Any, listen: str) -> IStreamServerEndpoint:
 
 
 def build_service(
-    config: Config, *, reactor: Any, listen: str = DEFAULT_LISTEN
+    config: Config,
+    *,
+    reactor: Any,
+    listen: str = DEFAULT_LISTEN,
+    config_path: str | None = None,
+    watch: bool = False,
 ) -> LlamaSwapService:
-    """Build (but do not start) the proxy service for C{config}."""
+    """Build (but do not start) the proxy service for C{config} (read from C{config_path})."""
     for warning in config.warnings:
         Logger(namespace="llamaswap.config").warn("{warning}", warning=warning)
-    return LlamaSwapService(config, listen=listen, reactor=reactor)
+    return LlamaSwapService(
+        config, listen=listen, reactor=reactor, config_path=config_path, watch=watch
+    )
 
 
 def _freeze_startup_heap() -> None:
@@ -247,9 +371,16 @@ def makeService(options: Options) -> IService:
     if listen != options["listen"]:
         log.info("--listen {given} is {endpoint}", given=options["listen"], endpoint=listen)
     try:
-        service = build_service(options["parsed"], reactor=reactor, listen=listen)
+        service = build_service(
+            options["parsed"],
+            reactor=reactor,
+            listen=listen,
+            config_path=options["config"],
+            watch=bool(options["watch-config"]),
+        )
     except ConfigError as e:  # what only start-up can check (memory budgets from nvidia-smi)
         raise ConfigUsageError(str(e)) from e
+    reactor.callWhenRunning(signals.install, reactor, service._reload_quietly, service.hurry)
     # Once running (services started): only twistd's process, never a test's.
     reactor.callWhenRunning(reactor.callLater, 0, _freeze_startup_heap)
     return service

@@ -78,6 +78,9 @@ def _config(models: dict[str, Path], start_port: int) -> str:
         "healthCheckTimeout: 30",
         # llama-server needs a moment to exit (it finishes its slots); under load, more than 5 s.
         "unloadTimeout: 15",
+        # A stop waits this long for answers in flight (the endless stream of the
+        # SIGTERM test), then cuts them with an error event.
+        "shutdownTimeout: 2",
         # twistd's stdout gets llama-server's output too: readable when a test fails.
         "logToStdout: both",
         "models:",
@@ -485,9 +488,11 @@ class LlamaServerEndToEndTests(_LlamaServerCase):
 
     async def test_sigterm_leaves_no_server(self) -> None:
         """
-        SIGTERM to twistd while a llama-server is streaming: the server is
-        stopped (its last words are relayed before twistd's own), twistd exits
-        as a SIGTERM'd process does, and no llama-server is left.
+        SIGTERM to twistd while a llama-server is streaming without end: after
+        C{shutdownTimeout} the stream is cut with an error event (the OpenAI SDK
+        raises it), the server is stopped (its last words are relayed before
+        twistd's own), twistd exits as a SIGTERM'd process does, and no
+        llama-server is left.
         """
         proxy = await self._start()
 
@@ -496,14 +501,13 @@ class LlamaServerEndToEndTests(_LlamaServerCase):
         pid = await self._running_pid(proxy, "tiny-b")
         self.assertEqual(proxy.servers(), {pid})
 
-        def rest_of_stream() -> int:
-            count = 0
+        def rest_of_stream() -> str:
             try:
                 for _ in stream:
-                    count += 1
-            except Exception:
-                pass  # cut: what a stopped proxy does to a stream (for now)
-            return count
+                    pass
+            except Exception as e:
+                return f"{type(e).__name__}: {e}"
+            return "the stream ended without an error"
 
         reading = deferToThread(rest_of_stream)
         send_signal(proxy.process.pid, signal.SIGTERM)
@@ -512,7 +516,9 @@ class LlamaServerEndToEndTests(_LlamaServerCase):
         self.assertEqual(status, (None, signal.SIGTERM), proxy.process.text())
         self.assertFalse(alive(pid))
         self.assertEqual(proxy.servers(), set())
-        await reading  # the client's stream ended: it did not hang
+        ending = await reading  # the client's stream ended: it did not hang
+        self.assertIn("APIError", ending)
+        self.assertIn("llamaswap is shutting down: the answer was cut", ending)
         output = proxy.process.text()
         stopping = output.split("Received SIGTERM, shutting down.", 1)[1]
         # llama-server's last words come before twistd's own, unless it was too slow

@@ -198,6 +198,20 @@ class GateTests(MemoryFixture):
         self.successResultOf(a)
         self.assertEqual(self.h.sup.memory.gate_timeouts, 1)  # type: ignore[union-attr]
 
+    def test_failed_readings_are_tried_again(self) -> None:
+        """A reading that fails says nothing: the gate looks again instead of going ahead."""
+        self.harness(names=("a",), extra={"a": "memory: 40GiB"}, usage={"a": {"0": 40 * GIB}})
+        assert self.h.probe is not None
+        self.h.probe.failures = 3
+        a = self.h.sup.acquire_by_name("a")
+        self.h.reactor.advance(0.3)
+        self.assertEqual(self.h.spawned(), [])  # two readings failed: no start yet
+        for _ in range(8):
+            self.h.reactor.advance(0.25)
+        self.assertEqual(self.h.spawned(), ["a"])
+        self.assertEqual((self.h.probe.failures, self.h.probe.reads), (0, 5))  # + the measure
+        self.successResultOf(a)
+
     def test_unload_during_gate_spawns_nothing(self) -> None:
         self.harness(names=("a",), extra={"a": "memory: 40GiB"}, usage={"a": {"0": 40 * GIB}})
         assert self.h.probe is not None

@@ -236,7 +236,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(samples[swaps.format("alpha", "request")], 2)
         self.assertEqual(samples[swaps.format("alpha", "evict")], 1)
         self.assertEqual(samples[swaps.format("beta", "ttl")], 1)
-        for reason in ("request", "evict", "ttl", "unload", "exit", "shutdown", "failed"):
+        for reason in ("request", "evict", "ttl", "unload", "exit", "shutdown", "failed", "reload"):
             self.assertEqual(samples[swaps.format("hidden", reason)], 0)
         refused = 'llamaswap_queue_refused_total{{model="{}",status="{}"}}'
         self.assertEqual(samples[refused.format("alpha", "429")], 1)

@@ -186,7 +186,9 @@ def drive_browser(base: str, shots: Path) -> dict[str, Any]:
     return seen
 
 
-def drive_queue_view(base: str, shots: Path, empty_queue: Callable[[], None]) -> dict[str, Any]:
+def drive_queue_view(
+    base: str, shots: Path, empty_queue: Callable[[], None], reload: Callable[[bool], None]
+) -> dict[str, Any]:
     """
     The Models page while requests wait (run in a worker thread): what the
     queue column shows, that its wait counts up, and that it empties live
@@ -223,6 +225,14 @@ def drive_queue_view(base: str, shots: Path, empty_queue: Callable[[], None]) ->
             ".textContent === '—'"
         )
         seen["summary_after"] = page.locator("#models-summary").inner_text()
+        # A failed config reload shows a banner until a reload succeeds.
+        seen["banner_before"] = page.locator("#config-banner").is_visible()
+        blockingCallFromThread(reactor, reload, False)
+        page.locator("#config-banner").wait_for(state="visible")
+        seen["banner"] = page.locator("#config-banner").inner_text()
+        page.screenshot(path=str(shots / "7-config-error.png"))
+        blockingCallFromThread(reactor, reload, True)
+        page.locator("#config-banner").wait_for(state="hidden")
         seen["page_errors"] = errors
     return seen
 
@@ -364,7 +374,14 @@ class BrowserUITests(TestCase):
         shots = Path(os.environ.get("LLAMASWAP_UI_SHOTS") or self.mktemp())
         shots.mkdir(parents=True, exist_ok=True)
         base = f"http://127.0.0.1:{port.getHost().port}"
-        seen = await deferToThread(drive_queue_view, base, shots, empty_queue)
+
+        def reload(ok: bool) -> None:
+            outcome = {"ok": ok, "source": "SIGHUP", "time": 0}
+            if not ok:
+                outcome["error"] = "models.qwen.ttl: must be >= 0 (or -1 to use globalTTL)"
+            events.publish("config", outcome)
+
+        seen = await deferToThread(drive_queue_view, base, shots, empty_queue, reload)
 
         self.assertRegex(seen["queue"], r"^3 queued, oldest \d+ s$")
         self.assertGreaterEqual(waited_seconds(seen["queue"]), 12)
@@ -374,6 +391,12 @@ class BrowserUITests(TestCase):
         self.assertEqual(seen["summary"], "5 models, 0 ready, 3 queued")
         self.assertEqual((seen["beta_state"], seen["beta_reason"]), ("stopping", "making room"))
         self.assertEqual(seen["summary_after"], "5 models, 0 ready")
+        self.assertFalse(seen["banner_before"])
+        self.assertEqual(
+            seen["banner"],
+            "Config reload (SIGHUP) failed; the running config is kept: "
+            "models.qwen.ttl: must be >= 0 (or -1 to use globalTTL)",
+        )
         self.assertTrue(seen["memory_column"])
         self.assertEqual(
             seen["memory"],

@@ -84,21 +84,32 @@ class _ModelDefaults:
 
 
 class _Ports:
-    """The numbers for C{${PORT}}, handed out from C{startPort} up, in the order asked."""
+    """
+    The numbers for C{${PORT}}, handed out from C{startPort} up, in the order
+    asked. C{kept}: ports a reload keeps for models that had them (so adding a
+    model does not move, and so restart, the others); no one else gets those.
+    """
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, kept: Mapping[str, int] | None = None) -> None:
         self._start = start
-        self._free = iter(range(start, 65536))
+        self._kept = dict(kept or {})
+        self._free = (p for p in range(start, 65536) if p not in self._kept.values())
 
-    def take(self, where: str) -> int:
-        port = next(self._free, None)
+    def take(self, where: str, model_id: str) -> int:
+        port = self._kept.get(model_id)
+        if port is None:
+            port = next(self._free, None)
         if port is None:
             raise ConfigError(f"{where}: no port left for ${{PORT}} (startPort {self._start})")
         return port
 
 
 def _read_models(
-    raw: Mapping[str, Any], defaults: _ModelDefaults, start_port: int, warnings: list[str]
+    raw: Mapping[str, Any],
+    defaults: _ModelDefaults,
+    start_port: int,
+    warnings: list[str],
+    kept_ports: Mapping[str, int] | None = None,
 ) -> dict[str, ModelConfig]:
     """C{models}: at least one; ids and aliases name one model each."""
     if "models" not in raw:
@@ -111,7 +122,8 @@ def _read_models(
             raise ConfigError(f"models.{model_id}: model ids must be non-empty strings")
     # ${PORT} goes to the models whose (expanded) cmd uses it, in sorted id
     # order from startPort, so the numbers do not depend on the file's order.
-    ports = _Ports(start_port)
+    kept = {m: p for m, p in (kept_ports or {}).items() if m in specs and p >= start_port}
+    ports = _Ports(start_port, kept)
     read = {
         model_id: _read_model(model_id, specs[model_id], defaults, ports, warnings)
         for model_id in sorted(specs)
@@ -211,7 +223,7 @@ def _read_command(
     text = command_text(_str(path, raw["cmd"]))
     port = None
     if "${PORT}" in Expander(macros, environ)(path, text, frozenset({"PORT"})):
-        port = macros["PORT"] = ports.take(path)
+        port = macros["PORT"] = ports.take(path, model_id)
     expand = Expander(macros, environ, forbid_port=port is None)
     line = expand(path, text)
     return _Command(argv=split_command(path, line), line=line, port=port, expand=expand)

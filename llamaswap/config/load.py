@@ -50,6 +50,7 @@ from llamaswap.config.schema import (
     DEFAULT_MIN_RESIDENCY,
     DEFAULT_QUEUE_LENGTH,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
     LOG_LEVELS,
@@ -74,6 +75,7 @@ _TOP_KEYS = (
     "startPort",
     "globalTTL",
     "unloadTimeout",
+    "shutdownTimeout",
     "macros",
     "models",
     "profiles",
@@ -94,9 +96,14 @@ _GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
 _QUEUE_KEYS = ("maxWait", "minResidency", "timeout", "maxLength", "concurrencyLimit")
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    kept_ports: Mapping[str, int] | None = None,
+) -> Config:
     """
-    Read and validate the YAML file at C{path}.
+    Read and validate the YAML file at C{path}. C{kept_ports}: a reload's
+    running models keep their C{${PORT}} (model id -> port).
 
     @raise ConfigError: one line naming the dotted path and the problem.
     """
@@ -112,6 +119,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         base_dir=str(file.resolve().parent),
         source=str(path),
         environ=os.environ if environ is None else environ,
+        kept_ports=kept_ports,
     )
 
 
@@ -121,6 +129,7 @@ def parse_config(
     base_dir: str = ".",
     source: str = "<string>",
     environ: Mapping[str, str] | None = None,
+    kept_ports: Mapping[str, int] | None = None,
 ) -> Config:
     """Parse and validate configuration text (see L{load_config})."""
     env = os.environ if environ is None else environ
@@ -144,7 +153,7 @@ def parse_config(
         queue.max_wait,
         queue.min_residency,
     )
-    models = _read_models(raw, defaults, start_port, warnings)
+    models = _read_models(raw, defaults, start_port, warnings, kept_ports)
     aliases = {alias: model.id for model in models.values() for alias in model.aliases}
     profiles = _read_profiles(raw.get("profiles"), models, aliases)
     peers = _read_peers(raw.get("peers"), models, expand, warnings)
@@ -170,6 +179,9 @@ def parse_config(
         start_port=start_port,
         global_ttl=global_ttl,
         unload_timeout=unload_timeout,
+        shutdown_timeout=_number(
+            "shutdownTimeout", raw.get("shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT), minimum=0
+        ),
         include_aliases_in_list=_bool(
             "includeAliasesInList", raw.get("includeAliasesInList", False)
         ),

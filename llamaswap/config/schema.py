@@ -25,6 +25,9 @@ DEFAULT_LOG_ROTATE_BYTES = 10 * 2**20
 DEFAULT_LOG_KEEP = 5
 DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+# A graceful stop waits this long for requests in flight: with unloadTimeout's 10 s
+# and a margin it fits systemd's default stop timeout (90 s) and our unit's.
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0
 # The scheduler's defaults (docs/swapping.md, "Fairness"): seconds, and queued requests.
 DEFAULT_MAX_WAIT = 60.0
 DEFAULT_MIN_RESIDENCY = 10.0
@@ -212,6 +215,7 @@ class Config:
     start_port: int = DEFAULT_START_PORT
     global_ttl: int = 0
     unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     include_aliases_in_list: bool = False
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     api_keys: tuple[str, ...] = ()

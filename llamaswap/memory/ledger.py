@@ -76,9 +76,7 @@ class MemoryLedger:
         totals.update(config.devices)
         self.totals = totals
         self.budget = budgets(totals, config.reserve)
-        for model in models.values():
-            if model.memory is not None:
-                check_fits(f"models.{model.id}", model, self.budget)
+        self.check_models(models)
         self.store = MeasuredStore(config.state_file)
         self.holding: dict[str, dict[str, int]] = {}  # model id -> bytes by device, occupied ones
         self._loading: dict[str, Callable[[], int | None]] = {}  # starting: their pid
@@ -87,6 +85,12 @@ class MemoryLedger:
         self.gate_waits = 0  # starts that waited for memory to come back
         self.gate_timeouts = 0  # ... and started anyway after releaseTimeout
         self.gate_seconds = 0.0
+
+    def check_models(self, models: Mapping[str, ModelConfig]) -> None:
+        """@raise ConfigError: a declared figure exceeds its device's budget."""
+        for model in models.values():
+            if model.memory is not None:
+                check_fits(f"models.{model.id}", model, self.budget)
 
     # --- admission ---------------------------------------------------------
 
@@ -136,12 +140,16 @@ class MemoryLedger:
             try:
                 reading = await self._probe.read()
             except ProbeError as e:
-                self.log.warn(
-                    "memory: {error}; starting {model} without checking",
-                    error=str(e),
-                    model=model_id,
-                )
-                return
+                # A reading that failed says nothing: look again, up to the same bound.
+                if self._clock.seconds() - started >= self.config.release_timeout:
+                    self.log.warn(
+                        "memory: {error}; starting {model} without checking",
+                        error=str(e),
+                        model=model_id,
+                    )
+                    return
+                await deferLater(self._clock, GATE_POLL, lambda: None)
+                continue
             self._before[model_id] = reading
             short = self._short(model_id, devices, reading)
             waited = self._clock.seconds() - started

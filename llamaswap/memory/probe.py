@@ -145,8 +145,12 @@ class NvidiaSmi(_ProcGroups):
         return Deferred.fromCoroutine(self._read())
 
     async def _read(self) -> Reading:
-        gpus = await self._run(GPU_QUERY)
+        # Two runs, so two moments: processes first. A server that allocates in between
+        # is then counted twice (in the device's use, and as not yet holding what it was
+        # promised): the memory gate waits a poll longer. The other order would count it
+        # nowhere, and let a start run out of memory.
         apps = await self._run(APPS_QUERY)
+        gpus = await self._run(GPU_QUERY)
         return Reading(parse_gpus(gpus), parse_apps(apps, parse_uuids(gpus)))
 
     async def _run(self, query: str) -> str:

@@ -90,6 +90,16 @@ class ModelProcess:
         self.idle_since = 0.0
         self.stop_reason = ""
 
+    def reconfigure(self, model: ModelConfig, health_timeout: float) -> None:
+        """
+        New settings that need no restart (a reload): they apply from now; a
+        changed C{ttl} restarts the idle countdown.
+        """
+        old, self.model = self.model, model
+        self._health_timeout = health_timeout
+        if old.ttl != model.ttl:
+            self._arm_ttl()
+
     # --- public view -----------------------------------------------------
 
     @property
@@ -307,6 +317,11 @@ class ModelProcess:
                 return done
         self._begin_stop(Event.STOP, self.model.unload_timeout if grace is None else grace)
         return done
+
+    def hurry(self) -> None:
+        """A stop that cannot wait: SIGKILL to the server's group now, if it runs."""
+        if self._child is not None and self._state is State.STOPPING:
+            self._child.stop(0)
 
     def _begin_stop(self, event: Event, grace: float) -> None:
         child = self._child

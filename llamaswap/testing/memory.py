@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
-from llamaswap.memory.probe import DeviceReading, Reading
+from llamaswap.memory.probe import DeviceReading, ProbeError, Reading
 from llamaswap.testing.process import FakeChild, FakeProcessReactor
 
 
@@ -32,6 +32,7 @@ class FakeProbe:
         self.linger = linger
         self.foreign = dict.fromkeys(totals, 0)  # held by something else
         self.reads = 0
+        self.failures = 0  # the next reads that fail, as an nvidia-smi that errs does
         self._exited: dict[int, float] = {}  # pid -> when its child was seen gone
 
     def held(self, child: FakeChild) -> dict[str, int]:
@@ -59,6 +60,9 @@ class FakeProbe:
 
     def read(self, pids: Collection[int] = ()) -> Deferred[Reading]:
         self.reads += 1
+        if self.failures:
+            self.failures -= 1
+            return fail(ProbeError("nvidia-smi failed (exit status 15): driver busy"))
         used = dict(self.foreign)
         processes: dict[int, Mapping[str, int]] = {}
         for pid, usage, alive in self._holders():

@@ -124,6 +124,16 @@ function memoryText(model) {
   return parts.length ? parts.join(" · ") : "unknown until loaded";
 }
 
+// A config reload's outcome: a failed one stays on screen until a reload succeeds.
+function showConfigState(outcome) {
+  const banner = $("config-banner");
+  banner.hidden = outcome.ok;
+  if (!outcome.ok) {
+    banner.textContent =
+      `Config reload (${outcome.source}) failed; the running config is kept: ${outcome.error}`;
+  }
+}
+
 // Why a model is stopping (the snapshot's "reason"), in words.
 const STOP_REASONS = {
   evict: "making room",
@@ -132,6 +142,7 @@ const STOP_REASONS = {
   exit: "server exited",
   shutdown: "shutting down",
   failed: "start timed out",
+  reload: "config changed",
 };
 
 function renderModels() {
@@ -337,6 +348,9 @@ function connect() {
         break;
       case "requests":
         addRequests(event.data);
+        break;
+      case "config":
+        showConfigState(event.data);
         break;
       case "dropped":
         addLogLines("proxy", [`[UI] ${event.data.count} events dropped (slow connection)`]);

@@ -6,14 +6,15 @@ health, and the load/unload API. None of them starts a model except C{load}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from llamaswap.config import Config, ModelConfig, PeerConfig, plain_json
-from llamaswap.errors import ModelNotFound
+from llamaswap.config import Config, ConfigError, ModelConfig, PeerConfig, plain_json
+from llamaswap.errors import InvalidConfig, ModelNotFound
 from llamaswap.names import Resolver
 from llamaswap.supervisor import Lease
 from llamaswap.web.base import (
@@ -25,6 +26,7 @@ from llamaswap.web.base import (
     json_bytes,
     render_answer,
     respond,
+    respond_error,
     respond_json,
 )
 
@@ -147,7 +149,10 @@ class Running(JSONResource):
         for status in sorted(self._supervisor.statuses(), key=lambda s: s.model_id):
             if status.state not in LOADED_STATES and not status.queued:
                 continue
-            model = self._config.models[status.model_id]
+            model = self._config.models.get(status.model_id)
+            if model is None:  # removed by a reload; its server drains
+                running.append({"model": status.model_id, "state": status.state, "removed": True})
+                continue
             memory = {} if status.memory is None else {"memory": status.memory}
             running.append(
                 {
@@ -247,3 +252,28 @@ class LoadAPI(JSONResource):
         return render_answer(request, lambda: self._supervisor.acquire(target).addCallback(ready))
 
     render_POST = render_GET
+
+
+# Reloads the config file and answers what changed; raises ConfigError for an invalid one.
+Reload = Callable[[str], dict[str, Any]]
+
+
+class ReloadAPI(JSONResource):
+    """
+    C{POST /api/config/reload}: read the config file again and apply it
+    (docs/deployment.md); C{200} with what changed, or C{400}
+    C{invalid_config} with the one-line error (nothing changed).
+    """
+
+    isLeaf = True
+
+    def __init__(self, reload: Reload) -> None:
+        super().__init__()
+        self._reload = reload
+
+    def render_POST(self, request: Request) -> bytes:
+        try:
+            result = self._reload("api")
+        except ConfigError as e:
+            return respond_error(request, InvalidConfig(f"config not reloaded: {e}"))
+        return respond_json(request, result)

@@ -27,6 +27,7 @@ from llamaswap.logs import PROXY, UPSTREAM, LogHub
 from llamaswap.supervisor import StatusSource
 from llamaswap.web import sse
 from llamaswap.web.base import JSONResource, client_gone, render_async
+from llamaswap.web.site import request_info
 
 # How many request summaries /api/events replays to a newly connected UI.
 RECENT_REQUESTS = 200
@@ -141,6 +142,7 @@ class EventsResource(JSONResource):
         self.clients: set[EventClient] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)
         self._last_key: tuple[Any, ...] | None = None
+        self.config_state: dict[str, Any] | None = None  # the last reload's outcome
         self._poll = LoopingCall(self._look)
         self._poll.clock = clock
         # One long-lived subscription for all clients (the resource lives as
@@ -160,6 +162,16 @@ class EventsResource(JSONResource):
             self._broadcast_snapshot()
         elif kind == "queue":
             self._look()
+        elif kind == "config":
+            # A reload: its outcome (the UI shows a failed one as a banner), and the model
+            # list may have changed.
+            self.config_state = data
+            self._broadcast(_frame("config", data))
+            self._broadcast_snapshot()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload applied C{config}: model names and details come from it from now."""
+        self._config = config
 
     def _broadcast(self, frame: bytes) -> None:
         for client in list(self.clients):
@@ -256,6 +268,7 @@ class EventsResource(JSONResource):
         return render_async(request, lambda: self._follow(request))
 
     def _follow(self, request: Request) -> Deferred[None]:
+        request_info(request).endless = True
         client = EventClient(request, self.snapshot_frame)
         request.registerProducer(client, True)
         request.write(sse.RETRY_2S)
@@ -267,6 +280,8 @@ class EventsResource(JSONResource):
                 client.send(_frame("logData", {"source": source, "lines": lines}))
         if self.recent:
             client.send(_frame("requests", list(self.recent)))
+        if self.config_state is not None:
+            client.send(_frame("config", self.config_state))
         self._add(client)
         client.on_close(lambda: self._remove(client))
         for source in (PROXY, UPSTREAM):

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from llamaswap.errors import ProxyError
 from llamaswap.logs import COMBINED, LogHub
 from llamaswap.web.base import TEXT_TYPE, JSONResource, client_gone, render_async, respond_error
+from llamaswap.web.site import request_info
 
 _STREAM_HEADERS = {
     b"content-type": TEXT_TYPE,
@@ -145,6 +146,7 @@ class LogsResource(JSONResource):
         return render_async(request, lambda: self._follow(request, stream_name))
 
     def _follow(self, request: Request, stream_name: str) -> Deferred[None]:
+        request_info(request).endless = True
         tail = LogTail(request)
         request.registerProducer(tail, True)
         request.write(b"")  # status and headers now, even with an empty history

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,9 +25,10 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap._twisted import ChannelHooks, pending_request_line, wrap_channel
-from llamaswap.errors import BodyTooLarge, ProxyError, error_body
+from llamaswap.errors import BodyTooLarge, ProxyError, ShuttingDown, error_body
 from llamaswap.events import EventBus
 from llamaswap.names import Target
+from llamaswap.web import sse
 from llamaswap.web.base import client_gone, error_payload, request_accept
 
 # After answering 413 we keep reading (and discarding) this long before
@@ -66,6 +68,9 @@ class RequestInfo:
     # client leaving first (499) is decided by LlamaSwapRequest itself, unless
     # an outcome was set before it left.
     outcome: int | None = None
+    # A feed that ends only when its client leaves (/api/events, /logs/stream):
+    # a graceful stop closes it at once instead of waiting for it.
+    endless: bool = False
 
 
 def request_info(request: Request) -> RequestInfo:
@@ -118,6 +123,8 @@ class LlamaSwapRequest(Request):
             if self.channel is not None:
                 self.channel.loseConnection()
             return
+        if self._site is not None:
+            self._site.active.add(self)
         super().requestReceived(command, path, version)
 
     def _refuse_body(self) -> None:
@@ -164,6 +171,11 @@ class LlamaSwapRequest(Request):
     # --- never an HTML page -----------------------------------------------
 
     def render(self, resrc: IResource) -> None:
+        if self._site is not None and self._site.draining:
+            # Stopping: nothing new starts, and the connection does not stay open.
+            self.setHeader(b"Connection", b"close")
+            self._answer_error(ShuttingDown("llamaswap is shutting down"))
+            return
         try:
             body = resrc.render(self)
         except UnsupportedMethod as e:
@@ -240,6 +252,7 @@ class LlamaSwapRequest(Request):
         if self._ended or self._site is None:
             return
         self._ended = True
+        self._site.ended(self)
         info = self.llamaswap_info
         if info.outcome is not None:
             status: int = info.outcome
@@ -326,6 +339,54 @@ class LlamaSwapSite(Site):
         self.events = events
         self.noisy = False
         self._next_id = 0
+        # A graceful stop (llamaswap.shutdown): requests being answered, and whether
+        # new ones get 503.
+        self.draining = False
+        self.active: set[LlamaSwapRequest] = set()
+        self._idle: list[Deferred[None]] = []
+
+    # --- graceful stop -------------------------------------------------------
+
+    def drain(self) -> None:
+        """Answer new requests with 503 from now, and close the endless feeds."""
+        self.draining = True
+        for request in list(self.active):
+            if request.llamaswap_info.endless:
+                request.loseConnection()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fire once no request is being answered (at once if none is)."""
+        if not self.active:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle.append(waiter)
+        return waiter
+
+    def cut(self, message: str) -> int:
+        """
+        Cut every answer still going: an event stream gets an error event
+        first, so the client knows why; recorded as 503. Returns how many.
+        """
+        cut = list(self.active)
+        error = ShuttingDown(message)
+        for request in cut:
+            request.llamaswap_info.outcome = error.status
+            if not request.startedWriting:
+                request.setHeader(b"Connection", b"close")
+                request._answer_error(error)
+                continue
+            content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+            if b"text/event-stream" in content_type.lower():
+                request.write(sse.frame(error.body()))
+            request.loseConnection()
+        return len(cut)
+
+    def ended(self, request: LlamaSwapRequest) -> None:
+        self.active.discard(request)
+        if not self.active and self._idle:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def log(self, request: Any) -> None:
         """twisted.web's access log is replaced by L{request_ended}."""

@@ -14,6 +14,7 @@ import hmac
 import re
 from typing import Any
 
+from attrs import define
 from treq.client import HTTPClient
 from twisted.web.resource import IResource
 from twisted.web.server import Request
@@ -23,9 +24,18 @@ from llamaswap.errors import ProxyError
 from llamaswap.events import EventBus
 from llamaswap.logs import LogHub
 from llamaswap.names import Resolver
-from llamaswap.web.admin import Health, LegacyUnload, LoadAPI, ModelList, Running, UnloadAPI
+from llamaswap.web.admin import (
+    Health,
+    LegacyUnload,
+    LoadAPI,
+    ModelList,
+    Reload,
+    ReloadAPI,
+    Running,
+    UnloadAPI,
+)
 from llamaswap.web.base import ErrorResource, JSONResource, Redirect, SupervisorAPI
-from llamaswap.web.events import build_events_resource
+from llamaswap.web.events import EventsResource, build_events_resource
 from llamaswap.web.logs import build_logs_resource
 from llamaswap.web.metrics import build_metrics_resource
 from llamaswap.web.models import FormModelRoute, ModelRoute, QueryModelRoute, UpstreamRoot
@@ -117,12 +127,24 @@ def presented_keys(request: Request) -> list[str]:
     return [k for k in keys if k]
 
 
+@define
+class WebParts:
+    """The resources that outlive a config reload: they keep state or clients."""
+
+    relay: Relay
+    metrics: IResource  # its counters
+    events: EventsResource  # the UI's clients, the recent requests
+    logs: IResource
+    ui: IResource
+
+
 class Root(JSONResource):
     """The root: CORS preflight and API keys for every path below it."""
 
-    def __init__(self, api_keys: tuple[str, ...]) -> None:
+    def __init__(self, api_keys: tuple[str, ...], parts: WebParts) -> None:
         super().__init__()
         self._keys = [k.encode("utf-8") for k in api_keys]
+        self.parts = parts
 
     def authorized(self, request: Request) -> bool:
         if not self._keys:
@@ -169,15 +191,29 @@ def build_root(
     http: HTTPClient,
     reactor: Any,
     fresh_http: HTTPClient | None = None,
+    parts: WebParts | None = None,
+    reload: Reload | None = None,
 ) -> Root:
     """
     The whole HTTP API (see docs/api.md). C{http} keeps connections alive;
     C{fresh_http} (if given) opens one per request, for the model servers that
-    do not reuse connections (L{Relay}).
+    do not reuse connections (L{Relay}). A reload builds a new root for the
+    new config with the old root's L{WebParts} (C{root.parts}): the counters,
+    the UI's feed and its clients live on. C{reload} mounts the reload API.
     """
     names = Resolver(config)
-    relay = Relay(supervisor, http, reactor, fresh_http)
-    root = Root(config.api_keys)
+    if parts is None:
+        parts = WebParts(
+            relay=Relay(supervisor, http, reactor, fresh_http),
+            metrics=build_metrics_resource(supervisor, events, reactor),
+            events=build_events_resource(config, events, supervisor, logs, clock=reactor),
+            logs=build_logs_resource(logs),
+            ui=build_ui_resource(),
+        )
+    else:
+        parts.events.reconfigure(config)
+    relay = parts.relay
+    root = Root(config.api_keys, parts)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
         # Loading streams only where llama-swap has them: OpenAI chat.
@@ -194,13 +230,13 @@ def build_root(
     mount(root, "/upstream", UpstreamRoot(names, relay, supervisor))
     mount(root, "/running", Running(config, supervisor))
     mount(root, "/health", Health())
-    mount(root, "/metrics", build_metrics_resource(supervisor, events, reactor))
+    mount(root, "/metrics", parts.metrics)
     mount(root, "/unload", LegacyUnload(supervisor))
     mount(root, "/api/models/unload", UnloadAPI(supervisor))
     mount(root, "/api/models/load", LoadAPI(supervisor, names))
-    mount(
-        root, "/api/events", build_events_resource(config, events, supervisor, logs, clock=reactor)
-    )
-    mount(root, "/logs", build_logs_resource(logs))
-    mount(root, "/ui", build_ui_resource())
+    mount(root, "/api/events", parts.events)
+    if reload is not None:
+        mount(root, "/api/config/reload", ReloadAPI(reload))
+    mount(root, "/logs", parts.logs)
+    mount(root, "/ui", parts.ui)
     return root
