@@ -214,7 +214,8 @@ class LogHub(Service):
         """
         A reload: the level, what goes to stdout and the model names apply from
         now; a new model gets its stream (removed ones keep theirs, with their
-        history). C{logHistoryBytes} applies to new streams only.
+        history). C{logHistoryBytes} applies to new streams only; C{logRotation}
+        to twistd's log file.
         """
         self.config = config
         self._names = Resolver(config)
@@ -223,6 +224,8 @@ class LogHub(Service):
         for model_id in config.models:
             if model_id not in self.streams:
                 self.streams[model_id] = LogStream(model_id, config.log_history_bytes)
+        if self.running:
+            self._bound_log_files()  # logRotation: rotates at the next write if over the size
 
     # --- lookups used by the web resources ---------------------------------
 

@@ -293,6 +293,21 @@ class LogFileRotationTests(SynchronousTestCase):
         self.assertEqual(sorted(p.name for p in folder.iterdir()), ["x.log", "x.log.1", "x.log.2"])
         self.assertNotIn("old", (folder / "x.log.2").read_text())
 
+    def test_reload_changes_the_bound(self) -> None:
+        """A config reload applies the new logRotation to the same file."""
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        log_file = LogFile("x.log", str(folder))
+        self.addCleanup(log_file.close)
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(log_file))
+        hub = LogHub(make_config(), publisher=publisher)
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (10 * 2**20, 5))
+        hub.reconfigure(make_config(log_rotation=LogRotation(max_bytes=4096, keep=1)))
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (4096, 1))
+
     def test_default_bound(self) -> None:
         """Without logRotation: 10 MiB files, 5 kept (twistd's own is 1 MB, all kept)."""
         self.assertEqual(make_config().log_rotation, LogRotation(max_bytes=10 * 2**20, keep=5))
