@@ -8,15 +8,21 @@ TRIAL_ARGS ?= tests
 
 .PHONY: run test check lint typecheck trial e2e bench bench-real llama-server clean
 
+# pip says only what went wrong: -qq drops its progress and warnings (errors still show).
+PIP := $(BIN)/python -m pip -qq --disable-pip-version-check --no-input
+
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Creating $(VENV) and installing llamaswap into it (first run only)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
 
-# Re-install whenever the project metadata changes.
+# Re-install whenever the project metadata changes. An editable install: pyproject.toml's
+# package-dir makes it a plain path entry, where twistd finds twisted/plugins.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
-	touch $@
+	@$(PIP) install -e '.[test,dev]'
+	@touch $@
 
+# --pidfile=: no twistd.pid, which would refuse a second llamaswap started in this folder.
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= llamaswap --config $(CONFIG) --listen $(LISTEN)
 

@@ -67,7 +67,7 @@ import run  # bench/run.py: log, percentiles, processes, CPU time, git
 from run import HOST, PY, RESULTS, ROOT, Proc, log, median, pct
 
 CHAT_PATH = "/v1/chat/completions"
-LISTENING = re.compile(r"llamaswap listening on .*port=(\d+)")
+LISTENING = re.compile(r"llamaswap listening on http://[^ ]*:(\d+) ")
 # The streams' model ("chat": tiny-a.gguf with --server-flags) and the two that
 # the swap bursts alternate (tiny-a.gguf, tiny-b.gguf with --swap-flags).
 CELL_MODEL = "chat"

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import LogPublisher
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import FileLogObserver, LogPublisher
+from twisted.python.logfile import LogFile
 from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import (
     Agent,
@@ -34,7 +36,9 @@ __all__ = [
     "RequestNotSent",
     "pending_request_line",
     "publisher_observers",
+    "rotating_log_file",
     "standard_endpoint_factory",
+    "tcp_server_address",
     "wrap_channel",
 ]
 
@@ -162,3 +166,35 @@ def publisher_observers(publisher: LogPublisher) -> list[Any] | None:
     """
     observers = getattr(publisher, "_observers", None)
     return observers if isinstance(observers, list) else None
+
+
+def rotating_log_file(observer: object) -> LogFile | None:
+    """
+    The size-rotated file C{observer} writes to, if it is a file observer on one.
+
+    twistd opens its C{--logfile} as a L{LogFile} with no bound on the rotated files
+    it keeps, and no option to set one; the file is only reachable through the
+    observer twistd registers (its C{_outFile}). llamaswap.logs sets the bounds on it.
+    """
+    if not isinstance(observer, FileLogObserver):
+        return None
+    out = getattr(observer, "_outFile", None)
+    return out if isinstance(out, LogFile) else None
+
+
+# --- listening ---------------------------------------------------------------------------
+
+
+def tcp_server_address(endpoint: object) -> tuple[str, int] | None:
+    """
+    The (interface, port) a TCP server endpoint will bind, or None for other endpoints.
+
+    The public API tells the address only once listening; llamaswap.listen checks it
+    before twistd daemonizes, which is before the service listens.
+    """
+    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        return None
+    interface, port = getattr(endpoint, "_interface", None), getattr(endpoint, "_port", None)
+    if not isinstance(interface, str) or not isinstance(port, int):
+        return None
+    return interface, port

@@ -26,6 +26,9 @@ L{LogHub.startService} every observer already registered is swapped, in
 place, for a L{_FilteredObserver} that forwards only the chosen events; the
 wrapper compares equal to the observer it wraps, so the owner can still
 remove it, and L{LogHub.stopService} puts the originals back.
+
+twistd's C{--logfile} rotates at 1 MB and never deletes a rotated file; at
+start the hub sets C{logRotation}'s size and count on that file instead.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python import threadable
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from llamaswap._twisted import publisher_observers
-from llamaswap.config import Config
+from llamaswap._twisted import publisher_observers, rotating_log_file
+from llamaswap.config import Config, LogRotation
 from llamaswap.events import EventBus
 from llamaswap.names import Resolver
 
@@ -210,7 +214,8 @@ class LogHub(Service):
         """
         A reload: the level, what goes to stdout and the model names apply from
         now; a new model gets its stream (removed ones keep theirs, with their
-        history). C{logHistoryBytes} applies to new streams only.
+        history). C{logHistoryBytes} applies to new streams only; C{logRotation}
+        to twistd's log file.
         """
         self.config = config
         self._names = Resolver(config)
@@ -219,6 +224,8 @@ class LogHub(Service):
         for model_id in config.models:
             if model_id not in self.streams:
                 self.streams[model_id] = LogStream(model_id, config.log_history_bytes)
+        if self.running:
+            self._bound_log_files()  # logRotation: rotates at the next write if over the size
 
     # --- lookups used by the web resources ---------------------------------
 
@@ -267,6 +274,15 @@ class LogHub(Service):
         except Exception:
             return True
 
+    def _bound_log_files(self) -> None:
+        """Apply C{logRotation} to twistd's log file, if it writes to one."""
+        for observer in publisher_observers(self._publisher) or ():
+            if isinstance(observer, _FilteredObserver):
+                observer = observer.observer
+            log_file = rotating_log_file(observer)
+            if log_file is not None:
+                bound_log_file(log_file, self.config.log_rotation)
+
     def _wrap_existing_observers(self) -> None:
         if self._mode == "both" and self._level is LogLevel.debug:
             return  # nothing to filter
@@ -297,6 +313,7 @@ class LogHub(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._publisher.addObserver(self)
+        self._bound_log_files()
         self._wrap_existing_observers()
 
     def stopService(self) -> None:
@@ -376,6 +393,16 @@ class LogHub(Service):
         self.streams[PROXY].append(entry)
         if self._mode in ("proxy", "both"):
             self.streams[COMBINED].append(entry)
+
+
+def bound_log_file(log_file: LogFile, rotation: LogRotation) -> None:
+    """
+    Make C{log_file} rotate at C{rotation.max_bytes} and keep C{rotation.keep}
+    rotated files: each rotation deletes the ones beyond (those left over from
+    an earlier run with a larger count included).
+    """
+    log_file.rotateLength = rotation.max_bytes
+    log_file.maxRotatedFiles = rotation.keep
 
 
 def _at_least(level: Any, minimum: Any) -> bool:

@@ -9,23 +9,36 @@ twistd prints them and exits before daemonizing (no pidfile is left behind).
 from __future__ import annotations
 
 import gc
+import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.copyright import version as twisted_version
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+import llamaswap
 from llamaswap.config import DEFAULT_LISTEN, Config, ConfigError, load_config
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.lifecycle import signals
 from llamaswap.lifecycle.shutdown import Drain
 from llamaswap.lifecycle.watch import ConfigWatcher
+from llamaswap.listen import (
+    ListenError,
+    bad_endpoint,
+    cannot_listen,
+    check_free,
+    listening_line,
+    translate,
+)
+from llamaswap.preflight import PathError, check_twistd_paths
 
 if TYPE_CHECKING:
     from llamaswap.web.tree import Root, WebParts
@@ -37,6 +50,7 @@ class Options(usage.Options):
     """C{twistd llamaswap} options."""
 
     synopsis = "--config PATH [--listen ENDPOINT]"
+    longdesc = ""  # not the running script's docstring, usage.Options' fallback
     optFlags = [
         ["watch-config", "w", "Reload the config whenever its file changes (also: SIGHUP)."]
     ]
@@ -46,23 +60,37 @@ class Options(usage.Options):
             "listen",
             "l",
             DEFAULT_LISTEN,
-            "Twisted server endpoint to listen on, e.g. tcp:8080:interface=0.0.0.0 "
-            "or systemd:domain=INET:index=0 for socket activation.",
+            "Where to listen: a Twisted endpoint, e.g. tcp:8080:interface=0.0.0.0 or "
+            "systemd:domain=INET:index=0 for socket activation, or host:port as in "
+            "llama-swap (:8080 is every interface).",
         ],
     ]
 
+    def opt_version(self) -> None:
+        """Display llamaswap's and Twisted's versions and exit."""
+        sys.stdout.write(f"llamaswap {llamaswap.__version__} (Twisted {twisted_version})\n")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not self["config"]:
-            raise usage.UsageError("--config is required")
+            raise ConfigUsageError(
+                "--config is required, e.g. --config config.example.yaml (--help lists the options)"
+            )
         try:
             self["parsed"] = load_config(self["config"])
         except ConfigError as e:
+            raise ConfigUsageError(str(e)) from e
+        try:
+            # llama-swap's host:port forms become the endpoint string they mean.
+            self["endpoint"] = translate(self["listen"])
+        except ListenError as e:
             raise ConfigUsageError(str(e)) from e
 
 
 class ConfigUsageError(SystemExit):
     """
-    A bad configuration, reported as one line on stderr with exit status 1.
+    A bad configuration or start-up option, reported as one line on stderr with
+    exit status 1.
 
     twistd answers a C{UsageError} with its whole option summary before the
     message, burying the one line that matters; a C{SystemExit} carrying the
@@ -96,6 +124,11 @@ class HTTPService(Service):
         failures: list[Failure] = []
         self._endpoint.listen(self._factory).addCallbacks(self._listening, failures.append)
         if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                # Taken since makeService checked it: short, for a daemon's 100-byte report.
+                short = cannot_listen(error.interface, error.port, error.socketError, hint=False)
+                raise ListenError(short) from error
             failures[0].raiseException()
         super().privilegedStartService()  # type: ignore[no-untyped-call]
 
@@ -107,7 +140,9 @@ class HTTPService(Service):
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         address = port.getHost()
-        self.log.info("llamaswap listening on {address}", address=address)
+        self.log.info(
+            "llamaswap listening on {where}", where=listening_line(address), address=address
+        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -289,10 +324,7 @@ def _endpoint(reactor: Any, listen: str) -> IStreamServerEndpoint:
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, listen)  # type: ignore[no-untyped-call]
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        hint = ""
-        if listen.startswith("systemd:"):
-            hint = " (no socket passed: LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES must be set)"
-        raise ConfigUsageError(f"--listen {listen}: {e!r}{hint}") from e
+        raise ConfigUsageError(bad_endpoint(listen, e)) from e
     return endpoint
 
 
@@ -325,13 +357,28 @@ def _freeze_startup_heap() -> None:
 
 
 def makeService(options: Options) -> IService:
+    """
+    Build the service for twistd, after checking what twistd would otherwise fail
+    on later with a traceback, or (as a daemon) with a report cut at 100 bytes:
+    its log file, pidfile and run folder, and the address to listen on.
+    """
     from twisted.internet import reactor  # late: twistd has installed its reactor
 
+    log = Logger(namespace="llamaswap.tap")
+    listen: str = options["endpoint"]
+    try:
+        if options.parent is not None:  # twistd's own options
+            check_twistd_paths(options.parent)
+        check_free(_endpoint(reactor, listen))
+    except (PathError, ListenError) as e:
+        raise ConfigUsageError(str(e)) from e
+    if listen != options["listen"]:
+        log.info("--listen {given} is {endpoint}", given=options["listen"], endpoint=listen)
     try:
         service = build_service(
             options["parsed"],
             reactor=reactor,
-            listen=options["listen"],
+            listen=listen,
             config_path=options["config"],
             watch=bool(options["watch-config"]),
         )

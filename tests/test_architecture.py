@@ -22,9 +22,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llamaswap.web",),
     ("llamaswap.supervisor", "llamaswap.peers", "llamaswap.metrics", "llamaswap.logs"),
     ("llamaswap.process", "llamaswap.scheduling", "llamaswap.memory"),
-    ("llamaswap.names", "llamaswap.bodies", "llamaswap.http"),
+    ("llamaswap.names", "llamaswap.bodies", "llamaswap.http", "llamaswap.listen"),
     ("llamaswap.config",),
-    ("llamaswap.errors", "llamaswap.events", "llamaswap._twisted", "llamaswap"),
+    (
+        "llamaswap.errors",
+        "llamaswap.events",
+        "llamaswap._twisted",
+        "llamaswap.preflight",
+        "llamaswap",
+    ),
 )
 TESTING = "llamaswap.testing"
 
@@ -43,6 +49,8 @@ PRIVATE_TWISTED_ATTRIBUTES = frozenset(
         "_shouldRetry",
         "_quiescentCallback",
         "_endpointFactory",
+        "_outFile",
+        "_interface",
     }
 )
 # Of those, the ones our own classes never define: flagged even on C{self}.

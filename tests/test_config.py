@@ -27,6 +27,7 @@ from llamaswap.config import (
     ConfigError,
     Filters,
     GroupConfig,
+    LogRotation,
     ModelConfig,
     QueueConfig,
     command_text,
@@ -89,6 +90,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.log_level, "info")
         self.assertEqual(config.log_to_stdout, "proxy")
         self.assertEqual(config.log_history_bytes, 100 * 1024)
+        self.assertEqual(config.log_rotation, LogRotation(max_bytes=10 * 2**20, keep=5))
         self.assertEqual(config.start_port, 5800)
         self.assertEqual(config.global_ttl, 0)
         self.assertEqual(config.unload_timeout, 10.0)
@@ -140,6 +142,7 @@ class DefaultsTests(SynchronousTestCase):
             logLevel: DEBUG
             logToStdout: both
             logHistoryBytes: 4096
+            logRotation: {maxBytes: 2MiB, keep: 3}
             startPort: 7000
             globalTTL: 600
             unloadTimeout: 2.5
@@ -185,6 +188,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.log_level, "debug")
         self.assertEqual(config.log_to_stdout, "both")
         self.assertEqual(config.log_history_bytes, 4096)
+        self.assertEqual(config.log_rotation, LogRotation(max_bytes=2 * 2**20, keep=3))
         self.assertEqual(config.start_port, 7000)
         self.assertEqual(config.global_ttl, 600)
         self.assertEqual(config.unload_timeout, 2.5)
@@ -479,6 +483,15 @@ class ValidationTests(ErrorAssertions):
             ("logLevel: 3", "logLevel: must be a string, not an integer"),
             ("logToStdout: all", "logToStdout: must be one of proxy, upstream, both, none"),
             ("logHistoryBytes: 10", "logHistoryBytes: must be >= 1024"),
+            ("logRotation: 5", "logRotation: must be a mapping, not an integer"),
+            ("logRotation: {keep: 0}", "logRotation.keep: must be >= 1"),
+            ("logRotation: {maxBytes: 100}", "logRotation.maxBytes: must be >= 1024"),
+            ("logRotation: {maxBytes: 0.5KiB}", "logRotation.maxBytes: must be >= 1024"),
+            (
+                "logRotation: {maxBytes: lots}",
+                "logRotation.maxBytes: must be a size like 24GiB, 512MiB or 1.5G, not 'lots'",
+            ),
+            ("logRotation: {count: 3}", "logRotation.count: unknown key"),
             ("startPort: 0", "startPort: must be >= 1"),
             ("startPort: 70000", "startPort: must be <= 65535"),
             ("globalTTL: -1", "globalTTL: must be >= 0"),

@@ -179,7 +179,7 @@ class DaemonModeTests(TestCase):
         self.assertEqual(os.readlink(f"/proc/{pid}/cwd"), "/")
 
         await wait_until(lambda: "listening on" in daemon.log(), 30, "the listening line")
-        match = re.search(r"listening on .*port=(\d+)", daemon.log())
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", daemon.log())
         assert match is not None, daemon.log()
         base = f"http://127.0.0.1:{match.group(1)}"
 
@@ -232,9 +232,11 @@ class DaemonModeTests(TestCase):
 
     async def test_port_in_use(self) -> None:
         """
-        If the listening port is taken, the launching process says so and
-        exits 1 (what a C{Type=forking} unit or an init script checks), and the
-        daemon removes its pidfile.
+        If the listening port is taken, the launching process prints one line
+        naming the address and what to do, whole (twistd would pass on only
+        100 bytes from the daemon), and exits 1 (what a C{Type=forking} unit or
+        an init script checks): it is found before the fork, so no daemon,
+        pidfile or log file is left.
         """
         config = _write_config(self.folder, start_port=free_port())
         daemon = _Daemon(self.folder)
@@ -252,11 +254,72 @@ class DaemonModeTests(TestCase):
         )
         code, _ = await launcher.ended()
         self.assertEqual(code, 1)
-        # twistd passes at most 100 bytes of the error back to the launcher.
-        self.assertIn(b"An error has occurred", launcher.output)
-        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}".encode(), launcher.output)
-        # The daemon removes the pidfile just after reporting; give it a moment.
-        await wait_until(lambda: not daemon.pidfile.exists(), 10, "the pidfile to go")
+        self.assertEqual(
+            launcher.text(),
+            f"llamaswap: cannot listen on 127.0.0.1:{port}: address already in use (is another "
+            "llamaswap running? choose another port with --listen tcp:PORT:interface=127.0.0.1)\n",
+        )
+        self.assertFalse(daemon.pidfile.exists())
+        self.assertFalse(daemon.logfile.exists())
+
+    async def test_log_files_are_bounded(self) -> None:
+        """
+        The daemon's log file rotates at logRotation.maxBytes and keeps
+        logRotation.keep rotated files: older ones, those of an earlier run
+        included, are deleted. With logRequests, the UI's own files (the page,
+        app.js, the favicon) leave no access line; API requests do.
+        """
+        settings = "logRequests: true\nlogRotation: {maxBytes: 1024, keep: 2}\n"
+        config = _write_config(self.folder, start_port=free_port(), settings=settings)
+        daemon = _Daemon(self.folder)
+        self._kill_on_cleanup(daemon)
+        for number in range(1, 7):  # left by an earlier run that kept everything
+            Path(f"{daemon.logfile}.{number}").write_text(f"stale {number}\n")
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+
+        def logs() -> dict[str, str]:
+            return {
+                path.name: path.read_text(errors="replace")
+                for path in sorted(self.folder.glob("l.log*"))
+            }
+
+        launcher = _run(
+            daemon.argv(config, f"tcp:{port}:interface=127.0.0.1"),
+            twistd_env(),
+            path=str(self.folder),
+        )
+        code, _ = await launcher.ended()
+        self.assertEqual(code, 0, launcher.text())
+        pid = daemon.pid()
+        await wait_until(
+            lambda: "listening on" in "".join(logs().values()), 30, "the listening line"
+        )
+        for _ in range(30):  # ~3 KB of access lines: rotations
+            response = await self.http.get(f"{base}/v1/models")
+            await response.content()
+        for path in ("/ui/", "/ui/app.js", "/favicon.ico"):
+            response = await self.http.get(f"{base}{path}")
+            await response.content()
+            if path != "/favicon.ico":
+                self.assertEqual(response.code, 200, path)
+        await (await self.http.get(f"{base}/running")).content()
+        await wait_until(
+            lambda: '"GET /running"' in "".join(logs().values()), 30, "the last access line"
+        )
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: not alive(pid), 30, "the daemon to exit")
+
+        files = logs()
+        self.assertEqual(sorted(files), ["l.log", "l.log.1", "l.log.2"])
+        text = "".join(files.values())
+        self.assertNotIn("stale", text)
+        self.assertIn('"GET /v1/models" 200', text)
+        for path in ("/ui/", "/ui/app.js", "/favicon.ico"):
+            self.assertNotIn(f'"GET {path}"', text)
+        for name, content in files.items():
+            # Each line is written whole, so a file passes the bound by at most one line.
+            self.assertLess(len(content.encode()), 1024 + 1024, name)
 
 
 class SocketActivationTests(TestCase):

@@ -58,7 +58,7 @@ class SignalTests(TestCase):
         code, _ = await launcher.ended()
         self.assertEqual(code, 0, launcher.output.decode(errors="replace"))
         await wait_until(lambda: "listening on" in daemon.log(), 30, "the listening line")
-        match = re.search(r"listening on .*port=(\d+)", daemon.log())
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", daemon.log())
         assert match is not None, daemon.log()
         return daemon, config, f"http://127.0.0.1:{match.group(1)}"
 

@@ -49,7 +49,7 @@ SKIP_REASON = (
 )
 
 # The folder holding `llamaswap` and `twisted/plugins/llamaswap_plugin.py`.
-LISTENING = re.compile(r"llamaswap listening on .*port=(\d+)")
+LISTENING = re.compile(r"llamaswap listening on http://[^ ]*:(\d+) ")
 # Config ids, in the sorted order in which ${PORT} hands out startPort, startPort + 1, ...
 MODEL_IDS = ("tiny-a", "tiny-b", "tiny-embed", "tiny-rerank")
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]

@@ -31,14 +31,16 @@ from twisted.logger import (
     LogLevel,
     LogPublisher,
     formatEvent,
+    textFileLogObserver,
 )
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from llamaswap.config import Config, ModelConfig
+from llamaswap.config import Config, LogRotation, ModelConfig
 from llamaswap.events import EventBus
 from llamaswap.http import make_http
 from llamaswap.logs import COMBINED, PROXY, UPSTREAM, LogHub, LogStream
@@ -262,6 +264,53 @@ class LogHubTests(HubCase):
         proxy(pub).info("late")
         self.assertEqual(got, [])
         self.assertEqual(hub.history(PROXY), b"")
+
+
+class LogFileRotationTests(SynchronousTestCase):
+    """logRotation bounds the log file twistd writes (--logfile), which it never prunes."""
+
+    def test_hub_bounds_twistd_log_file(self) -> None:
+        """
+        At start the hub sets logRotation's size and count on the LogFile twistd's
+        observer writes to; rotations then delete what is beyond the count,
+        files left by an earlier run included.
+        """
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        for number in range(1, 6):
+            (folder / f"x.log.{number}").write_text("old\n")
+        log_file = LogFile("x.log", str(folder))
+        self.addCleanup(log_file.close)
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(log_file))  # what twistd --logfile adds
+        config = make_config(log_rotation=LogRotation(max_bytes=1024, keep=2))
+        hub = LogHub(config, publisher=publisher)
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (1024, 2))
+        for i in range(100):
+            proxy(publisher).info("line {i} " + "x" * 60, i=i)
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["x.log", "x.log.1", "x.log.2"])
+        self.assertNotIn("old", (folder / "x.log.2").read_text())
+
+    def test_reload_changes_the_bound(self) -> None:
+        """A config reload applies the new logRotation to the same file."""
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        log_file = LogFile("x.log", str(folder))
+        self.addCleanup(log_file.close)
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(log_file))
+        hub = LogHub(make_config(), publisher=publisher)
+        hub.startService()
+        self.addCleanup(hub.stopService)
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (10 * 2**20, 5))
+        hub.reconfigure(make_config(log_rotation=LogRotation(max_bytes=4096, keep=1)))
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (4096, 1))
+
+    def test_default_bound(self) -> None:
+        """Without logRotation: 10 MiB files, 5 kept (twistd's own is 1 MB, all kept)."""
+        self.assertEqual(make_config().log_rotation, LogRotation(max_bytes=10 * 2**20, keep=5))
 
 
 class StdoutFilterTests(SynchronousTestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -495,8 +496,10 @@ profiles:
         transport = reactor.spawnProcess(proto, PY, args, env=fakeserver_env(), path=base)
         twistd = transport.pid
         self.addCleanup(self._reap, transport, proto)
-        await proto.wait_for(b"llamaswap listening on").addTimeout(20, reactor)
-        listen = int(proto.output.split(b"port=")[1].split(b")")[0])
+        await proto.wait_for(b"/ui/)").addTimeout(20, reactor)  # the end of the line
+        found = re.search(rb"llamaswap listening on http://127\.0\.0\.1:(\d+) ", proto.output)
+        assert found is not None, proto.text()
+        listen = int(found.group(1))
         http, pool = make_http(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         for name in ("p:a", "p:b"):

@@ -834,6 +834,41 @@ class RequestLogTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         return h, lines
 
+    def test_ui_files_are_not_proxy_traffic(self) -> None:
+        """
+        With logRequests, the UI's own files (the page, its scripts, the favicon)
+        are logged at debug, not info: a page load does not bury the requests
+        logRequests is for. What the UI asks of the API stays at info.
+        """
+        h, lines = self.watch()
+        for method, path in (
+            ("GET", "/ui/"),
+            ("GET", "/ui/app.js"),
+            ("HEAD", "/ui/style.css"),
+            ("GET", "/favicon.ico"),
+            ("GET", "/v1/models"),
+            ("POST", "/api/models/unload"),
+        ):
+            h.client.request(method, path)
+        levels = [(e["method"], e["path"], e["log_level"]) for e in lines]
+        self.assertEqual(
+            levels,
+            [
+                ("GET", "/ui/", LogLevel.debug),
+                ("GET", "/ui/app.js", LogLevel.debug),
+                ("HEAD", "/ui/style.css", LogLevel.debug),
+                ("GET", "/favicon.ico", LogLevel.debug),
+                ("GET", "/v1/models", LogLevel.info),
+                ("POST", "/api/models/unload", LogLevel.info),
+            ],
+        )
+        # Below logLevel debug, no line at all for them.
+        h.client.site.log_debug = False
+        del lines[:]
+        h.client.request("GET", "/ui/app.js")
+        h.client.request("GET", "/health")
+        self.assertEqual([e["path"] for e in lines], ["/health"])
+
     def test_endless_stream_left_by_its_client_is_200(self) -> None:
         """
         A non-proxied stream (C{/logs/stream}) ends only when its client

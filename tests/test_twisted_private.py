@@ -5,12 +5,16 @@ so a Twisted upgrade that changes one fails here, by name, before it fails anywh
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogPublisher
+from twisted.logger import LogPublisher, jsonFileLogObserver, textFileLogObserver
+from twisted.python.logfile import DailyLogFile, LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, Agent
 from twisted.web.http import HTTPChannel
@@ -26,7 +30,9 @@ from llamaswap._twisted import (
     pending_request_line,
     publisher_observers,
     quiescent_callback,
+    rotating_log_file,
     standard_endpoint_factory,
+    tcp_server_address,
     wrap_channel,
 )
 
@@ -182,3 +188,35 @@ class LogTests(SynchronousTestCase):
         observers[0] = second.append
         publisher({"log_format": "x"})
         self.assertEqual((len(first), len(second)), (0, 1))
+
+    def test_rotating_log_file(self) -> None:
+        """
+        twistd's --logfile observer (textFileLogObserver on a LogFile) gives its
+        LogFile; other files and observers give None.
+        """
+        folder = self.mktemp()
+        os.makedirs(folder)
+        log_file = LogFile("x.log", folder)
+        self.addCleanup(log_file.close)
+        self.assertIs(rotating_log_file(textFileLogObserver(log_file)), log_file)
+        self.assertIs(rotating_log_file(jsonFileLogObserver(log_file)), log_file)
+        daily = DailyLogFile("d.log", folder)
+        self.addCleanup(daily.close)
+        self.assertIsNone(rotating_log_file(textFileLogObserver(daily)))
+        self.assertIsNone(rotating_log_file(textFileLogObserver(io.StringIO())))
+        self.assertIsNone(rotating_log_file(print))
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_tcp_server_address(self) -> None:
+        """A TCP server endpoint's interface and port, before it listens; None for others."""
+        reactor = MemoryReactorClock()
+        cases = {
+            "tcp:8080:interface=127.0.0.1": ("127.0.0.1", 8080),
+            "tcp:0": ("", 0),
+            "tcp6:9000:interface=\\:\\:1": ("::1", 9000),
+            "unix:/run/x.sock": None,
+        }
+        for description, address in cases.items():
+            endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+            self.assertEqual(tcp_server_address(endpoint), address, description)

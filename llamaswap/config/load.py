@@ -44,6 +44,8 @@ from llamaswap.config.schema import (
     DEFAULT_HEALTH_CHECK_TIMEOUT,
     DEFAULT_IGNORE_PATHS,
     DEFAULT_LOG_HISTORY_BYTES,
+    DEFAULT_LOG_KEEP,
+    DEFAULT_LOG_ROTATE_BYTES,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_WAIT,
     DEFAULT_MIN_RESIDENCY,
@@ -57,10 +59,12 @@ from llamaswap.config.schema import (
     MIN_HEALTH_CHECK_TIMEOUT,
     Config,
     GroupConfig,
+    LogRotation,
     ModelConfig,
     PeerConfig,
     QueueConfig,
 )
+from llamaswap.config.sizes import parse_size
 
 _TOP_KEYS = (
     "healthCheckTimeout",
@@ -68,6 +72,7 @@ _TOP_KEYS = (
     "logLevel",
     "logToStdout",
     "logHistoryBytes",
+    "logRotation",
     "startPort",
     "globalTTL",
     "unloadTimeout",
@@ -173,6 +178,7 @@ def parse_config(
         log_level=_choice("logLevel", raw.get("logLevel", "info"), LOG_LEVELS),
         log_to_stdout=_choice("logToStdout", raw.get("logToStdout", "proxy"), LOG_TO_STDOUT),
         log_history_bytes=_read_size("logHistoryBytes", raw, DEFAULT_LOG_HISTORY_BYTES),
+        log_rotation=_read_log_rotation(raw.get("logRotation")),
         start_port=start_port,
         global_ttl=global_ttl,
         unload_timeout=unload_timeout,
@@ -238,6 +244,22 @@ def _read_start_port(value: object) -> int:
 def _read_size(key: str, raw: Mapping[str, Any], default: int) -> int:
     """A size in bytes, at least 1 KiB (C{logHistoryBytes}, C{maxBodySize})."""
     return _int(key, raw.get(key, default), minimum=1024)
+
+
+def _read_log_rotation(value: object) -> LogRotation:
+    """C{logRotation}: twistd's log file rotates at C{maxBytes}, keeping C{keep} old files."""
+    raw = _mapping("logRotation", value)
+    _check_keys("logRotation", raw, ("maxBytes", "keep"))
+    size = raw.get("maxBytes", DEFAULT_LOG_ROTATE_BYTES)
+    # Bytes, as the name says; a string may carry a unit (10MiB).
+    if isinstance(size, str) and not size.strip().isdigit():
+        size = parse_size("logRotation.maxBytes", size)
+    elif isinstance(size, str):
+        size = int(size)
+    return LogRotation(
+        max_bytes=_int("logRotation.maxBytes", size, minimum=1024),
+        keep=_int("logRotation.keep", raw.get("keep", DEFAULT_LOG_KEEP), minimum=1),
+    )
 
 
 def _read_queue(value: object) -> QueueConfig:

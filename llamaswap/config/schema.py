@@ -20,6 +20,9 @@ MIN_HEALTH_CHECK_TIMEOUT = 15
 DEFAULT_UNLOAD_TIMEOUT = 10
 DEFAULT_START_PORT = 5800
 DEFAULT_LOG_HISTORY_BYTES = 100 * 1024
+# twistd's --logfile: rotated at this size, this many rotated files kept (at most 60 MiB in all).
+DEFAULT_LOG_ROTATE_BYTES = 10 * 2**20
+DEFAULT_LOG_KEEP = 5
 DEFAULT_MAX_BODY_SIZE = 256 * 1024 * 1024
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 # A graceful stop waits this long for requests in flight: with unloadTimeout's 10 s
@@ -145,6 +148,17 @@ class QueueConfig:
 
 
 @frozen(kw_only=True)
+class LogRotation:
+    """
+    How twistd's C{--logfile} rotates (C{logRotation:}): when it reaches
+    C{max_bytes}, and how many rotated files (C{x.log.1} ...) are kept.
+    """
+
+    max_bytes: int = DEFAULT_LOG_ROTATE_BYTES
+    keep: int = DEFAULT_LOG_KEEP
+
+
+@frozen(kw_only=True)
 class PeerConfig:
     """
     Another server (typically another llamaswap or llama-swap) whose models are
@@ -244,6 +258,7 @@ class Config:
     log_level: str = "info"
     log_to_stdout: str = "proxy"
     log_history_bytes: int = DEFAULT_LOG_HISTORY_BYTES
+    log_rotation: LogRotation = LogRotation()
     start_port: int = DEFAULT_START_PORT
     global_ttl: int = 0
     unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT

@@ -42,6 +42,17 @@ CUT_BY_US = 500  # a started response we cut, when whoever cut it named no statu
 _access_log = Logger(namespace="llamaswap.http")
 
 
+def is_ui_asset(method: str, path: str) -> bool:
+    """
+    A browser fetching the UI's own files (C{/ui/...}, C{/favicon.ico}): not
+    proxy traffic, so C{logRequests} leaves these at debug level (each page load
+    fetches four, which buried the requests people look for).
+    """
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in ("/ui", "/favicon.ico") or path.startswith("/ui/")
+
+
 @define
 class RequestInfo:
     """What the routes learn about a request, for the access log and events."""
@@ -459,8 +470,9 @@ class LlamaSwapSite(Site):
         path = "-" if request.path is None else request.path.decode("utf-8", "replace")
         sent = int(request.sentLength)
         client = request.getClientAddress()
-        if self.log_requests or self.log_debug:
-            emit = _access_log.info if self.log_requests else _access_log.debug
+        loud = self.log_requests and not is_ui_asset(method, path)
+        if loud or self.log_debug:
+            emit = _access_log.info if loud else _access_log.debug
             emit(
                 '{client} "{method} {path}" {status} {bytes} model={model} {duration:.3f}s',
                 client=getattr(client, "host", "-"),
