@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llamaswap"
 
 # Top to bottom; a name stands for the module and, for a package, everything in it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("llamaswap.tap", "llamaswap.cli", "llamaswap.fakeserver"),
+    ("llamaswap.tap", "llamaswap.cli", "llamaswap.fakeserver", "llamaswap.scaleout"),
     ("llamaswap.web",),
     ("llamaswap.supervisor", "llamaswap.peers", "llamaswap.metrics", "llamaswap.logs"),
     ("llamaswap.process", "llamaswap.scheduling"),
