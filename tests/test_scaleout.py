@@ -46,7 +46,7 @@ def record(model_id: str, **meta: Any) -> dict[str, Any]:
 
 
 def listing(name: str, *records: dict[str, Any]) -> Listing:
-    return Listing(Host(name, f"127.0.0.1:{8000 + len(name)}"), records)
+    return Listing(Host(name, f"127.0.0.1:{8000 + int(name[1:])}"), records)
 
 
 def three_hosts() -> list[Listing]:
@@ -171,15 +171,17 @@ def settings(**changes: Any) -> FrontSettings:
 
 class RenderTests(SynchronousTestCase):
     def test_routing(self) -> None:
-        """Each route is a consistent-hash backend on the model; its servers track all_hosts."""
+        """Each route is a consistent-hash backend on the model, over the hosts that serve it."""
         text = render(build_plan(three_hosts()), settings())
         self.assertIn("    use_backend models_1_2 if to_models_1_2\n", text)
         self.assertIn("    acl to_models_3 var(txn.model) -m str 'c' 'c-alias'\n", text)
         backend = text.split("backend models_1_2\n", 1)[1].split("\n\n", 1)[0]
         self.assertIn("balance hash var(txn.model)", backend)
         self.assertIn("hash-type consistent", backend)
-        self.assertIn(f"server h2 127.0.0.1:8002 id {server_id('h2')} track all_hosts/h2", backend)
+        self.assertIn(f"    server h2 127.0.0.1:8002 id {server_id('h2')}", backend.splitlines())
+        self.assertNotIn("h3", backend)
         self.assertIn("option httpchk GET /health", text)
+        self.assertIn("observe layer4 error-limit 1 on-error mark-down", text)
         self.assertIn("option http-no-delay", text)
 
     def test_errors_are_llamaswap_json(self) -> None:

@@ -6,9 +6,10 @@ One frontend reads the model a request names the way llamaswap does (JSON
 body, multipart field, C{?model=}, C{/upstream/<model>/}, C{/v1/models/<id>})
 and sends it to the backend of the hosts that serve it: a consistent hash on
 the name, so a model stays on one host while that host is up and moves to
-another one of its hosts when it goes down. Health checks run once per host,
-in C{all_hosts}; the model backends follow them (C{track}). Every answer the
-front makes itself is llamaswap's OpenAI-shaped JSON error.
+another one of its hosts when it goes down. Each backend checks its hosts'
+C{/health}, and takes a host out at the first connection it refuses, so that
+the retry of that request already goes where the model will stay. Every
+answer the front makes itself is llamaswap's OpenAI-shaped JSON error.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def render(plan: Plan, settings: FrontSettings) -> str:
         _global(settings),
         _defaults(settings),
         _frontend(plan, settings),
-        _all_hosts(plan, settings),
+        _all_hosts(plan),
         *(_model_backend(plan, route) for route in plan.routes),
     ]
     return "\n".join("\n".join(section) + "\n" for section in sections)
@@ -140,6 +141,7 @@ def _global(settings: FrontSettings) -> list[str]:
 
 def _defaults(settings: FrontSettings) -> list[str]:
     wait = _ms(settings.timeout)
+    every = _ms(settings.check_interval)
     return [
         "defaults",
         "    mode http",
@@ -163,6 +165,12 @@ def _defaults(settings: FrontSettings) -> list[str]:
         "    retries 3",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
+        "    # Health: each backend checks its hosts. A connection a host refuses takes it",
+        "    # out at once (observe), so the retry already goes where the model will stay.",
+        "    option httpchk GET /health",
+        "    http-check expect status 200",
+        f"    default-server check inter {every} fastinter {_ms(settings.check_interval / 2)}"
+        f" downinter {every} fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down",
         "    # HAProxy's own errors, as llamaswap writes them.",
         _http_error(400, "bad request (refused by the llamaswap front)"),
         _http_error(408, "timed out waiting for the request"),
@@ -277,25 +285,14 @@ def _key_check(keys: Sequence[str]) -> list[str]:
 
 def _servers(plan: Plan, route: Route | None) -> list[str]:
     hosts = plan.hosts if route is None else route.hosts
-    track = "" if route is None else " track {all}/{name}"
-    return [
-        f"    server {h.name} {h.address} id {plan.ids[h.name]}"
-        + track.format(all=ALL_HOSTS, name=h.name)
-        for h in hosts
-    ]
+    return [f"    server {h.name} {h.address} id {plan.ids[h.name]}" for h in hosts]
 
 
-def _all_hosts(plan: Plan, settings: FrontSettings) -> list[str]:
-    every = _ms(settings.check_interval)
+def _all_hosts(plan: Plan) -> list[str]:
     return [
         f"backend {ALL_HOSTS}",
-        "    # Every host. The health checks run here, once per host; the model",
-        "    # backends follow them. Requests that name no model come here too.",
+        "    # Every host: for the requests that name no model, and /health.",
         "    balance roundrobin",
-        "    option httpchk GET /health",
-        "    http-check expect status 200",
-        f"    default-server check inter {every} fastinter {_ms(settings.check_interval / 2)}"
-        f" downinter {every} fall 2 rise 2",
         "    http-response set-header X-Llamaswap-Host %[srv_name]",
         _http_error(503, "no llamaswap host is up"),
         *_servers(plan, None),
