@@ -30,7 +30,8 @@ from llamaswap.scaleout.inventory import (
 )
 from llamaswap.scaleout.plan import build_plan, server_id, union_json
 
-HAPROXY = shutil.which("haproxy")
+# Debian puts it in /usr/sbin, which an ordinary user's PATH may lack.
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin")
 
 
 def record(model_id: str, **meta: Any) -> dict[str, Any]:

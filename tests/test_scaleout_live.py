@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -41,8 +40,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from tests.chat_clients import ChatAnswer, ChatClients, gather
 from tests.fakeserver_helper import free_port, port_block
 from tests.proctools import TWISTD, ChildOutput, send_signal, sleep, twistd_env, wait_until
+from tests.test_scaleout import HAPROXY
 
-HAPROXY = shutil.which("haproxy")
 PY = sys.executable
 # Which host serves which model: each model on two or three hosts.
 HOSTS = {"h1": ("a", "b", "c"), "h2": ("a", "b", "d"), "h3": ("a", "c", "d")}
