@@ -24,6 +24,7 @@ from llamaswap.scaleout.inventory import (
     Host,
     InventoryError,
     Listing,
+    model_of,
     names_of,
     parse_host,
     parse_listing,
@@ -31,6 +32,7 @@ from llamaswap.scaleout.inventory import (
 from llamaswap.scaleout.plan import build_plan, server_id, union_json
 
 # Debian puts it in /usr/sbin, which an ordinary user's PATH may lack.
+EXAMPLE = Path(__file__).resolve().parent.parent / "contrib" / "haproxy"
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin")
 
 
@@ -39,7 +41,7 @@ def record(model_id: str, **meta: Any) -> dict[str, Any]:
     return {
         "id": model_id,
         "object": "model",
-        "created": 1,
+        "created": 1796700000,
         "owned_by": "llama-swap",
         "meta": {"llamaswap": {"type": "model", **meta}},
         "status": {"value": "unloaded"},
@@ -48,6 +50,28 @@ def record(model_id: str, **meta: Any) -> dict[str, Any]:
 
 def listing(name: str, *records: dict[str, Any]) -> Listing:
     return Listing(Host(name, f"127.0.0.1:{8000 + int(name[1:])}"), records)
+
+
+def example() -> dict[str, str]:
+    """
+    contrib/haproxy's files: three GPU boxes, as docs/scale-out.md describes them.
+    C{python -m tests.test_scaleout} writes them again.
+    """
+    coder = record("qwen-coder", aliases=["coder"], context=32768)
+    coder["name"] = "Qwen2.5 Coder 32B"
+    hosts = [
+        Listing(Host("gpu1", "10.0.0.5:8080"), (record("qwen3-32b"), coder, record("embed"))),
+        Listing(Host("gpu2", "10.0.0.6:8080"), (record("qwen3-32b"), coder, record("llama-70b"))),
+        Listing(Host("gpu3", "10.0.0.7:8080"), (record("llama-70b"), record("embed"))),
+    ]
+    plan = build_plan(hosts)
+    front = FrontSettings(
+        models_path="/etc/haproxy/llamaswap-models.json", bind=":8080", user="haproxy"
+    )
+    return {
+        "haproxy.cfg": render(plan, front),
+        "llamaswap-models.json": json.dumps(json.loads(union_json(plan)), indent=2) + "\n",
+    }
 
 
 def three_hosts() -> list[Listing]:
@@ -89,6 +113,11 @@ class ListingTests(SynchronousTestCase):
             with self.assertRaises(InventoryError) as e:
                 parse_listing(Host("h", "h:1"), body)
             self.assertIn("http://h:1/v1/models: not a model list", str(e.exception))
+
+    def test_model_of(self) -> None:
+        """An alias's record (includeAliasesInList) stands for its model."""
+        alias = {"id": "x", "meta": {"llamaswap": {"type": "alias", "modelID": "a"}}}
+        self.assertEqual((model_of(alias), model_of(record("a"))), ("a", "a"))
 
     def test_names(self) -> None:
         """A model's id and aliases route; a peer's model does not."""
@@ -177,7 +206,7 @@ class RenderTests(SynchronousTestCase):
         self.assertIn("    use_backend models_1_2 if to_models_1_2\n", text)
         self.assertIn("    acl to_models_3 var(txn.model) -m str 'c' 'c-alias'\n", text)
         backend = text.split("backend models_1_2\n", 1)[1].split("\n\n", 1)[0]
-        self.assertIn("balance hash var(txn.model)", backend)
+        self.assertIn("balance hash var(txn.key)", backend)
         self.assertIn("hash-type consistent", backend)
         self.assertIn(f"    server h2 127.0.0.1:8002 id {server_id('h2')}", backend.splitlines())
         self.assertNotIn("h3", backend)
@@ -201,6 +230,20 @@ class RenderTests(SynchronousTestCase):
                     "code": "not_found",
                 }
             },
+        )
+
+    def test_aliases_hash_as_their_model(self) -> None:
+        """A model asked for by an alias is hashed on its id: one host for all its names."""
+        alias = {"id": "c2", "meta": {"llamaswap": {"type": "alias", "modelID": "c"}}}
+        hosts = [*three_hosts()[:2], listing("h3", record("c", aliases=["c-alias"]), alias)]
+        plan = build_plan(hosts)
+        self.assertEqual(plan.aliases, {"c-alias": "c", "c2": "c"})
+        text = render(plan, settings())
+        self.assertIn("    http-request set-var(txn.key) var(txn.model)\n", text)
+        self.assertIn(
+            "    http-request set-var-fmt(txn.key) 'c'"
+            " if { var(txn.model) -m str 'c-alias' 'c2' }\n",
+            text,
         )
 
     def test_long_lists_split(self) -> None:
@@ -242,14 +285,28 @@ class RenderTests(SynchronousTestCase):
         models.write_text("{}")
         many = [record(f"org/m{i}", aliases=[f"m{i}"]) for i in range(100)]
         plan = build_plan([*three_hosts(), listing("h4", *many)])
-        for changes in ({}, {"api_keys": ("k1",), "bind": "127.0.0.1:18080"}):
+        configs = [
+            render(plan, FrontSettings(models_path=str(models), **changes))
+            for changes in ({}, {"api_keys": ("k1",), "bind": "127.0.0.1:18080"})
+        ]
+        # The example, with its model list where the test can read it.
+        configs.append(example()["haproxy.cfg"].replace("/etc/haproxy/", f"{folder}/"))
+        (folder / "llamaswap-models.json").write_text("{}")
+        for text in configs:
             cfg = folder / "haproxy.cfg"
-            cfg.write_text(render(plan, FrontSettings(models_path=str(models), **changes)))
+            cfg.write_text(text)
             check = subprocess.run(
                 [HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30
             )
             self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
             self.assertNotIn("WARNING", check.stdout + check.stderr)
+
+
+class ExampleTests(SynchronousTestCase):
+    def test_current(self) -> None:
+        """contrib/haproxy holds what the command writes today (python -m tests.test_scaleout)."""
+        for name, text in example().items():
+            self.assertEqual((EXAMPLE / name).read_text(), text, f"contrib/haproxy/{name} is stale")
 
 
 class CommandTests(SynchronousTestCase):
@@ -314,3 +371,8 @@ class CommandTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             cli.main(["haproxy-config", "h:1"])
         self.assertEqual((e.exception.code, got), (0, [["h:1"]]))
+
+
+if __name__ == "__main__":
+    for name, text in example().items():
+        (EXAMPLE / name).write_text(text)

@@ -165,6 +165,10 @@ def _defaults(settings: FrontSettings) -> list[str]:
         "    retries 3",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
+        "    # A new connection for each request: one sent on an idle connection to a host",
+        "    # that has just died was closed without an answer now and then (HAProxy 2.6.12,",
+        "    # under load), where a refused connection is always retried.",
+        "    http-reuse never",
         "    # Health: each backend checks its hosts. A connection a host refuses takes it",
         "    # out at once (observe), so the retry already goes where the model will stay.",
         "    option httpchk GET /health",
@@ -226,6 +230,9 @@ def _frontend(plan: Plan, settings: FrontSettings) -> list[str]:
         "    # /upstream/<model>/...: ids may contain /, the longest one that fits wins.",
         *_upstream_rules(names),
         "    http-request set-var(txn.model) path,field(3,/),url_dec if upstream !has_model",
+        "    # The hash key: the model's id, whatever name the request used.",
+        "    http-request set-var(txn.key) var(txn.model)",
+        *_alias_rules(plan.aliases),
         "",
         "    # What the front answers itself.",
         *_key_check(settings.api_keys),
@@ -263,6 +270,18 @@ def _upstream_rules(names: Iterable[str]) -> list[str]:
             f" or !has_model {{ path,url_dec -m str {quote('/upstream/' + name)} }}"
         )
     return rules
+
+
+def _alias_rules(aliases: dict[str, str]) -> list[str]:
+    by_model: dict[str, list[str]] = {}
+    for alias, model in sorted(aliases.items()):
+        by_model.setdefault(model, []).append(quote(alias))
+    return [
+        f"    http-request set-var-fmt(txn.key) {quote(model.replace('%', '%%'))}"
+        f" if {{ var(txn.model) -m str {' '.join(names[i : i + _WORDS_PER_LINE])} }}"
+        for model, names in sorted(by_model.items())
+        for i in range(0, len(names), _WORDS_PER_LINE)
+    ]
 
 
 def _key_check(keys: Sequence[str]) -> list[str]:
@@ -307,7 +326,7 @@ def _model_backend(plan: Plan, route: Route) -> list[str]:
     return [
         f"backend {route.backend}",
         f"    # Served by {hosts}: {names}",
-        "    balance hash var(txn.model)",
+        "    balance hash var(txn.key)",
         "    hash-type consistent",
         "    http-response set-header X-Llamaswap-Host %[srv_name]",
         _http_error(503, f"no llamaswap host that serves model {_MODEL} is up ({hosts})"),

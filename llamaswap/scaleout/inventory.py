@@ -75,6 +75,13 @@ def names_of(record: dict[str, Any]) -> list[str]:
     return [record["id"], *(a for a in aliases if isinstance(a, str))]
 
 
+def model_of(record: dict[str, Any]) -> str:
+    """The id of the model a record stands for (with includeAliasesInList, an alias has one)."""
+    meta = record.get("meta", {}).get("llamaswap", {})
+    target = meta.get("modelID") if meta.get("type") == "alias" else None
+    return target if isinstance(target, str) else str(record["id"])
+
+
 def parse_listing(host: Host, body: bytes) -> Listing:
     """
     A host's C{/v1/models} answer, checked for the shape the plan relies on.

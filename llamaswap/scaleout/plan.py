@@ -15,7 +15,7 @@ from typing import Any
 
 from attrs import frozen
 
-from llamaswap.scaleout.inventory import Host, InventoryError, Listing, names_of
+from llamaswap.scaleout.inventory import Host, InventoryError, Listing, model_of, names_of
 
 # A name goes between single quotes in haproxy.cfg, which have no escape.
 _UNWRITABLE = re.compile(r"['\x00-\x1f\x7f]")
@@ -38,6 +38,8 @@ class Plan:
     @ivar ids: each host's server id in HAProxy, derived from its name, so that
         the consistent hash places a host at the same points whatever the order
         or the number of hosts: adding or removing one moves only its models.
+    @ivar aliases: each alias and the model id it names. The hash is on the
+        id, so that a model asked for by any of its names stays on one host.
     @ivar skipped: names that cannot be written into haproxy.cfg (a quote or a
         control character); requests for them are answered 404 by the front.
     """
@@ -46,6 +48,7 @@ class Plan:
     ids: dict[str, int]
     routes: tuple[Route, ...]
     records: tuple[dict[str, Any], ...]
+    aliases: dict[str, str]
     skipped: tuple[str, ...]
 
     @property
@@ -77,13 +80,18 @@ def build_plan(listings: Sequence[Listing]) -> Plan:
         raise InventoryError("two host names give one HAProxy server id: rename one of them")
 
     served: dict[str, list[Host]] = {}
+    aliases: dict[str, str] = {}
     skipped: set[str] = set()
     for listing in listings:
         for record in listing.records:
+            model = model_of(record)
             for name in names_of(record):
-                if not name or _UNWRITABLE.search(name):
+                if not name or _UNWRITABLE.search(name) or _UNWRITABLE.search(model):
                     skipped.add(name)
-                elif listing.host not in served.setdefault(name, []):
+                    continue
+                if name != model:
+                    aliases.setdefault(name, model)  # the first host's word, if they differ
+                if listing.host not in served.setdefault(name, []):
                     served[name].append(listing.host)
 
     by_hosts: dict[tuple[Host, ...], list[str]] = {}
@@ -97,7 +105,8 @@ def build_plan(listings: Sequence[Listing]) -> Plan:
         )
         for group, names in sorted(by_hosts.items(), key=lambda item: _order(hosts, item[0]))
     )
-    return Plan(hosts, ids, routes, union_records(listings), tuple(sorted(skipped)))
+    records = union_records(listings)
+    return Plan(hosts, ids, routes, records, aliases, tuple(sorted(skipped)))
 
 
 def _order(hosts: tuple[Host, ...], group: tuple[Host, ...]) -> tuple[int, ...]:
