@@ -66,7 +66,7 @@ def example() -> dict[str, str]:
     ]
     plan = build_plan(hosts)
     front = FrontSettings(
-        models_path="/etc/haproxy/llamaswap-models.json", bind=":8080", user="haproxy"
+        models_path="/etc/haproxy/llamaswap/llamaswap-models.json", bind=":8080", user="haproxy"
     )
     return {
         "haproxy.cfg": render(plan, front),
@@ -290,7 +290,7 @@ class RenderTests(SynchronousTestCase):
             for changes in ({}, {"api_keys": ("k1",), "bind": "127.0.0.1:18080"})
         ]
         # The example, with its model list where the test can read it.
-        configs.append(example()["haproxy.cfg"].replace("/etc/haproxy/", f"{folder}/"))
+        configs.append(example()["haproxy.cfg"].replace("/etc/haproxy/llamaswap/", f"{folder}/"))
         (folder / "llamaswap-models.json").write_text("{}")
         for text in configs:
             cfg = folder / "haproxy.cfg"
