@@ -8,7 +8,7 @@ and sends it to the backend of the hosts that serve it: a consistent hash on
 the name, so a model stays on one host while that host is up and moves to
 another one of its hosts when it goes down. Each backend checks its hosts'
 C{/health}, and takes a host out at the first connection it refuses, so that
-the retry of that request already goes where the model will stay. Every
+the retry of that request goes where the model will stay. Every
 answer the front makes itself is llamaswap's OpenAI-shaped JSON error.
 """
 
@@ -171,7 +171,7 @@ def _defaults(settings: FrontSettings) -> list[str]:
         "    # API clients do not all retry; a dead host's refused connection is retried here.",
         "    option http-server-close",
         "    # Health: each backend checks its hosts. A connection a host refuses takes it",
-        "    # out at once (observe), so the retry already goes where the model will stay.",
+        "    # out at once (observe), so that the retry goes where the model will stay.",
         "    option httpchk GET /health",
         "    http-check expect status 200",
         f"    default-server check inter {every} fastinter {_ms(settings.check_interval / 2)}"

@@ -75,8 +75,7 @@ def build_plan(listings: Sequence[Listing]) -> Plan:
         if host.name in ids:
             raise InventoryError(f"two hosts are called {host.name}: name them (name=address)")
         ids[host.name] = server_id(host.name)
-    clash = len(set(ids.values())) != len(ids)
-    if clash:
+    if len(set(ids.values())) != len(ids):
         raise InventoryError("two host names give one HAProxy server id: rename one of them")
 
     served: dict[str, list[Host]] = {}
