@@ -3,7 +3,8 @@
 C{llamaswap} console script: C{twistd -n --pidfile= llamaswap ...} for people who
 do not know twistd. C{llamaswap --config c.yaml [--listen ...]}; any argument is
 passed on to the llamaswap subcommand. With no arguments, or C{--help}, it shows
-its own usage rather than twistd's.
+its own usage rather than twistd's. C{llamaswap haproxy-config HOST...} writes
+the HAProxy front of several hosts instead (L{llamaswap.scaleout}).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["haproxy-config"]:
+        from llamaswap.scaleout.command import main as haproxy_config
+
+        sys.exit(haproxy_config(args[1:]))
     if not args:
         sys.stderr.write(usage())
         sys.exit(2)

@@ -18,7 +18,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llamaswap"
 
 # Top to bottom; a name stands for the module and, for a package, everything in it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("llamaswap.tap", "llamaswap.cli", "llamaswap.fakeserver", "llamaswap.lifecycle"),
+    (
+        "llamaswap.tap",
+        "llamaswap.cli",
+        "llamaswap.fakeserver",
+        "llamaswap.lifecycle",
+        "llamaswap.scaleout",
+    ),
     ("llamaswap.web",),
     ("llamaswap.supervisor", "llamaswap.peers", "llamaswap.metrics", "llamaswap.logs"),
     ("llamaswap.process", "llamaswap.scheduling", "llamaswap.memory"),
