@@ -303,6 +303,8 @@ class Supervisor(Service):
 
         async def wait() -> None:
             await DeferredList(stops, consumeErrors=True)
+            if self.memory is not None:
+                await self.memory.settled()  # no nvidia-smi left running
             if self._pool is not None:
                 await self._pool.closeCachedConnections()
 

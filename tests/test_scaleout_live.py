@@ -55,7 +55,7 @@ CLIENTS = 8
 MIXED_SECONDS = 6.0
 KILL_AFTER = 1.5  # into the second run
 AFTER_KILL_SECONDS = 5.0
-_LISTENING = re.compile(rb"listening on .*port=(\d+)")
+_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
 _RETRIED = re.compile(rb" \d+/\d+/\d+/\d+/\+\d+ ")  # the log's retries field: +N = redispatched
 
 

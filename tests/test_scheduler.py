@@ -279,3 +279,57 @@ class GroupsAndMatrixTests(Fixture):
     def test_profiles_obey_the_bound(self) -> None:
         """p:a is held back by a due request for q:b, which must stop it."""
         self.hot_then_due("\nprofiles:\n  p: [a]\n  q: [b]", "p:a", "q:b")
+
+
+class KeyTests(Fixture):
+    """An API key's priority and concurrency limit (docs/api.md, "API keys")."""
+
+    def test_priority_orders_requests_that_are_not_due(self) -> None:
+        from llamaswap.config.schema import ApiKey
+
+        self.harness("a", "b", "c")
+        held = self.lease("a")
+        batch, urgent = ApiKey(key="k1", priority=0), ApiKey(key="k2", priority=10)
+        first = self.h.sup.acquire(self.h.sup.names.local("b"), api_key=batch)
+        second = self.h.sup.acquire(self.h.sup.names.local("c"), api_key=urgent)
+        held.release()
+        self.advance(20)
+        self.h.tick(3)
+        self.assertEqual(self.h.spawned()[1], "c")  # the higher priority swaps in first
+        self.assertNoResult(first)
+        self.successResultOf(second).release()
+        self.advance(20)
+        self.h.tick(3)
+        self.successResultOf(first)
+
+    def test_due_requests_go_first_whatever_the_priority(self) -> None:
+        from llamaswap.config.schema import ApiKey
+
+        self.harness("a", "b", "c")
+        held = self.lease("a")
+        old = self.h.sup.acquire(self.h.sup.names.local("b"))
+        self.advance(31)  # b is due
+        urgent = self.h.sup.acquire(
+            self.h.sup.names.local("c"), api_key=ApiKey(key="k", priority=100)
+        )
+        held.release()
+        self.h.tick(3)
+        self.assertEqual(self.h.spawned()[1], "b")
+        self.successResultOf(old)
+        self.assertNoResult(urgent)
+
+    def test_key_concurrency_limit(self) -> None:
+        from llamaswap.config.schema import ApiKey
+
+        self.harness("a")
+        key = ApiKey(key="k", concurrency_limit=2)
+        target = self.h.sup.names.local("a")
+        leases = [self.h.sup.acquire(target, api_key=key) for _ in range(3)]
+        self.h.tick(3)
+        first, second = (self.successResultOf(d) for d in leases[:2])
+        self.assertNoResult(leases[2])  # the key's third waits in the queue
+        self.successResultOf(self.h.sup.acquire(target))  # others are not limited by it
+        first.release()
+        self.h.tick()
+        self.successResultOf(leases[2])
+        second.release()

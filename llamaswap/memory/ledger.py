@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -273,6 +273,10 @@ class MemoryLedger:
             if earlier is not None and device.used - earlier.used > NOISE:
                 usage[dev] = device.used - earlier.used
         return usage
+
+    def settled(self) -> Deferred[None]:
+        """Fire once no reading of the devices is under way (for a clean stop)."""
+        return succeed(None) if self._probe is None else self._probe.settled()
 
     # --- views -------------------------------------------------------------
 

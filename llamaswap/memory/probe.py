@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 
-from llamaswap.process.oneshot import run_briefly
+from llamaswap.process.oneshot import BriefRuns
 
 MIB = 2**20
 RUN_TIMEOUT = 10.0  # seconds an nvidia-smi run may take (a hung driver must not hang a start)
@@ -60,6 +60,9 @@ class Probe(Protocol):
 
     def group(self, pgid: int) -> set[int]:
         """The processes of a server's process group, whose figures add up to its own."""
+
+    def settled(self) -> Deferred[None]:
+        """Fire once no reading is under way (a stopping proxy leaves no program behind)."""
 
 
 def meminfo(text: str) -> dict[str, int]:
@@ -115,13 +118,19 @@ class _ProcGroups:
     def group(self, pgid: int) -> set[int]:
         return group_pids(pgid)
 
+    def settled(self) -> Deferred[None]:
+        return succeed(None)
+
 
 class NvidiaSmi(_ProcGroups):
     """Readings from C{nvidia-smi} (C{command}: its argv, without the query)."""
 
     def __init__(self, command: tuple[str, ...], reactor: Any) -> None:
         self._command = command
-        self._reactor = reactor
+        self._runs = BriefRuns(reactor)
+
+    def settled(self) -> Deferred[None]:
+        return self._runs.settled()
 
     def totals(self) -> dict[str, int]:
         try:
@@ -154,7 +163,7 @@ class NvidiaSmi(_ProcGroups):
         return Reading(parse_gpus(gpus), parse_apps(apps, parse_uuids(gpus)))
 
     async def _run(self, query: str) -> str:
-        out = await run_briefly(self._reactor, [*self._command, query, _FORMAT], RUN_TIMEOUT)
+        out = await self._runs.run([*self._command, query, _FORMAT], RUN_TIMEOUT)
         if out is None:
             raise ProbeError(f"{self._command[0]} could not start, failed or timed out")
         return out.decode(errors="replace")

@@ -75,3 +75,6 @@ class FakeProbe:
 
     def group(self, pgid: int) -> set[int]:
         return {pgid}
+
+    def settled(self) -> Deferred[None]:
+        return succeed(None)
