@@ -9,6 +9,7 @@ twistd prints them and exits before daemonizing (no pidfile is left behind).
 from __future__ import annotations
 
 import gc
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +179,9 @@ class LlamaSwapService(MultiService):
 
         self.config = config
         self.config_path = config_path
+        # The name we listen on (--listen tcp:8080:interface=llm.lan) is one we answer to.
+        interface = re.search(r"interface=([^:]+)", listen)
+        self._listen_hosts = () if interface is None else (interface.group(1).lower(),)
         self._reactor = reactor
         self._drain: Drain | None = None
         self._hurried = False
@@ -223,6 +227,7 @@ class LlamaSwapService(MultiService):
             reactor=self._reactor,
             parts=parts,
             reload=self.reload_config,
+            hosts=self._listen_hosts,
         )
 
     def startService(self) -> None:

@@ -124,6 +124,21 @@ class _Daemon:
         return int(self.pidfile.read_text().strip())
 
 
+def kill_on_cleanup(case: TestCase, daemon: _Daemon) -> None:
+    """A failing test must not leave a daemon (or its models) running."""
+
+    def cleanup() -> None:
+        try:
+            pid = daemon.pid()
+        except (OSError, ValueError):
+            return
+        for child in _descendants(pid):
+            send_signal(child, signal.SIGKILL)
+        send_signal(pid, signal.SIGKILL)
+
+    case.addCleanup(cleanup)
+
+
 class DaemonModeTests(TestCase):
     """C{twistd --pidfile … --logfile … llamaswap …} (the classic daemon)."""
 
@@ -137,17 +152,7 @@ class DaemonModeTests(TestCase):
         self.addCleanup(pool.closeCachedConnections)
 
     def _kill_on_cleanup(self, daemon: _Daemon) -> None:
-        # A failing test must not leave a daemon (or its models) running.
-        def cleanup() -> None:
-            try:
-                pid = daemon.pid()
-            except (OSError, ValueError):
-                return
-            for child in _descendants(pid):
-                send_signal(child, signal.SIGKILL)
-            send_signal(pid, signal.SIGKILL)
-
-        self.addCleanup(cleanup)
+        kill_on_cleanup(self, daemon)
 
     async def test_serves_and_stops_cleanly(self) -> None:
         """

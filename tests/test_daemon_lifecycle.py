@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakeserver_helper import free_port
-from tests.proctools import alive, send_signal, twistd_env, wait_until
-from tests.test_daemon import _Daemon, _descendants, _run, _write_config
+from tests.proctools import alive, twistd_env, wait_until
+from tests.test_daemon import _Daemon, _descendants, _run, _write_config, kill_on_cleanup
 from tests.test_shutdown import Stream
 
 
@@ -41,17 +41,7 @@ class SignalTests(TestCase):
             settings=settings,
         )
         daemon = _Daemon(self.folder)
-
-        def cleanup() -> None:
-            try:
-                pid = daemon.pid()
-            except (OSError, ValueError):
-                return
-            for child in _descendants(pid):
-                send_signal(child, signal.SIGKILL)
-            send_signal(pid, signal.SIGKILL)
-
-        self.addCleanup(cleanup)
+        kill_on_cleanup(self, daemon)
         launcher = _run(
             daemon.argv(config, "tcp:0:interface=127.0.0.1"), twistd_env(), path=str(self.folder)
         )

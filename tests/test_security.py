@@ -58,6 +58,18 @@ class HostTests(SynchronousTestCase):
         self.assertEqual(self.host("other.example", allowed).status, 403)
         self.assertEqual(self.host("anything", SecurityConfig(allowed_hosts=("*",))).status, 200)
 
+    def test_the_name_we_listen_on(self) -> None:
+        """--listen tcp:8080:interface=llm.lan: llm.lan is answered to."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from llamaswap.testing.web import make_config
+        from llamaswap.web.guard import Guard
+
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"host", [b"llm.lan:8080"])
+        self.assertTrue(Guard(make_config(), hosts=("llm.lan",)).host_allowed(request))
+        self.assertFalse(Guard(make_config()).host_allowed(request))
+
 
 class OriginTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -100,10 +100,11 @@ def _host_name(host: bytes) -> str:
 class Guard:
     """The checks of one config; a reload builds a new one with the new resource tree."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hosts: tuple[str, ...] = ()) -> None:
+        """C{hosts}: names answered to besides the config's (the name we listen on)."""
         self._keys = [(k.key.encode("utf-8"), k) for k in config.api_keys]
         security = config.security
-        self._hosts = set(security.allowed_hosts)
+        self._hosts = set(security.allowed_hosts) | set(hosts)
         self._any_host = "*" in self._hosts
         # The machine's own name: a LAN client may use it (an attacker's DNS cannot).
         self._hosts.update({socket.gethostname().lower(), "localhost"})

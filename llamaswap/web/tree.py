@@ -220,6 +220,7 @@ def build_root(
     fresh_http: HTTPClient | None = None,
     parts: WebParts | None = None,
     reload: Reload | None = None,
+    hosts: tuple[str, ...] = (),
 ) -> Root:
     """
     The whole HTTP API (see docs/api.md). C{http} keeps connections alive;
@@ -227,6 +228,7 @@ def build_root(
     do not reuse connections (L{Relay}). A reload builds a new root for the
     new config with the old root's L{WebParts} (C{root.parts}): the counters,
     the UI's feed and its clients live on. C{reload} mounts the reload API.
+    C{hosts}: host names answered to besides the config's (the listen address).
     """
     names = Resolver(config)
     if parts is None:
@@ -240,7 +242,7 @@ def build_root(
     else:
         parts.events.reconfigure(config)
     relay = parts.relay
-    root = Root(Guard(config), parts)
+    root = Root(Guard(config, hosts), parts)
     root.putChild(b"", Redirect(b"/ui/", 302))
     for path in JSON_ROUTES:
         # Loading streams only where llama-swap has them: OpenAI chat.
