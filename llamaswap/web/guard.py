@@ -12,6 +12,8 @@ API key and the route's access level. A refused request causes nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import socket
@@ -44,10 +46,20 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 @frozen
 class Client:
-    """Who sent a request: its key (None: no keys are configured) and whether it is local."""
+    """Who sent a request: its key (None: no keys are configured) and its address."""
 
     key: ApiKey | None
-    loopback: bool
+    address: str | None  # the peer's IP address, None for a UNIX socket
+
+    @property
+    def loopback(self) -> bool:
+        """Whether it comes from this machine (only asked when showing commands)."""
+        if self.address is None:
+            return False
+        try:
+            return ipaddress.ip_address(self.address).is_loopback
+        except ValueError:
+            return False
 
     @property
     def access(self) -> str:
@@ -97,6 +109,26 @@ def _host_name(host: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+def presented_keys(request: Request) -> list[str]:
+    """API keys the client presented: Basic password, Bearer token, C{x-api-key}."""
+    keys = []
+    for value in request.requestHeaders.getRawHeaders(b"authorization", []):
+        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                continue
+            keys.append(decoded.partition(":")[2])
+        elif scheme.lower() == "bearer":
+            keys.append(credentials)
+    keys.extend(
+        v.decode("latin-1").strip() for v in request.requestHeaders.getRawHeaders(b"x-api-key", [])
+    )
+    return [k for k in keys if k]
+
+
 class Guard:
     """The checks of one config; a reload builds a new one with the new resource tree."""
 
@@ -107,7 +139,7 @@ class Guard:
         self._hosts = set(security.allowed_hosts) | set(hosts)
         self._any_host = "*" in self._hosts
         # The machine's own name: a LAN client may use it (an attacker's DNS cannot).
-        self._hosts.update({socket.gethostname().lower(), "localhost"})
+        self._hosts.update({socket.gethostname().lower(), "localhost", "127.0.0.1"})
         self._origins = set(security.allowed_origins)
         self._any_origin = "*" in self._origins
 
@@ -118,13 +150,13 @@ class Guard:
         if host is None or self._any_host:
             return True  # HTTP/1.0 without Host: no name to rebind
         name = _host_name(host)
+        if name in self._hosts or name.endswith(".localhost"):
+            return True
         try:
             ipaddress.ip_address(name)
             return True  # an address is not a name an attacker's DNS can point at us
         except ValueError:
             pass
-        if name.endswith(".localhost") or name in self._hosts:
-            return True
         return any(fnmatchcase(name, pattern) for pattern in self._hosts if "*" in pattern)
 
     def cross_origin(self, request: Request) -> tuple[bool, bytes | None]:
@@ -164,21 +196,15 @@ class Guard:
 
     # --- who sent it ------------------------------------------------------------
 
-    def client(self, request: Request, presented: list[str]) -> Client:
+    def client(self, request: Request) -> Client:
         """
-        @raise Unauthorized: keys are configured and none of C{presented} is one.
+        @raise Unauthorized: keys are configured and the request presents none of them.
         """
-        address = request.getClientAddress()
-        loopback = False
-        host = getattr(address, "host", None)
-        if isinstance(host, str):
-            try:
-                loopback = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                loopback = False
+        host = getattr(request.getClientAddress(), "host", None)
+        address = host if isinstance(host, str) else None
         if not self._keys:
-            return Client(None, loopback)
-        for text in presented:
+            return Client(None, address)
+        for text in presented_keys(request):
             candidate = text.encode("utf-8")
             found = None
             # Compare with every key, in constant time, so timing tells nothing.
@@ -186,7 +212,7 @@ class Guard:
                 if hmac.compare_digest(candidate, secret):
                     found = key
             if found is not None:
-                return Client(found, loopback)
+                return Client(found, address)
         raise Unauthorized("unauthorized: invalid or missing API key")
 
     @staticmethod

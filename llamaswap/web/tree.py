@@ -8,8 +8,6 @@ anywhere is answered 204 without auth) and the C{apiKeys} check.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from typing import Any
 
@@ -115,26 +113,6 @@ class Preflight(JSONResource):
         return b""
 
 
-def presented_keys(request: Request) -> list[str]:
-    """API keys the client presented: Basic password, Bearer token, C{x-api-key}."""
-    keys = []
-    for value in request.requestHeaders.getRawHeaders(b"authorization", []):
-        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
-        credentials = credentials.strip()
-        if scheme.lower() == "basic":
-            try:
-                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                continue
-            keys.append(decoded.partition(":")[2])
-        elif scheme.lower() == "bearer":
-            keys.append(credentials)
-    keys.extend(
-        v.decode("latin-1").strip() for v in request.requestHeaders.getRawHeaders(b"x-api-key", [])
-    )
-    return [k for k in keys if k]
-
-
 @define
 class WebParts:
     """The resources that outlive a config reload: they keep state or clients."""
@@ -179,7 +157,7 @@ class Root(JSONResource):
             return Preflight(cors)
         if path not in OPEN_SEGMENTS:
             try:
-                client = guard.client(request, presented_keys(request))
+                client = guard.client(request)
             except Unauthorized as e:
                 return ErrorResource(e, {b"WWW-Authenticate": b'Basic realm="llama-swap"'})
             needed = guard.needs(path)
