@@ -263,3 +263,21 @@ class StoreTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("{not json")
         self.assertIsNone(MeasuredStore(path).get(c.models["a"]))
+
+
+class BriefRunsTests(SynchronousTestCase):
+    def test_settled_waits_for_a_run_started_by_the_last_ones_answer(self) -> None:
+        """A reading is two runs in a row: settled must not fire between them."""
+        from llamaswap.process.oneshot import BriefRuns
+        from llamaswap.testing.process import FakeProcessReactor
+
+        reactor = FakeProcessReactor()
+        runs = BriefRuns(reactor)
+        second: list[object] = []
+        runs.run(["a"], 10).addCallback(lambda _: second.append(runs.run(["b"], 10)))
+        settled = runs.settled()
+        reactor.children[0].exit(0)
+        self.assertEqual(len(second), 1)
+        self.assertNoResult(settled)  # the second run is under way
+        reactor.children[1].exit(0)
+        self.successResultOf(settled)

@@ -33,10 +33,12 @@ class _Collect(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        if self._ended is not None:
-            self._ended()
         # A cancelled run (its caller gave up) has been told already; this is ignored then.
         self.done.callback(self.out if isinstance(reason.value, ProcessDone) else None)
+        # After the caller had its answer: a next run it starts at once counts before this
+        # one stops counting, so "settled" never fires between two runs of one reading.
+        if self._ended is not None:
+            self._ended()
 
     def kill(self) -> None:
         if self.transport is not None:
