@@ -278,12 +278,16 @@ class Relay:
         """
         info = request_info(request)
         info.proxied = True
-        if info.client is not None:
+        client = info.client
+        if client is not None and client.key is not None:  # a scoped key: 403 before any start
             loaded = (
-                isinstance(target, LocalTarget)
-                and self._supervisor.status(target.model_id).state == "ready"
+                client.may_load  # (then it does not matter: no status to build)
+                or (
+                    isinstance(target, LocalTarget)
+                    and self._supervisor.status(target.model_id).state == "ready"
+                )
             )
-            authorize_model(info.client, target, loaded)  # 403 before anything starts
+            authorize_model(client, target, loaded)
 
         def exchange() -> Deferred[None]:
             return Deferred.fromCoroutine(

@@ -13,12 +13,14 @@ the limit: it answers 413 straight away, stops storing data, and closes.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from attrs import define
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
@@ -36,6 +38,7 @@ from llamaswap.web.base import client_gone, error_payload, request_accept
 # aborting, so a client busy sending its body still gets to read the answer
 # instead of a connection reset (what nginx calls a lingering close).
 REFUSED_BODY_LINGER = 2.0
+SWEEP_SECONDS = 1.0  # how often slow request heads and stalled bodies are looked for
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left first"
 CUT_BY_US = 500  # a started response we cut, when whoever cut it named no status
 
@@ -282,61 +285,70 @@ class LlamaSwapChannel(ChannelHooks):
     answer 408 and close.
     """
 
-    header_timeout = 0.0  # set from the site, per connection (0: no bound)
-    body_timeout = 0.0
-    _deadline: IDelayedCall | None = None
-    _in_head = True  # waiting for (the rest of) a request's head, not its body
+    # Slow clients: since when this connection waits for the rest of a request's head
+    # (from its first byte), or for its body's next byte; None: neither. The site looks
+    # once a second (LlamaSwapSite._sweep): two timers per request would cost more.
+    head_since: float | None = None
+    body_since: float | None = None
+    _in_head = True
+    _clock: Any = None  # the site's reactor, once connected
 
     def dataReceived(self, data: bytes) -> None:
-        if self._in_head and self._deadline is None and self.header_timeout:
-            self._deadline = self.callLater(self.header_timeout, self._head_too_slow)
+        if self._in_head and self.head_since is None:
+            self.head_since = self._seconds()
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._in_head = False
-        self._stop_deadline()
-        if self.body_timeout:
-            self._deadline = self.callLater(self.body_timeout, self._body_stalled)
+        self.head_since = None
+        self.body_since = self._seconds()
         super().allHeadersReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._deadline is not None and not self._in_head:
-            self._deadline.reset(self.body_timeout)  # progress: the stall counts anew
+        if self.body_since is not None:
+            self.body_since = self._seconds()
         super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._stop_deadline()
+        self.body_since = None
         self._in_head = True  # the next request's head: its time runs from its first byte
         super().allContentReceived()
 
+    def _seconds(self) -> float:
+        return float(self._clock.seconds()) if self._clock is not None else time.time()
+
+    def too_slow(self, now: float, header_timeout: float, body_timeout: float) -> None:
+        """Answer 408 and close if the head or the body waited past its bound."""
+        if header_timeout and self.head_since is not None:
+            if now - self.head_since > header_timeout:
+                self.head_since = None
+                self._refuse(
+                    408,
+                    "Request Timeout",
+                    f"the request head did not arrive within {header_timeout:g} s "
+                    "(security.headerTimeout)",
+                )
+        elif body_timeout and self.body_since is not None:
+            if now - self.body_since > body_timeout:
+                self.body_since = None
+                self._refuse(
+                    408,
+                    "Request Timeout",
+                    f"the request body stalled for {body_timeout:g} s (security.bodyTimeout)",
+                )
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stop_deadline()
+        site = getattr(self, "site", None)
+        if isinstance(site, LlamaSwapSite):
+            site.channels.discard(self)
         super().connectionLost(reason)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _head_too_slow(self) -> None:
-        self._deadline = None
-        self._refuse(
-            408,
-            "Request Timeout",
-            f"the request head did not arrive within {self.header_timeout:g} s "
-            "(security.headerTimeout)",
-        )
-
-    def _body_stalled(self) -> None:
-        self._deadline = None
-        self._refuse(
-            408,
-            "Request Timeout",
-            f"the request body stalled for {self.body_timeout:g} s (security.bodyTimeout)",
-        )
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, LlamaSwapSite):
+            site.channels.add(self)
+            self._clock = site.reactor
         # Each streamed event must leave at once. With Nagle's algorithm a write
         # waits for the ACK of the previous one, which a reading client delays
         # up to 40 ms: tokens would arrive in bursts. llama-server sets it too.
@@ -369,11 +381,7 @@ class LlamaSwapChannel(ChannelHooks):
 
 
 def _json_channel(site: Site) -> Any:
-    channel = LlamaSwapChannel()
-    if isinstance(site, LlamaSwapSite):
-        channel.header_timeout = site.header_timeout
-        channel.body_timeout = site.body_timeout
-    return wrap_channel(channel)
+    return wrap_channel(LlamaSwapChannel())
 
 
 class LlamaSwapSite(Site):
@@ -399,9 +407,12 @@ class LlamaSwapSite(Site):
         body_timeout: float = 0.0,
     ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
-        # Slow clients (LlamaSwapChannel): seconds, 0 for no bound.
+        # Slow clients (LlamaSwapChannel): seconds, 0 for no bound; looked at once a second.
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        self.channels: set[LlamaSwapChannel] = set()
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
         self.max_body_size = max_body_size
         self.log_requests = log_requests
         # Whether a debug access line can be seen at all (logLevel: debug). Emitting
@@ -415,6 +426,21 @@ class LlamaSwapSite(Site):
         self.draining = False
         self.active: set[LlamaSwapRequest] = set()
         self._idle: list[Deferred[None]] = []
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if (self.header_timeout or self.body_timeout) and not self._sweeper.running:
+            self._sweeper.start(SWEEP_SECONDS, now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        super().stopFactory()
+
+    def _sweep(self) -> None:
+        now = self.reactor.seconds()
+        for channel in list(self.channels):
+            channel.too_slow(now, self.header_timeout, self.body_timeout)
 
     # --- graceful stop -------------------------------------------------------
 
