@@ -313,7 +313,7 @@ class LlamaSwapService(MultiService):
         )
         return {"reloaded": True, "source": source, "changes": changes}
 
-    def _reload_quietly(self, source: str) -> None:
+    def reload_quietly(self, source: str) -> None:
         """A reload nobody answers to (SIGHUP, the watcher): its failure is logged only."""
         try:
             self.reload_config(source)
@@ -321,7 +321,7 @@ class LlamaSwapService(MultiService):
             pass
 
     def _watched(self) -> None:
-        self._reload_quietly("watch")
+        self.reload_quietly("watch")
 
 
 def _endpoint(reactor: Any, listen: str) -> IStreamServerEndpoint:
@@ -389,7 +389,7 @@ def makeService(options: Options) -> IService:
         )
     except ConfigError as e:  # what only start-up can check (memory budgets from nvidia-smi)
         raise ConfigUsageError(str(e)) from e
-    reactor.callWhenRunning(signals.install, reactor, service._reload_quietly, service.hurry)
+    reactor.callWhenRunning(signals.install, reactor, service.reload_quietly, service.hurry)
     # Once running (services started): only twistd's process, never a test's.
     reactor.callWhenRunning(reactor.callLater, 0, _freeze_startup_heap)
     return service
