@@ -199,15 +199,9 @@ class LlamaSwapService(MultiService):
         root = self._root_for(config, None)
         # LlamaSwapSite: refuses oversized bodies before reading them, logs requests.
         self.site = site = LlamaSwapSite(
-            root,
-            max_body_size=config.max_body_size,
-            log_requests=config.log_requests,
-            log_debug=config.log_level.lower() == "debug",
-            events=self.events,
-            reactor=reactor,
-            header_timeout=config.security.header_timeout,
-            body_timeout=config.security.body_timeout,
+            root, max_body_size=config.max_body_size, events=self.events, reactor=reactor
         )
+        site.configure(config)
         self.http = HTTPService(_endpoint(reactor, listen), site)
         # Start order: logs first (capture everything), then models, then HTTP.
         for child in (self.logs, self.supervisor, self.http):
@@ -301,11 +295,7 @@ class LlamaSwapService(MultiService):
         diff = self.supervisor.reload(new)
         self.config = new
         self.logs.reconfigure(new)
-        self.site.max_body_size = new.max_body_size
-        self.site.log_requests = new.log_requests
-        self.site.log_debug = new.log_level.lower() == "debug"
-        self.site.header_timeout = new.security.header_timeout  # for new connections
-        self.site.body_timeout = new.security.body_timeout
+        self.site.configure(new)
         self.site.resource = self._root_for(new, self.site.resource.parts)
         changes = diff.summary()
         self.events.publish(

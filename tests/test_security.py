@@ -242,3 +242,23 @@ class KeyConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=text) as e:
                 parse_config(text + "\n" + CONFIG)
             self.assertTrue(str(e.exception).startswith(message), str(e.exception))
+
+
+class SlowHeadTests(SynchronousTestCase):
+    def test_bounds_set_by_a_reload_apply(self) -> None:
+        """Started without bounds, a reload's headerTimeout cuts a slow head within a second."""
+        import attrs
+
+        h = ResourceTreeHarness(security=SecurityConfig(header_timeout=0, body_timeout=0))
+        site = h.client.site
+        h.client.clock.advance(1_700_000_000)
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        exchange = h.client.open()
+        exchange.send(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n")
+        for _ in range(5):
+            h.client.clock.advance(1)
+        self.assertEqual(exchange.transport.value(), b"")  # no bound yet
+        site.configure(attrs.evolve(h.config, security=SecurityConfig(header_timeout=2)))
+        h.client.clock.advance(1)
+        self.assertTrue(exchange.transport.value().startswith(b"HTTP/1.1 408"))

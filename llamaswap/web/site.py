@@ -28,6 +28,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from llamaswap._twisted import ChannelHooks, pending_request_line, wrap_channel
+from llamaswap.config import Config
 from llamaswap.errors import BodyTooLarge, ProxyError, ShuttingDown, error_body
 from llamaswap.events import EventBus
 from llamaswap.names import Target
@@ -427,9 +428,18 @@ class LlamaSwapSite(Site):
         self.active: set[LlamaSwapRequest] = set()
         self._idle: list[Deferred[None]] = []
 
+    def configure(self, config: Config) -> None:
+        """The config's settings for requests from now (at start-up, and on a reload)."""
+        self.max_body_size = config.max_body_size
+        self.log_requests = config.log_requests
+        self.log_debug = config.log_level.lower() == "debug"
+        self.header_timeout = config.security.header_timeout
+        self.body_timeout = config.security.body_timeout
+
     def startFactory(self) -> None:
         super().startFactory()
-        if (self.header_timeout or self.body_timeout) and not self._sweeper.running:
+        # Always: a reload may set bounds the start-up config did not have.
+        if not self._sweeper.running:
             self._sweeper.start(SWEEP_SECONDS, now=False)
 
     def stopFactory(self) -> None:
@@ -438,6 +448,8 @@ class LlamaSwapSite(Site):
         super().stopFactory()
 
     def _sweep(self) -> None:
+        if not (self.header_timeout or self.body_timeout):
+            return
         now = self.reactor.seconds()
         for channel in list(self.channels):
             channel.too_slow(now, self.header_timeout, self.body_timeout)
