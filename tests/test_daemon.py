@@ -139,8 +139,8 @@ def kill_on_cleanup(case: TestCase, daemon: _Daemon) -> None:
     case.addCleanup(cleanup)
 
 
-class DaemonModeTests(TestCase):
-    """C{twistd --pidfile … --logfile … llamaswap …} (the classic daemon)."""
+class DaemonCase(TestCase):
+    """A folder for a daemon's files, and an HTTP client that keeps no connection."""
 
     timeout = 90
 
@@ -150,6 +150,10 @@ class DaemonModeTests(TestCase):
         pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
         self.http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
         self.addCleanup(pool.closeCachedConnections)
+
+
+class DaemonModeTests(DaemonCase):
+    """C{twistd --pidfile … --logfile … llamaswap …} (the classic daemon)."""
 
     def _kill_on_cleanup(self, daemon: _Daemon) -> None:
         kill_on_cleanup(self, daemon)

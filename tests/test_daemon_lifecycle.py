@@ -12,27 +12,20 @@ import re
 import signal
 from pathlib import Path
 
-from treq.client import HTTPClient
-from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
-
 from tests.fakeserver_helper import free_port
 from tests.proctools import alive, twistd_env, wait_until
-from tests.test_daemon import _Daemon, _descendants, _run, _write_config, kill_on_cleanup
+from tests.test_daemon import (
+    DaemonCase,
+    _Daemon,
+    _descendants,
+    _run,
+    _write_config,
+    kill_on_cleanup,
+)
 from tests.test_shutdown import Stream
 
 
-class SignalTests(TestCase):
-    timeout = 90
-
-    def setUp(self) -> None:
-        self.folder = Path(self.mktemp()).resolve()
-        self.folder.mkdir(parents=True)
-        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
-        self.http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
-        self.addCleanup(pool.closeCachedConnections)
-
+class SignalTests(DaemonCase):
     async def start(self, settings: str = "") -> tuple[_Daemon, Path, str]:
         config = _write_config(
             self.folder,
