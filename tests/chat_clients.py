@@ -57,7 +57,9 @@ class ChatAnswer:
 class ChatClients:
     """Clients of the proxy at C{base}, sharing a pool of kept-alive connections."""
 
-    def __init__(self, case: TestCase, base: str, **defaults: Any) -> None:
+    def __init__(
+        self, case: TestCase, base: str, *, headers: dict[str, str] | None = None, **defaults: Any
+    ) -> None:
         pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         pool.maxPersistentPerHost = 64
         pool.retryAutomatically = False
@@ -65,6 +67,7 @@ class ChatClients:
         self._http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[no-untyped-call]
         self._url = f"{base}/v1/chat/completions"
         self._defaults = defaults  # body fields for every request
+        self._headers = headers or {}  # and headers (an API key)
 
     async def chat(self, model: str, stream: bool) -> ChatAnswer:
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -72,7 +75,7 @@ class ChatClients:
         if stream:
             body["stream"] = True
         try:
-            response = await self._http.post(self._url, json=body)
+            response = await self._http.post(self._url, json=body, headers=self._headers)
             content = await response.content()
         except Exception as e:  # a failed request is an answer the test counts
             return ChatAnswer(-1, repr(e).encode(), stream, time.monotonic())

@@ -7,12 +7,15 @@ real headless Chromium, can neither start nor unload a model.
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -20,6 +23,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from llamaswap.config import parse_config
+from tests.chat_clients import ChatAnswer, ChatClients, gather
 from tests.fakeserver_helper import port_block
 from tests.live_proxy import RunningProxy
 from tests.proctools import sleep
@@ -202,4 +206,91 @@ class CrossOriginBrowserTests(TestCase):
         self.assertEqual(unloads, [])
         self.assertEqual(results["list"], "error")  # no CORS for a foreign origin
         self.assertEqual(results["chat"], "opaque 0")  # sent, refused, unreadable
+        await proxy.stop_and_check(self)
+
+
+KEYS = """apiKeys:
+  - sk-admin
+  - {key: sk-team, name: team, models: [a], concurrencyLimit: 2, priority: 5}
+groups: {both: {swap: false, members: [a, b]}}
+"""
+
+
+class ScopedKeysUnderLoadTests(TestCase):
+    timeout = 120
+
+    async def test_mixed_clients_with_scoped_keys(self) -> None:
+        """
+        12 clients, streaming and not, two keys: the admin's requests for a and
+        b, the team key's for a (never more than 2 at once) and for b (403),
+        and team streams whose client hangs up after the first token. Every
+        allowed answer is complete and from its model; nothing is left in flight.
+        """
+        text = config_text(KEYS).replace("--name a", "--name a --tokens 6 --token-delay 0.05")
+        text += f"  b:\n    cmd: {PY} -m llamaswap.fakeserver --quiet --name b --port ${{PORT}}\n"
+        text = text.replace(
+            f"startPort: {text.split('startPort: ')[1].split()[0]}", f"startPort: {port_block(2)}"
+        )
+        proxy = RunningProxy(self, parse_config(text))
+        base = f"http://127.0.0.1:{proxy.port}"
+        admin = ChatClients(self, base, headers={"Authorization": "Bearer sk-admin"})
+        team = ChatClients(self, base, headers={"Authorization": "Bearer sk-team"})
+        supervisor = proxy.service.supervisor
+        peak = 0
+        done: list[tuple[str, str, ChatAnswer]] = []
+        stop = False
+
+        team_key = next(k for k in proxy.config.api_keys if k.name == "team")
+
+        def watch() -> None:
+            nonlocal peak
+            peak = max(peak, supervisor._key_in_flight[team_key])
+
+        watcher = LoopingCall(watch)
+        watcher.start(0.005)
+        self.addCleanup(lambda: watcher.running and watcher.stop())
+
+        async def client(who: str, clients: ChatClients, seed: int) -> None:
+            pick = random.Random(seed)
+            while not stop:
+                model = pick.choice("ab")
+                done.append((who, model, await clients.chat(model, pick.random() < 0.7)))
+
+        def hang_up(port: int) -> None:
+            body = b'{"model": "a", "stream": true, "messages": [{"role": "user", "content": "x"}]}'
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Authorization: Bearer sk-team\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            while b"Hello from a" not in sock.recv(65536):
+                pass
+            sock.close()
+
+        runners = [client("admin", admin, i) for i in range(4)]
+        runners += [client("team", team, 10 + i) for i in range(8)]
+        running = Deferred.fromCoroutine(gather(runners))
+        for _ in range(3):
+            await deferToThread(hang_up, proxy.port)
+            await sleep(0.5)
+        await sleep(2)
+        stop = True
+        await running
+        watcher.stop()
+        refused = [a for who, m, a in done if who == "team" and m == "b"]
+        allowed = [(who, m, a) for who, m, a in done if not (who == "team" and m == "b")]
+        self.assertTrue(refused)
+        self.assertEqual({a.code for a in refused}, {403})
+        wrong = [
+            (who, m, a)
+            for who, m, a in allowed
+            if a.code != 200 or not a.complete or a.served_by != m
+        ]
+        self.assertEqual(wrong, [])
+        self.assertLessEqual(peak, 2)
+        self.assertEqual(peak, 2)  # the team's requests did overlap, up to the limit
+        await sleep(0.3)
+        self.assertEqual([s.in_flight for s in supervisor.statuses()], [0, 0])
+        self.assertEqual(dict(supervisor._key_in_flight), {k: 0 for k in supervisor._key_in_flight})
         await proxy.stop_and_check(self)
